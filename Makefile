@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine: `make demo` (main job) and `make test` (the suite).
+# Both create/refresh a project-local virtual environment in .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines get the CPU build of torch (a plain install would pull a multi-GB CUDA build).
+TORCH_CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),constraints/cuda.txt,constraints/cpu.txt)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint format clean
+
+$(STAMP): pyproject.toml constraints/cpu.txt constraints/cuda.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/raysys data preview --out runs/preview/preview.png
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,167 @@
+"""The ``raysys`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from raysys.config import Config, ConfigError, load_config, to_dict
+
+log = logging.getLogger("raysys")
+
+
+def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [key=value ...]`` -> (config path or None, overrides)."""
+    items = list(items)
+    path = items.pop(0) if items and "=" not in items[0] else None
+    bad = [x for x in items if "=" not in x]
+    if bad:
+        raise ConfigError(f"expected key=value overrides after the config file, got {bad}")
+    return path, items
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path, overrides = _split_config_args(args.config)
+    return load_config(path, overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from envs.datasets import load_dataset
+    from raysys.data import dataset_for_split
+    from raysys.viz import preview_grid
+
+    cfg = _config(args)
+    samples = dataset_for_split(cfg.data, args.split, load=load_dataset)
+    if len(samples) == 0:
+        raise ConfigError(f"split '{args.split}' of data kind '{cfg.data.kind}' has no images")
+    chosen = [samples[i] for i in range(min(args.n, len(samples)))]
+    out = Path(args.out) if args.out else cfg.run_dir / "data_preview.png"
+    preview_grid(chosen, out)
+    print(f"wrote {out} ({len(chosen)} {cfg.data.kind} images, split {args.split})")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    import torch
+
+    from envs.datasets import load_dataset
+    from policies.sft import train_sft
+    from policies.tiny import TinySa2VA
+    from raysys.config import save_config
+    from raysys.data import dataset_for_split
+
+    cfg = _config(args)
+    if cfg.policy.kind != "tiny":
+        raise ConfigError("raysys sft trains the tiny policy; a Sa2VA checkpoint is already supervised")
+    out = Path(args.out) if args.out else cfg.run_dir / "sft"
+    save_config(cfg, out / "config.yaml")
+    train = list(dataset_for_split(cfg.data, "train", load=load_dataset))
+    val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
+    torch.manual_seed(cfg.run.seed)
+    res = train_sft(
+        TinySa2VA(),
+        train,
+        val,
+        cfg.sft,
+        out_dir=out,
+        seed=cfg.run.seed,
+        threshold=cfg.eval.threshold,
+        progress=True,
+    )
+    _print_metrics("SFT validation", res.val)
+    print(
+        f"best step {res.best_step}/{res.steps} in {res.seconds:.0f}s; best val threshold "
+        f"{res.val_best_threshold:.2f}\ncheckpoint: {res.checkpoint}\nmetrics: {out / 'metrics.json'}"
+    )
+    return 0
+
+
+def cmd_reward_net(args: argparse.Namespace) -> int:
+    from envs.synthetic import SyntheticFundus
+    from policies.reward_net import train_reward_net
+    from raysys.config import save_config
+
+    cfg = _config(args)
+    if cfg.data.kind != "synthetic":
+        raise ConfigError("raysys reward-net trains on synthetic images (data.kind: synthetic)")
+    out = Path(args.out) if args.out else cfg.run_dir / "reward_net"
+    save_config(cfg, out / "config.yaml")
+    rn = cfg.reward_net
+    train = list(SyntheticFundus("train", n=rn.n_train, size=cfg.data.size, seed=cfg.data.seed))
+    val = list(SyntheticFundus("val", n=rn.n_val, size=cfg.data.size, seed=cfg.data.seed))
+    report = train_reward_net(train, val, rn, out_dir=out, seed=cfg.run.seed)
+    held = {
+        k: getattr(report, k) for k in ("val_mse", "val_mae", "pearson", "spearman") if hasattr(report, k)
+    }
+    _print_metrics("reward net, held-out", held)
+    print(f"outputs in {out}")
+    return 0
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    print(title)
+    for k, v in metrics.items():
+        print(f"  {k:<14} {v:10.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raysys",
+        description="RL fine-tuning of Sa2VA-style vessel segmentation on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    config_help = "optional config YAML (overrides only) followed by key=value overrides"
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    p.add_argument("config", nargs="*", help=config_help)
+    p.set_defaults(func=cmd_config)
+
+    data = sub.add_parser("data", help="dataset tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("preview", help="write a PNG grid of images, masks and overlays")
+    p.add_argument("config", nargs="*", help=config_help)
+    p.add_argument("--split", default="train", choices=("train", "val", "test"))
+    p.add_argument("-n", type=int, default=6, help="images in the grid")
+    p.add_argument("--out", help="PNG path (default runs/<name>/data_preview.png)")
+    p.set_defaults(func=cmd_data_preview)
+
+    p = sub.add_parser("sft", help="supervised baseline of the tiny policy (Sa2VA loss)")
+    p.add_argument("config", nargs="*", help=config_help)
+    p.add_argument("--out", help="output folder (default runs/<name>/sft)")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("reward-net", help="train the learned (GT-free) reward network")
+    p.add_argument("config", nargs="*", help=config_help)
+    p.add_argument("--out", help="output folder (default runs/<name>/reward_net)")
+    p.set_defaults(func=cmd_reward_net)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"raysys: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

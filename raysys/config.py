@@ -1,0 +1,535 @@
+"""The typed configuration tree.
+
+One tree of frozen dataclasses (run, data, policy, reward, rollout, learner, tune, eval, sft, reward_net).
+Every default and every field's doc string lives here or, for nodes owned by a package, in that package (the
+reward objective in ``envs.rewards``; sft and reward_net in ``policies.config``). YAML files hold only
+overrides; ``key.sub=value`` strings override further. Unknown keys and invalid values raise
+:class:`ConfigError` naming the dotted key and what is allowed.
+
+    cfg = load_config("examples/tiny_synthetic.yaml", ["learner.lr=1e-5"])
+    save_config(cfg, run_dir / "config.yaml")
+    assert load_config(run_dir / "config.yaml") == cfg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from envs.rewards import RewardConfig as ObjectiveConfig
+from envs.types import DEFAULT_PROMPT
+from policies.config import PolicyConfig, RewardNetConfig, SFTConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds an invalid value."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"invalid value for '{key}': {msg}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "tiny"
+    """Run name; outputs go to ``<output_dir>/<name>/``. Also the Ray Train run name, so keep it stable."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    seed: int = 0
+    """Global seed (policy init, sampling, data order)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Python logging level of the driver and the actors."""
+    ray_address: str | None = None
+    """Ray cluster to attach to; None uses RAY_ADDRESS or starts a private local Ray."""
+    num_cpus: float | None = None
+    """Logical CPUs of a private local Ray (more than the physical cores is fine: actors use fractions)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
+        _check(self.num_cpus is None or self.num_cpus > 0, "run.num_cpus", "must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: Literal["synthetic", "drive", "stare", "chase_db1", "hrf", "fives", "polygon_json", "parquet"] = (
+        "synthetic"
+    )
+    """Dataset kind understood by ``envs.datasets.load_dataset``."""
+    root: str | None = None
+    """Dataset folder or file; must be null for ``synthetic``."""
+    size: int = 256
+    """Synthetic image size (square), in pixels."""
+    n_train: int = 64
+    """Synthetic training images (rollouts and SFT)."""
+    n_val: int = 16
+    """Synthetic validation images (model selection, threshold choice)."""
+    n_test: int = 32
+    """Synthetic held-out images (never used for training or selection)."""
+    seed: int = 0
+    """Synthetic data seed; splits use disjoint seed ranges."""
+    val_fraction: float = 0.0
+    """For folder datasets without a validation split: fraction of train carved out as ``val``."""
+    prompt: str = DEFAULT_PROMPT
+    """Prompt used when a dataset carries none."""
+
+    def __post_init__(self) -> None:
+        _check(self.size >= 64, "data.size", f"{self.size} is too small; use >= 64")
+        for key in ("n_train", "n_val", "n_test"):
+            _check(getattr(self, key) >= 0, f"data.{key}", "must be >= 0")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        _check(
+            self.kind != "synthetic" or self.root is None,
+            "data.root",
+            "must be null for kind 'synthetic' (set data.kind to a folder dataset to use a root)",
+        )
+        _check(self.kind == "synthetic" or bool(self.root), "data.root", f"kind '{self.kind}' needs a root")
+
+
+@dataclass(frozen=True)
+class RewardConfig(ObjectiveConfig):
+    """The reward objective (weights, scales, tiles: see ``envs.rewards.RewardConfig``) plus its actors."""
+
+    source: Literal["gt", "learned", "auto"] = "gt"
+    """``gt``: multi-objective reward vs ground truth; ``learned``: the reward net only (GT-free);
+    ``auto``: GT where an image has a mask, learned otherwise."""
+    reward_net: str | None = None
+    """Path of a trained reward net (``best_reward_net.pth``); needed for ``learned``/``auto``."""
+    skip_learned: bool = False
+    """Drop learned-reward samples from training (they are still logged)."""
+    learned_weight: float = 1.0
+    """Loss weight of learned-reward samples when they are kept."""
+    num_actors: int = 1
+    """Reward actors (CPU only)."""
+    cpus_per_actor: float = 0.5
+    """Logical CPUs reserved by each reward actor."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.source == "gt" or bool(self.reward_net),
+            "reward.reward_net",
+            f"source '{self.source}' needs the path of a trained reward net",
+        )
+        _check(0.0 <= self.learned_weight <= 1.0, "reward.learned_weight", "must be in [0, 1]")
+        _check(self.num_actors >= 1, "reward.num_actors", "must be >= 1")
+        _check(self.cpus_per_actor > 0, "reward.cpus_per_actor", "must be > 0")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_workers: int = 2
+    """Rollout actors, each holding a policy copy (one GPU each on a cluster)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per rollout actor (0 on a laptop or CI)."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs per rollout actor (fractions let everything fit 2 cores)."""
+    samples_per_image: int = 8
+    """K: masks sampled per image (the GRPO group)."""
+    temperature: float = 1.0
+    """Sampling temperature T: m ~ Bernoulli(sigmoid(z / T))."""
+    images_per_iteration: int = 8
+    """Images per iteration across all rollout workers."""
+    max_restarts: int = 2
+    """Ray restarts of a dead rollout actor before the run fails."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        _check(self.gpus_per_worker >= 0, "rollout.gpus_per_worker", "must be >= 0")
+        _check(self.cpus_per_worker > 0, "rollout.cpus_per_worker", "must be > 0")
+        _check(self.samples_per_image >= 2, "rollout.samples_per_image", "needs >= 2 for a group baseline")
+        _check(self.temperature > 0, "rollout.temperature", "must be > 0")
+        _check(self.images_per_iteration >= 1, "rollout.images_per_iteration", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    algorithm: Literal["grpo", "ppo", "rce_grpo"] = "grpo"
+    """``grpo``: group baseline (default); ``ppo``: value-head baseline; ``rce_grpo``: RCE warm-up then GRPO."""
+    iterations: int = 60
+    """Rollout/update iterations."""
+    lr: float = 3e-4
+    """Adam learning rate (1e-3 let the KL run away at small scale)."""
+    grpo_lr: float | None = None
+    """Learning rate of the GRPO phase after an RCE warm-up (null: ``lr``)."""
+    rce_epochs: int = 0
+    """RCE warm-up iterations before GRPO (``rce_grpo`` only)."""
+    heads_only_after_rce: bool = False
+    """Freeze everything but the heads during the GRPO phase of ``rce_grpo``."""
+    epochs: int = 2
+    """Optimisation epochs per rollout batch."""
+    minibatch_size: int = 4
+    """Images per minibatch (each with its K samples)."""
+    clip: float = 0.2
+    """PPO clip range on the per-pixel ratio."""
+    kl_coef: float = 0.05
+    """Coefficient of the exact per-pixel KL to the adapter-disabled reference."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    value_coef: float = 0.5
+    """Value-loss coefficient (``ppo``)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    tile_advantage_weight: float = 0.8
+    """Share of the advantage from tiled rewards (the rest from whole-image rewards)."""
+    num_workers: int = 1
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool = False
+    """Train workers take one GPU each."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs per Train worker."""
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """DDP for <= 4B-class models; DeepSpeed ZeRO for larger ones."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (``strategy: deepspeed``)."""
+    amp: bool = True
+    """Mixed precision on GPU (ignored on CPU)."""
+    checkpoint_every: int = 10
+    """Report a Ray Train checkpoint every N iterations."""
+
+    def __post_init__(self) -> None:
+        _check(self.iterations >= 1, "learner.iterations", "must be >= 1")
+        _check(self.lr > 0, "learner.lr", "must be > 0")
+        _check(self.grpo_lr is None or self.grpo_lr > 0, "learner.grpo_lr", "must be > 0 or null")
+        _check(self.epochs >= 1, "learner.epochs", "must be >= 1")
+        _check(self.minibatch_size >= 1, "learner.minibatch_size", "must be >= 1")
+        _check(0 < self.clip < 1, "learner.clip", "must be in (0, 1)")
+        for key in ("kl_coef", "entropy_coef", "value_coef", "rce_epochs"):
+            _check(getattr(self, key) >= 0, f"learner.{key}", "must be >= 0")
+        _check(self.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0")
+        _check(0 <= self.tile_advantage_weight <= 1, "learner.tile_advantage_weight", "must be in [0, 1]")
+        _check(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "learner.cpus_per_worker", "must be > 0")
+        _check(self.zero_stage in (1, 2, 3), "learner.zero_stage", "allowed: 1, 2, 3")
+        _check(self.checkpoint_every >= 1, "learner.checkpoint_every", "must be >= 1")
+
+
+SEARCH_SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    num_samples: int = 1
+    """Samples drawn from the search space (grid axes multiply this)."""
+    metric: str = "val/dice"
+    """Metric to optimise, e.g. ``val/cldice``."""
+    mode: Literal["max", "min"] = "max"
+    """Optimisation direction of ``metric``."""
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
+    """Trial scheduler."""
+    max_concurrent_trials: int = 0
+    """Trials at once; 0 derives it from the cluster's resources."""
+    search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Dotted key -> spec, e.g. ``{"learner.lr": {"loguniform": [1e-5, 1e-3]}}``; spec kinds: grid, choice,
+    uniform, loguniform."""
+    normalize_reward_weights: bool = False
+    """Rescale swept reward weights so they sum to 1."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
+        _check(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0")
+        for key, spec in self.search_space.items():
+            where = f"tune.search_space.{key}"
+            _check(
+                isinstance(spec, Mapping) and len(spec) == 1 and next(iter(spec)) in SEARCH_SPACE_KINDS,
+                where,
+                f"must be one mapping {{kind: values}} with kind in {list(SEARCH_SPACE_KINDS)}",
+            )
+            path = key.split(".")
+            _check(
+                _field_type(Config, path) is not None,
+                where,
+                f"'{key}' is not a config key",
+            )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    threshold: float = 0.5
+    """Greedy-mask threshold on sigmoid(z)."""
+    thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    """Thresholds swept on probability maps."""
+    every: int = 10
+    """Validate every N iterations."""
+    postprocess: bool = False
+    """Apply morphological post-processing before scoring."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.threshold < 1, "eval.threshold", "must be in (0, 1)")
+        _check(
+            all(0 < t < 1 for t in self.thresholds), "eval.thresholds", "every threshold must be in (0, 1)"
+        )
+        _check(self.every >= 1, "eval.every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward_net: RewardNetConfig = field(default_factory=RewardNetConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _field_type(cls: type, path: list[str]) -> Any | None:
+    """Type of the field at ``path`` under dataclass ``cls``, or None if there is no such field."""
+    tp: Any = cls
+    for part in path:
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        hints = _hints(tp)
+        if part not in hints or part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is tuple:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to ``tp`` or raise ConfigError naming ``key`` and what is allowed."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"invalid value for '{key}': {value!r}; expected {_describe(tp)}")
+    if tp is Any:
+        return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"invalid value for '{key}': expected a mapping of its fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"invalid value for '{key}': {value!r}; allowed: {', '.join(repr(a) for a in allowed)}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if len(errors) == 1 else bad
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"invalid value for '{key}': expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        ktp, vtp = typing.get_args(tp)
+        return {_convert(k, ktp, key): _convert(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"'{key}': unsupported field type {tp!r}")
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    full = f"{prefix}.{key}" if prefix else key
+    hint = difflib.get_close_matches(key, names, n=1)
+    did_you_mean = f"did you mean '{prefix + '.' if prefix else ''}{hint[0]}'? " if hint else ""
+    return ConfigError(f"unknown config key '{full}'; {did_you_mean}allowed keys: {', '.join(names)}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(cls, str(key), prefix)
+        kwargs[key] = _convert(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # validation in a package-owned node
+        if str(exc).startswith("invalid value for"):
+            raise ConfigError(str(exc)) from exc
+        raise ConfigError(f"invalid value in '{prefix or 'config'}': {exc}") from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config tree, for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any], cls: type, prefix: str, source: str) -> None:
+    """Deep-merge ``over`` into ``base`` in place, rejecting keys ``cls`` does not have."""
+    if not isinstance(over, Mapping):
+        raise ConfigError(f"{source}: '{prefix or 'top level'}' must be a mapping, got {over!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in over.items():
+        if key not in names:
+            err = _unknown_key(cls, str(key), prefix)
+            raise ConfigError(f"{source}: {err}")
+        sub = hints[key]
+        full = f"{prefix}.{key}" if prefix else key
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub) and isinstance(value, Mapping):
+            _merge(base[key], value, sub, full, source)
+        else:
+            base[key] = value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"learner.lr=1e-5"`` -> (["learner", "lr"], 1e-5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like 'section.key=value' (e.g. learner.lr=1e-5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from exc
+    return key.split("."), value
+
+
+def _apply_override(merged: dict[str, Any], text: str) -> None:
+    """Apply one dotted override to the nested dict ``merged`` (validated later by ``_build``)."""
+    keys, value = parse_override(text)
+    node, cls = merged, Config
+    for i, part in enumerate(keys):
+        prefix = ".".join(keys[:i])
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ConfigError(f"override {text!r}: {_unknown_key(cls, part, prefix)}")
+        tp = _hints(cls)[part]
+        rest = keys[i + 1 :]
+        if not rest:
+            node[part] = value
+            return
+        if typing.get_origin(tp) is dict:  # dict-typed fields take the remaining dotted path as one key
+            node[part] = {**node[part], ".".join(rest): value}
+            return
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            raise ConfigError(f"override {text!r}: '{prefix + '.' if prefix else ''}{part}' has no sub-keys")
+        node, cls = node[part], tp
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file (overrides only) <- dotted CLI overrides, validated into a :class:`Config`."""
+    merged = to_dict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        _merge(merged, data, Config, "", str(path))
+    for text in overrides:
+        _apply_override(merged, text)
+    return _build(Config, merged)
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> Path:
+    """Write the fully resolved tree as YAML; :func:`load_config` on it gives back an equal tree."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def config_hash(node: Any) -> str:
+    """Stable short hash of a config node (for stage manifests and run identities)."""
+    blob = json.dumps(to_dict(node), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def replace(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A copy of ``cfg`` with dotted overrides applied and validated."""
+    merged = to_dict(cfg)
+    for text in overrides:
+        _apply_override(merged, text)
+    return _build(Config, merged)

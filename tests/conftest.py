@@ -1,0 +1,33 @@
+"""Suite-wide setup: markers follow the folder, GPU tests skip without CUDA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_FOLDER_MARKERS = {"unit": "unit", "ray": "ray", "e2e": "e2e", "gpu": "gpu"}
+
+# Tests never attach to a user's cluster by accident.
+os.environ.pop("RAY_ADDRESS", None)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = None if _cuda_available() else pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        marker = _FOLDER_MARKERS.get(parts[0]) if len(parts) > 1 else None
+        if marker:
+            item.add_marker(getattr(pytest.mark, marker))
+        if skip_gpu is not None and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

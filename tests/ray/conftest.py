@@ -1,0 +1,28 @@
+"""One private local Ray for all tests under tests/ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    os.environ.pop("RAY_ADDRESS", None)
+    # Workers import actor classes defined in test modules by module name.
+    here = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    # Logical CPUs above the 2 physical cores: actors and Train workers ask for fractions or whole CPUs.
+    ray.init(
+        address="local",
+        num_cpus=8,
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()

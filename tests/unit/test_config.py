@@ -1,0 +1,140 @@
+"""The typed config tree: defaults, YAML overrides, dotted CLI overrides, errors, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from raysys.config import Config, ConfigError, config_hash, load_config, replace, save_config
+
+
+def test_defaults_are_the_design_starting_point() -> None:
+    cfg = load_config()
+    assert cfg == Config()
+    # DESIGN.md: lr 3e-4, K = 8, 16x16 tiles, KL 0.05, clip 0.2, 2 epochs; reward weights 0.5/0.2/0.2/0.1.
+    assert (cfg.learner.lr, cfg.rollout.samples_per_image, cfg.reward.tile_sizes) == (3e-4, 8, (16,))
+    assert (cfg.learner.kl_coef, cfg.learner.clip, cfg.learner.epochs) == (0.05, 0.2, 2)
+    w = cfg.reward.weights
+    assert (w.dice, w.recall, w.topology, w.length) == (0.5, 0.2, 0.2, 0.1)
+
+
+def test_tree_is_frozen() -> None:
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.learner.lr = 1.0  # type: ignore[misc]
+
+
+def test_yaml_holds_only_overrides(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("learner:\n  lr: 1.0e-4\nreward:\n  weights:\n    dice: 0.7\n")
+    cfg = load_config(path)
+    assert cfg.learner.lr == 1e-4
+    assert cfg.reward.weights.dice == 0.7
+    assert cfg.reward.weights.recall == 0.2  # untouched siblings keep their defaults
+    assert cfg.learner.epochs == 2
+
+
+def test_dotted_overrides_parse_types() -> None:
+    cfg = load_config(
+        None,
+        [
+            "learner.lr=1e-5",
+            "rollout.num_workers=3",
+            "learner.use_gpu=true",
+            "policy.trainable=[mask_decoder]",
+            "run.name=abc",
+            "reward.weights.dice=1",
+        ],
+    )
+    assert cfg.learner.lr == 1e-5 and isinstance(cfg.learner.lr, float)  # "1e-5" is a string in YAML 1.1
+    assert cfg.rollout.num_workers == 3
+    assert cfg.learner.use_gpu is True
+    assert cfg.policy.trainable == ("mask_decoder",)
+    assert cfg.run.name == "abc"
+    assert cfg.reward.weights.dice == 1.0
+
+
+def test_overrides_apply_after_the_file(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("learner:\n  lr: 0.01\n")
+    assert load_config(path, ["learner.lr=0.02"]).learner.lr == 0.02
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("learner.lrr=1", "unknown config key 'learner.lrr'; did you mean 'learner.lr'"),
+        ("lerner.lr=1", "unknown config key 'lerner'"),
+        ("learner.algorithm=sac", "allowed: 'grpo', 'ppo', 'rce_grpo'"),
+        ("learner.lr=fast", "invalid value for 'learner.lr'"),
+        ("learner.epochs=1.5", "invalid value for 'learner.epochs'"),
+        ("learner.use_gpu=maybe", "invalid value for 'learner.use_gpu'"),
+        ("learner.clip=2", "learner.clip"),
+        ("policy.trainable=[llm_lora, vision]", "unknown part(s) ['vision']"),
+        ("rollout.samples_per_image=1", "rollout.samples_per_image"),
+        ("learner.lr", "must look like 'section.key=value'"),
+        ("learner.lr.x=1", "'learner.lr' has no sub-keys"),
+        ("data.root=/tmp", "must be null for kind 'synthetic'"),
+        ("reward.source=learned", "reward.reward_net"),
+        ("reward.weights.dice=-1", "dice"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert needle in str(info.value)
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  temprature: 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert str(path) in msg and "rollout.temprature" in msg and "did you mean 'rollout.temperature'" in msg
+
+
+def test_missing_and_malformed_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "top.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(top)
+
+
+def test_resolved_config_round_trips(tmp_path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "learner.lr=1e-5",
+            "eval.thresholds=[0.25, 0.5]",
+            "run.num_cpus=8",
+            "tune.search_space.learner.lr={loguniform: [1.0e-5, 1.0e-3]}",
+        ],
+    )
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(path)
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)
+    assert again.tune.search_space == {"learner.lr": {"loguniform": [1e-5, 1e-3]}}
+
+
+def test_search_space_keys_must_be_config_keys() -> None:
+    with pytest.raises(ConfigError, match=r"'learner\.lrr' is not a config key"):
+        load_config(None, ["tune.search_space.learner.lrr={choice: [1, 2]}"])
+    with pytest.raises(ConfigError, match="kind in"):
+        load_config(None, ["tune.search_space.learner.lr={normal: [0, 1]}"])
+
+
+def test_replace_and_hash_change() -> None:
+    cfg = Config()
+    other = replace(cfg, ["reward.weights.dice=0.9"])
+    assert other.reward.weights.dice == 0.9 and cfg.reward.weights.dice == 0.5
+    assert config_hash(other.reward) != config_hash(cfg.reward)
+    assert config_hash(other.data) == config_hash(cfg.data)
