@@ -1,0 +1,107 @@
+"""Checkpoint I/O: safetensors only (no pickles), with clear errors for checkpoints that do not fit.
+
+- Base weights of the tiny model: ``<dir>/model.safetensors`` + ``<dir>/config.json`` (TinySa2VAConfig).
+- Trainable weights of a policy: ``<dir>/trainable.safetensors`` + ``<dir>/meta.json`` and a PEFT adapter
+  folder ``<dir>/adapter/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from policies.tiny import TinySa2VA, TinySa2VAConfig
+
+BASE_WEIGHTS = "model.safetensors"
+BASE_CONFIG = "config.json"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+TRAINABLE_META = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not match the model."""
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several error types for corrupt files
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint metadata {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint metadata {path} is not valid JSON: {exc}") from exc
+
+
+def save_base_model(model: TinySa2VA, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Tied embeddings share storage; safetensors refuses shared tensors, and load re-ties them.
+    state.pop("language_model.lm_head.weight", None)
+    save_file(state, str(directory / BASE_WEIGHTS))
+    (directory / BASE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    return directory
+
+
+def load_base_model(directory: str | Path) -> TinySa2VA:
+    """Rebuild TinySa2VA from ``config.json`` and load ``model.safetensors`` strictly."""
+    directory = Path(directory)
+    raw = _read_json(directory / BASE_CONFIG)
+    try:
+        cfg = TinySa2VAConfig(**raw)
+    except TypeError as exc:
+        raise CheckpointError(f"{directory / BASE_CONFIG} does not describe a TinySa2VA: {exc}") from exc
+    model = TinySa2VA(cfg)
+    state = _read_safetensors(directory / BASE_WEIGHTS)
+    expected = {k for k in model.state_dict() if k != "language_model.lm_head.weight"}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / BASE_WEIGHTS} does not match TinySa2VA({directory / BASE_CONFIG}): "
+            f"{len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{directory / BASE_WEIGHTS} does not fit the model: {exc}") from exc
+    model.language_model.tie_weights()
+    return model
+
+
+def save_trainable(policy, directory: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+    """Trainable tensors as safetensors + metadata + a PEFT adapter folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in policy.trainable_state_dict().items()}
+    save_file(state, str(directory / TRAINABLE_WEIGHTS))
+    meta = {"lora": dict(vars(policy.spec)), "n_tensors": len(state), **(extra or {})}
+    meta["lora"]["trainable"] = list(policy.spec.trainable)
+    (directory / TRAINABLE_META).write_text(json.dumps(meta, indent=2))
+    policy.save_adapter(str(directory / "adapter"))
+    return directory
+
+
+def load_trainable(
+    policy, directory: str | Path, *, strict: bool = True, max_missing_fraction: float = 0.0
+) -> dict[str, Any]:
+    """Load ``trainable.safetensors`` into ``policy``; returns the metadata. Mismatches raise with counts."""
+    directory = Path(directory)
+    meta = _read_json(directory / TRAINABLE_META)
+    state = _read_safetensors(directory / TRAINABLE_WEIGHTS)
+    try:
+        policy.load_trainable_state_dict(state, strict=strict, max_missing_fraction=max_missing_fraction)
+    except ValueError as exc:
+        raise CheckpointError(f"{directory / TRAINABLE_WEIGHTS}: {exc}") from exc
+    return meta

@@ -1,0 +1,96 @@
+"""Config nodes owned by policies (torch-free, so the config tree loads without importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"invalid value for '{key}': {msg}")
+
+
+TRAINABLE_PARTS = ("llm_lora", "text_hidden_fcs", "mask_decoder")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    kind: Literal["tiny", "sa2va"] = "tiny"
+    """``tiny``: the embedded CPU-sized Sa2VA-shaped model; ``sa2va``: a real Sa2VA checkpoint."""
+    checkpoint: str | None = None
+    """Sa2VA checkpoint folder or hub id (kind ``sa2va``), or a tiny-policy SFT checkpoint to start from."""
+    trainable: tuple[str, ...] = TRAINABLE_PARTS
+    """Parts updated by SFT/RL: any of llm_lora, text_hidden_fcs, mask_decoder (LLM LoRA alone only moves the
+    global [SEG] embedding and cannot fix local thin-vessel errors)."""
+    decoder_mode: Literal["full", "lora"] = "full"
+    """Train the mask decoder fully or through its own LoRA."""
+    lora_r: int = 8
+    """LoRA rank on the language model."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout; 0 keeps log-probs of old and new policy comparable."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of the frozen backbone (bfloat16 for real Sa2VA on GPU)."""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
+        _check(not bad, "policy.trainable", f"unknown part(s) {bad}; allowed: {list(TRAINABLE_PARTS)}")
+        _check(len(self.trainable) > 0, "policy.trainable", f"choose at least one of {list(TRAINABLE_PARTS)}")
+        _check(self.lora_r > 0, "policy.lora_r", "must be > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, "policy.lora_dropout", "must be in [0, 1)")
+        _check(
+            self.kind != "sa2va" or bool(self.checkpoint),
+            "policy.checkpoint",
+            "kind 'sa2va' needs a checkpoint folder or hub id",
+        )
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 300
+    """Optimiser steps of supervised training (Sa2VA loss: 2.0 x BCE + 0.5 x Dice)."""
+    batch_size: int = 4
+    """Images per step."""
+    lr: float = 2e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    bce_weight: float = 2.0
+    """BCE weight in the supervised loss (Sa2VA: 2.0)."""
+    dice_weight: float = 0.5
+    """Dice weight in the supervised loss (Sa2VA: 0.5)."""
+    eval_every: int = 100
+    """Validate every N steps."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "sft.steps", "must be >= 1")
+        _check(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
+        _check(self.lr > 0, "sft.lr", "must be > 0")
+        _check(self.eval_every >= 1, "sft.eval_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardNetConfig:
+    epochs: int = 10
+    """Training epochs (the original experiments: 10)."""
+    batch_size: int = 4
+    """Batch size (the original experiments: 4)."""
+    lr: float = 1e-3
+    """Adam learning rate (the original experiments: 1e-3)."""
+    masks_per_image: int = 8
+    """Perturbed masks generated per training image (erode/dilate, dropped branches, blobs, noise)."""
+    target: Literal["dice", "reward"] = "dice"
+    """Regression target: true Dice, or the multi-objective reward rescaled to [0, 1]."""
+    n_train: int = 48
+    """Synthetic training images for the reward net."""
+    n_val: int = 16
+    """Held-out synthetic images (disjoint seeds) for the reported numbers."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "reward_net.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "reward_net.batch_size", "must be >= 1")
+        _check(self.lr > 0, "reward_net.lr", "must be > 0")
+        _check(self.masks_per_image >= 1, "reward_net.masks_per_image", "must be >= 1")
+        _check(self.n_train >= 1 and self.n_val >= 1, "reward_net.n_train/n_val", "must be >= 1")
