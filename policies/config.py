@@ -49,7 +49,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    steps: int = 300
+    steps: int = 250
     """Optimiser steps of supervised training (Sa2VA loss: 2.0 x BCE + 0.5 x Dice)."""
     batch_size: int = 4
     """Images per step."""
@@ -61,7 +61,7 @@ class SFTConfig:
     """BCE weight in the supervised loss (Sa2VA: 2.0)."""
     dice_weight: float = 0.5
     """Dice weight in the supervised loss (Sa2VA: 0.5)."""
-    eval_every: int = 100
+    eval_every: int = 50
     """Validate every N steps."""
 
     def __post_init__(self) -> None:

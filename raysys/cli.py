@@ -88,8 +88,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_reward_net(args: argparse.Namespace) -> int:
+    from envs.rewards import MultiObjectiveReward
     from envs.synthetic import SyntheticFundus
-    from policies.reward_net import train_reward_net
+    from policies.reward_net import build_reward_dataset, train_reward_net
     from raysys.config import save_config
 
     cfg = _config(args)
@@ -98,15 +99,43 @@ def cmd_reward_net(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else cfg.run_dir / "reward_net"
     save_config(cfg, out / "config.yaml")
     rn = cfg.reward_net
-    train = list(SyntheticFundus("train", n=rn.n_train, size=cfg.data.size, seed=cfg.data.seed))
-    val = list(SyntheticFundus("val", n=rn.n_val, size=cfg.data.size, seed=cfg.data.seed))
-    report = train_reward_net(train, val, rn, out_dir=out, seed=cfg.run.seed)
-    held = {
-        k: getattr(report, k) for k in ("val_mse", "val_mae", "pearson", "spearman") if hasattr(report, k)
-    }
-    _print_metrics("reward net, held-out", held)
+    reward_fn = MultiObjectiveReward(cfg.reward) if rn.target == "reward" else None
+    policy_masks = _policy_mask_fn(args.policy_checkpoint) if args.policy_checkpoint else None
+    datasets = [
+        build_reward_dataset(
+            list(SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed)),
+            masks_per_image=rn.masks_per_image,
+            seed=cfg.run.seed + offset,
+            target=rn.target,
+            reward_fn=reward_fn,
+            policy_masks=policy_masks,
+        )
+        for split, n, offset in (("train", rn.n_train, 0), ("val", rn.n_val, 1))
+    ]
+    report = train_reward_net(*datasets, rn, out_dir=out, seed=cfg.run.seed, reward_fn=reward_fn)
+    keys = ("val_mse", "val_mae", "val_pearson", "val_spearman", "val_mse_baseline", "final_val_mse")
+    _print_metrics("reward net, held-out", {k: getattr(report, k) for k in keys})
     print(f"outputs in {out}")
     return 0
+
+
+def _policy_mask_fn(checkpoint: str):
+    """Masks of a tiny SFT policy (greedy + 2 samples per image) to mix into reward-net data."""
+    import numpy as np
+    import torch
+
+    from policies.checkpoint import load_base_model
+
+    model = load_base_model(checkpoint).eval()
+
+    def masks(sample, rng: np.random.Generator) -> np.ndarray:
+        with torch.no_grad():
+            prob = torch.sigmoid(model(sample.image[None], [sample.prompt])[0])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        sampled = torch.rand((2, *prob.shape), generator=gen) < prob
+        return torch.cat([(prob > 0.5)[None], sampled]).numpy()
+
+    return masks
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
@@ -145,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reward-net", help="train the learned (GT-free) reward network")
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--out", help="output folder (default runs/<name>/reward_net)")
+    p.add_argument("--policy-checkpoint", help="tiny SFT checkpoint whose masks are mixed into the data")
     p.set_defaults(func=cmd_reward_net)
     return parser
 
