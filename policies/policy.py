@@ -62,8 +62,14 @@ class AdapterPolicy:
     @contextmanager
     def reference(self) -> Iterator[None]:
         """LoRA off and the heads' original weights on: the policy the run started from."""
-        with self.model.disable_adapter():
-            yield
+        # PEFT re-enables requires_grad on every adapter when the context exits; keep the caller's choice.
+        trainable = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(trainable[n])
 
     # -------------------------------------------------------------------------------- trainable tensors
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

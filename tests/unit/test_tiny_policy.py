@@ -173,3 +173,12 @@ def test_forward_backward_speed_budget_shape() -> None:
     out.mean().backward()
     assert out.shape == (4, 256, 256)
     assert all(p.grad is not None for p in model.grounding_encoder.parameters())
+
+
+def test_reference_keeps_the_trainable_subset(images) -> None:
+    pol = _policy()
+    pol.set_trainable_parts(["mask_decoder"])
+    with pol.reference():
+        pass
+    lora = [p.requires_grad for n, p in pol.model.named_parameters() if part_of(n) == "llm_lora"]
+    assert lora and not any(lora)

@@ -1,0 +1,1 @@
+"""Structural fakes of outside models (same attribute names and call signatures, CPU-tiny sizes)."""
