@@ -138,6 +138,24 @@ def _policy_mask_fn(checkpoint: str):
     return masks
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from raysys.train import run_training
+
+    cfg = _config(args)
+    res = run_training(cfg, resume=args.resume, progress=not args.no_progress)
+    keys = [
+        k
+        for k in ("rollout/reward_mean", "val/dice", "val/recall", "val/precision", "val/cldice")
+        if k in res.metrics
+    ]
+    _print_metrics(
+        f"after {res.metrics.get('iteration', -1) + 1} iterations ({res.seconds:.0f}s)",
+        {k: res.metrics[k] for k in keys},
+    )
+    print(f"run directory: {res.run_dir}\ncheckpoint: {res.checkpoint}")
+    return 0
+
+
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
     print(title)
     for k, v in metrics.items():
@@ -171,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/<name>/sft)")
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("train", help="RL fine-tuning on Ray (rollout + reward actors, Ray Train learner)")
+    p.add_argument("config", nargs="*", help=config_help)
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("reward-net", help="train the learned (GT-free) reward network")
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--out", help="output folder (default runs/<name>/reward_net)")
@@ -188,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"raysys: error: {exc}", file=sys.stderr)
         return 2
 

@@ -143,6 +143,8 @@ class RolloutConfig:
     """Images per iteration across all rollout workers."""
     max_restarts: int = 2
     """Ray restarts of a dead rollout actor before the run fails."""
+    torch_threads: int = 1
+    """torch intra-op threads per rollout actor (several actors share the cores)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
@@ -197,6 +199,8 @@ class LearnerConfig:
     """Mixed precision on GPU (ignored on CPU)."""
     checkpoint_every: int = 10
     """Report a Ray Train checkpoint every N iterations."""
+    torch_threads: int = 0
+    """torch intra-op threads per Train worker (0: torch's default)."""
 
     def __post_init__(self) -> None:
         _check(self.iterations >= 1, "learner.iterations", "must be >= 1")

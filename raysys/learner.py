@@ -1,0 +1,392 @@
+"""The learner: advantages and PPO/GRPO/RCE updates of the trainable (LoRA + head) weights.
+
+``Learner`` is plain torch so the same update runs in a Ray Train worker (``raysys.train``) and in one
+process (``benchmarks/ray_overhead.py``). One update, as DESIGN.md describes:
+
+    1. keep valid, on-policy images (stale versions and NaN rewards are dropped and counted)
+    2. advantages: whole-image GRPO (or value baseline) mixed with per-tile advantages
+    3. old log-probs and reference logits, once, without gradients
+    4. E epochs of minibatch updates: clipped surrogate + beta * KL(pi || pi_ref) - c * entropy
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from envs.datasets import load_dataset
+from policies.distributions import greedy_masks, pixel_log_probs
+from policies.evaluation import evaluate_probs
+from policies.factory import build_policy
+from policies.losses import (
+    entropy_bonus,
+    expand_tiles,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    ppo_clipped_loss,
+    rce_loss,
+    rce_weights,
+    tile_advantages,
+    value_loss,
+)
+from raysys.batches import ScoredRollout
+from raysys.config import Config
+from raysys.data import dataset_for_split
+from raysys.rollout import FeatureCache
+
+log = logging.getLogger(__name__)
+
+HEADS = ("text_hidden_fcs", "mask_decoder")
+
+
+def iteration_indices(cfg: Config, iteration: int, n_train: int) -> list[int]:
+    """The training images of ``iteration`` (seeded, so resumed runs see the same images)."""
+    rng = np.random.default_rng([cfg.run.seed, iteration])
+    n = min(cfg.rollout.images_per_iteration, n_train)
+    return sorted(rng.choice(n_train, size=n, replace=False).tolist())
+
+
+class ValueHead(nn.Module):
+    """PPO baseline from frozen low-resolution features: a value per image and per reward tile."""
+
+    def __init__(self, channels: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, 2, 1)
+        )
+
+    def forward(self, low: torch.Tensor, tiles: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """low [B,C,h,w] -> (image values [B], tile values [B,ty,tx])."""
+        out = self.body(low)
+        return out[:, 0].mean((1, 2)), nn.functional.adaptive_avg_pool2d(out[:, 1:], tiles)[:, 0]
+
+
+@dataclass
+class _Batch:
+    indices: list[int]
+    masks: torch.Tensor  # bool [B,K,H,W]
+    rewards: torch.Tensor  # [B,K]
+    tile_rewards: torch.Tensor  # [B,K,ty,tx]
+    tile_valid: torch.Tensor  # bool [B,ty,tx]
+    fov: torch.Tensor  # bool [B,H,W]
+
+
+class Learner:
+    def __init__(
+        self, cfg: Config, *, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1
+    ):
+        if cfg.learner.torch_threads > 0:
+            torch.set_num_threads(cfg.learner.torch_threads)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.policy = build_policy(cfg.policy, seed=cfg.run.seed, device=self.device)
+        self.forward = self.policy.mask_logits  # replaced by a DDP-wrapped call on multi-worker runs
+        self.samples = dataset_for_split(cfg.data, "train", load=load_dataset)
+        self.features = FeatureCache(self.policy, self.samples)
+        self._val: tuple[Sequence, FeatureCache] | None = None
+        self.value_head = None
+        params = list(self.policy.trainable_parameters())
+        if cfg.learner.algorithm == "ppo":
+            low = self.features.get([0]).low  # value head sizes itself from the frozen features
+            self.value_head = ValueHead(low.shape[1]).to(self.device)
+            params += list(self.value_head.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=cfg.learner.lr)
+        self.version = 0
+        self.best_reward = -math.inf
+
+    # ------------------------------------------------------------------------------------------ phases
+    def phase(self, iteration: int) -> str:
+        lc = self.cfg.learner
+        if lc.algorithm == "rce_grpo":
+            return "rce" if iteration < lc.rce_epochs else "grpo"
+        return lc.algorithm
+
+    def _enter_phase(self, phase: str) -> None:
+        lc = self.cfg.learner
+        lr = lc.grpo_lr if (lc.algorithm == "rce_grpo" and phase == "grpo" and lc.grpo_lr) else lc.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if lc.algorithm == "rce_grpo" and phase == "grpo" and lc.heads_only_after_rce:
+            self.policy.set_trainable_parts([p for p in HEADS if p in self.policy.spec.trainable])
+
+    # ------------------------------------------------------------------------------------------ batch
+    def _assemble(self, scored: Sequence[ScoredRollout]) -> tuple[_Batch | None, dict[str, float]]:
+        """Valid, on-policy rows only; counts of what was dropped and why."""
+        rows, stale, invalid = [], 0, 0
+        for s in scored:
+            if s.batch.version != self.version:
+                stale += len(s)
+                continue
+            masks = s.batch.unpack()
+            for i in range(len(s)):
+                if not s.valid[i]:
+                    invalid += 1
+                    continue
+                rows.append((s.batch.indices[i], masks[i], s.rewards[i], s.tile_rewards[i], s.tile_valid[i]))
+        counts = {
+            "batch/images": float(len(rows)),
+            "batch/stale": float(stale),
+            "batch/invalid": float(invalid),
+        }
+        if not rows:
+            return None, counts
+        idx = [r[0] for r in rows]
+        dev = self.device
+        batch = _Batch(
+            indices=idx,
+            masks=torch.from_numpy(np.stack([r[1] for r in rows])).to(dev),
+            rewards=torch.from_numpy(np.stack([r[2] for r in rows])).float().to(dev),
+            tile_rewards=torch.from_numpy(np.stack([r[3] for r in rows])).float().to(dev),
+            tile_valid=torch.from_numpy(np.stack([r[4] for r in rows])).to(dev),
+            fov=torch.from_numpy(np.stack([self.samples[i].fov for i in idx])).to(dev),
+        )
+        return batch, counts
+
+    def _advantages(self, b: _Batch, feats) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B,K,H,W] advantages (and the value loss for PPO)."""
+        lc, h, w = self.cfg.learner, *b.masks.shape[-2:]
+        tile = self.cfg.reward.tile_sizes[0]
+        vloss = None
+        if self.value_head is not None:
+            v_img, v_tile = self.value_head(feats.low, tuple(b.tile_rewards.shape[-2:]))
+            vloss = value_loss(v_img[:, None].expand_as(b.rewards), b.rewards)
+            vt = v_tile[:, None].expand_as(b.tile_rewards)
+            vloss = vloss + value_loss(
+                vt[b.tile_valid[:, None].expand_as(vt)], b.tile_rewards[b.tile_valid[:, None].expand_as(vt)]
+            )
+            img = b.rewards - v_img.detach()[:, None]
+            img = img / (img.std() + 1e-6)
+            tiles = (b.tile_rewards - v_tile.detach()[:, None]) * b.tile_valid[:, None]
+            tiles = tiles / (tiles[b.tile_valid[:, None].expand_as(tiles)].std() + 1e-6)
+        else:
+            img = group_advantages(b.rewards)
+            tiles = tile_advantages(b.tile_rewards, valid=b.tile_valid)
+        # Images without tile rewards (learned reward net) use the whole-image advantage only.
+        w_tile = lc.tile_advantage_weight * b.tile_valid.flatten(1).any(1).float()
+        adv = (1 - w_tile)[:, None, None, None] * img[..., None, None] + w_tile[
+            :, None, None, None
+        ] * expand_tiles(tiles, tile=tile, height=h, width=w)
+        return adv, vloss
+
+    def _logits(self, b: _Batch, feats, rows: torch.Tensor | slice, *, forward=None) -> torch.Tensor:
+        idx = b.indices[rows] if isinstance(rows, slice) else [b.indices[i] for i in rows.tolist()]
+        samples = [self.samples[i] for i in idx]
+        sub = feats.index(rows)
+        fn = forward or self.forward
+        return fn(np.stack([s.image for s in samples]), [s.prompt for s in samples], features=sub).float()
+
+    # ------------------------------------------------------------------------------------------ update
+    def update(self, scored: Sequence[ScoredRollout], *, iteration: int) -> dict[str, float]:
+        """One iteration's optimisation on ``scored`` rollouts; returns metrics (and bumps the version)."""
+        t0 = time.perf_counter()
+        lc, temp = self.cfg.learner, self.cfg.rollout.temperature
+        phase = self.phase(iteration)
+        self._enter_phase(phase)
+        b, metrics = self._assemble(scored)
+        metrics.update(self._reward_metrics(scored))
+        if b is None:
+            log.warning("iteration %d: no valid on-policy images; update skipped", iteration)
+            metrics["update/skipped"] = 1.0
+            return metrics
+        feats = self.features.get(b.indices).to(self.device)
+        n = len(b.indices)
+        # 3. old log-probs (the rollout policy = current weights) and reference logits, no grad.
+        with torch.no_grad():
+            old_logits = torch.cat(
+                [
+                    self._logits(b, feats, slice(i, i + lc.minibatch_size))
+                    for i in range(0, n, lc.minibatch_size)
+                ]
+            )
+            logp_old = pixel_log_probs(old_logits, b.masks, temperature=temp)
+            with self.policy.reference():
+                ref_logits = torch.cat(
+                    [
+                        self._logits(
+                            b, feats, slice(i, i + lc.minibatch_size), forward=self.policy.mask_logits
+                        )
+                        for i in range(0, n, lc.minibatch_size)
+                    ]
+                )
+        # 2. advantages (value baseline computed with grad for its own loss).
+        adv, _ = self._advantages(b, feats) if phase != "rce" else (None, None)
+        gen = torch.Generator().manual_seed(int(self.cfg.run.seed * 7919 + iteration))
+        sums: dict[str, float] = {}
+        steps = 0
+        for _epoch in range(lc.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, lc.minibatch_size):
+                rows = perm[start : start + lc.minibatch_size].to(self.device)
+                logits = self._logits(b, feats, rows)
+                fov = b.fov[rows]
+                kl = kl_penalty(logits, ref_logits[rows], fov=fov, temperature=temp)
+                ent = entropy_bonus(logits, fov=fov, temperature=temp)
+                stats: dict[str, torch.Tensor] = {}
+                if phase == "rce":
+                    pg = rce_loss(
+                        logits, b.masks[rows], rce_weights(b.rewards[rows]), fov=fov, temperature=temp
+                    )
+                else:
+                    logp = pixel_log_probs(logits, b.masks[rows], temperature=temp)
+                    pg, stats = ppo_clipped_loss(logp, logp_old[rows], adv[rows], fov=fov, clip=lc.clip)
+                loss = pg + lc.kl_coef * kl - lc.entropy_coef * ent
+                if self.value_head is not None and phase != "rce":
+                    _, vloss = self._advantages(_index(b, rows), feats.index(rows))
+                    loss = loss + lc.value_coef * vloss
+                    stats["value"] = vloss.detach()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], lc.max_grad_norm
+                )
+                self.optimizer.step()
+                steps += 1
+                for key, val in {
+                    "loss/policy": pg,
+                    "loss/kl": kl,
+                    "policy/entropy": ent,
+                    "loss/total": loss,
+                    "policy/grad_norm": grad_norm,
+                    **{f"policy/{k}": v for k, v in stats.items() if k != "value"},
+                    **({"loss/value": stats["value"]} if "value" in stats else {}),
+                }.items():
+                    sums[key] = sums.get(key, 0.0) + float(val.detach())
+        self.version += 1
+        metrics.update({k: v / steps for k, v in sums.items()})
+        with torch.no_grad():  # mean KL of the whole batch after the update: the drift per iteration
+            metrics["policy/kl_old_new"] = float(
+                masked_mean(
+                    torch.cat(
+                        [
+                            _kl_rows(
+                                self._logits(b, feats, slice(i, i + lc.minibatch_size)),
+                                old_logits[i : i + lc.minibatch_size],
+                                temp,
+                            )
+                            for i in range(0, n, lc.minibatch_size)
+                        ]
+                    ),
+                    b.fov,
+                )
+            )
+        metrics["learner/phase_rce"] = float(phase == "rce")
+        metrics["learner/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["time/update_s"] = time.perf_counter() - t0
+        return metrics
+
+    def _reward_metrics(self, scored: Sequence[ScoredRollout]) -> dict[str, float]:
+        valid = [s for s in scored if s.valid.any()]
+        if not valid:
+            return {}
+        rewards = np.concatenate([s.rewards[s.valid] for s in valid])
+        out = {"rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std())}
+        out["rollout/ep_rew_mean"] = out["rollout/reward_mean"]
+        self.best_reward = max(self.best_reward, out["rollout/reward_mean"])
+        out["custom/best_reward"] = self.best_reward
+        names = set().union(*(s.components for s in valid))
+        for name in sorted(names):
+            vals = np.concatenate([s.components[name][s.valid] for s in valid if name in s.components])
+            vals = vals[np.isfinite(vals)]
+            if vals.size:
+                key = {"dice_raw": "custom/gt_dice", "learned_score": "custom/reward_net_score"}.get(
+                    name, f"reward/{name}"
+                )
+                out[key] = float(vals.mean())
+        out["rollout/learned_fraction"] = float(
+            np.mean([src == "learned" for s in valid for src, v in zip(s.sources, s.valid, strict=True) if v])
+        )
+        return out
+
+    # ------------------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Greedy masks on the validation split: metrics at eval.threshold plus a threshold sweep."""
+        if self._val is None:
+            val = dataset_for_split(self.cfg.data, "val", load=load_dataset)
+            self._val = (val, FeatureCache(self.policy, val))
+        val, cache = self._val
+        probs = []
+        for i in range(0, len(val), 8):
+            idx = list(range(i, min(i + 8, len(val))))
+            feats = cache.get(idx).to(self.device)
+            logits = self.policy.mask_logits(
+                np.stack([val[j].image for j in idx]), [val[j].prompt for j in idx], features=feats
+            )
+            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        res = evaluate_probs(
+            np.concatenate(probs), val, threshold=self.cfg.eval.threshold, thresholds=self.cfg.eval.thresholds
+        )
+        out = {f"val/{k}": v for k, v in res.mean.items()}
+        out["val/best_threshold"] = res.best_threshold
+        out["val/best_threshold_dice"] = float(max(res.sweep["dice"]))
+        return out
+
+    def greedy(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        with torch.no_grad():
+            return (
+                greedy_masks(self.policy.mask_logits(images, prompts), threshold=self.cfg.eval.threshold)
+                .cpu()
+                .numpy()
+            )
+
+    # ------------------------------------------------------------------------------------------ state
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.policy.trainable_state_dict()
+
+    def save(self, directory: str | Path, *, iteration: int) -> Path:
+        """Trainable weights (safetensors + PEFT adapter) and learner state (optimizer, counters)."""
+        from policies.checkpoint import save_trainable
+
+        directory = Path(directory)
+        save_trainable(self.policy, directory, extra={"iteration": iteration, "version": self.version})
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": iteration,
+            "version": self.version,
+            "best_reward": self.best_reward,
+        }
+        if self.value_head is not None:
+            state["value_head"] = self.value_head.state_dict()
+        torch.save(state, directory / "learner_state.pt")
+        return directory
+
+    def load(self, directory: str | Path) -> int:
+        """Restore from :meth:`save`; returns the next iteration to run."""
+        from policies.checkpoint import load_trainable
+
+        directory = Path(directory)
+        load_trainable(self.policy, directory)
+        state = torch.load(directory / "learner_state.pt", weights_only=True, map_location=self.device)
+        self._enter_phase(self.phase(int(state["iteration"])))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+        self.version = int(state["version"])
+        self.best_reward = float(state["best_reward"])
+        return int(state["iteration"]) + 1
+
+
+def _kl_rows(logits: torch.Tensor, old: torch.Tensor, temperature: float) -> torch.Tensor:
+    from policies.distributions import kl_bernoulli
+
+    return kl_bernoulli(old, logits, temperature=temperature)
+
+
+def _index(b: _Batch, rows: torch.Tensor) -> _Batch:
+    return _Batch(
+        indices=[b.indices[i] for i in rows.tolist()],
+        masks=b.masks[rows],
+        rewards=b.rewards[rows],
+        tile_rewards=b.tile_rewards[rows],
+        tile_valid=b.tile_valid[rows],
+        fov=b.fov[rows],
+    )

@@ -1,0 +1,125 @@
+"""RewardWorker: scores rollout masks with the multi-objective GT reward and/or the learned reward net.
+
+Every value is tagged with its source ("gt" | "learned"). Non-finite rewards mark the image invalid (it is
+reported and never trained on). A plain class; ``ray.remote(num_cpus=...)`` is applied at launch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from envs.datasets import load_dataset
+from envs.rewards import MultiObjectiveReward
+from raysys.batches import RolloutBatch, ScoredRollout
+from raysys.config import Config
+from raysys.data import dataset_for_split
+
+log = logging.getLogger(__name__)
+
+
+class RewardWorker:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.reward = MultiObjectiveReward(cfg.reward)
+        self.tile = cfg.reward.tile_sizes[0]
+        self.samples = dataset_for_split(cfg.data, "train", load=load_dataset)
+        self._targets: dict[int, object] = {}
+        self.scorer = None
+        if cfg.reward.source != "gt":
+            from policies.reward_net import RewardNetScorer
+
+            self.scorer = RewardNetScorer.from_checkpoint(cfg.reward.reward_net)
+
+    def ready(self) -> bool:
+        return True
+
+    def _target(self, index: int):
+        if index not in self._targets:
+            s = self.samples[index]
+            self._targets[index] = self.reward.prepare_target(s.mask, s.fov)
+        return self._targets[index]
+
+    def _source(self, index: int) -> str:
+        src = self.cfg.reward.source
+        if src == "auto":
+            return "gt" if self.samples[index].has_mask else "learned"
+        return src
+
+    def score(self, batch: RolloutBatch) -> ScoredRollout:
+        """Whole-image rewards [B, K], tiled rewards [B, K, ty, tx] and components for a rollout batch."""
+        t0 = time.perf_counter()
+        masks = batch.unpack()
+        b, k, h, w = masks.shape
+        ty, tx = -(-h // self.tile), -(-w // self.tile)
+        rewards = np.full((b, k), np.nan, np.float32)
+        tiles = np.zeros((b, k, ty, tx), np.float32)
+        tile_valid = np.zeros((b, ty, tx), bool)
+        comps: dict[str, np.ndarray] = {}
+        sources, valid, errors = [], np.zeros(b, bool), []
+        for i, index in enumerate(batch.indices):
+            source = self._source(index)
+            sources.append(source)
+            try:
+                row = self._score_image(index, masks[i], source)
+            except (ValueError, FloatingPointError) as exc:  # NaN guards and malformed masks
+                errors.append(f"{batch.ids[i]}: {exc}")
+                continue
+            r, tr, tv, c = row
+            if not np.all(np.isfinite(r)):
+                errors.append(f"{batch.ids[i]}: non-finite reward {r.tolist()}")
+                continue
+            rewards[i], valid[i] = r, True
+            if tr is not None:
+                tiles[i], tile_valid[i] = tr, tv
+            for name, v in c.items():
+                comps.setdefault(name, np.full((b, k), np.nan, np.float32))[i] = v
+        for e in errors:
+            log.warning("reward skipped: %s", e)
+        return ScoredRollout(
+            batch=batch,
+            rewards=rewards,
+            tile_rewards=tiles,
+            tile_valid=tile_valid,
+            components=comps,
+            sources=sources,
+            valid=valid,
+            errors=errors,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _score_image(self, index: int, masks: np.ndarray, source: str):
+        s = self.samples[index]
+        if source == "gt" and not s.has_mask:
+            raise ValueError("no ground-truth mask for a GT reward (use reward.source=auto or learned)")
+        comps: dict[str, np.ndarray] = {}
+        if s.has_mask:  # GT metrics are logged whenever GT exists (learned-vs-GT gap)
+            target = self._target(index)
+            results = [self.reward.score(m, target) for m in masks]
+            gt_total = np.array([r.total for r in results], np.float32)
+            for name in results[0].components:
+                comps[name] = np.array([r.components[name] for r in results], np.float32)
+            comps["gt_total"] = gt_total
+        if source == "learned":
+            learned = self.scorer.score(s.image, masks, fov=s.fov).values.astype(np.float32)
+            comps["learned_score"] = learned
+            return learned, None, None, comps
+        tiled = self.reward.score_tiles(masks, target, tile=self.tile)
+        return gt_total, tiled.total, tiled.valid, comps
+
+    def score_masks(self, indices: Sequence[int], masks: np.ndarray) -> ScoredRollout:
+        """Score masks [B, K, H, W] that did not come from a rollout worker (benchmarks, tests)."""
+        from policies.distributions import pack_masks
+
+        batch = RolloutBatch(
+            indices=list(indices),
+            ids=[self.samples[i].id for i in indices],
+            masks=pack_masks(masks),
+            version=-1,
+            iteration=-1,
+            temperature=1.0,
+        )
+        return self.score(batch)

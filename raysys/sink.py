@@ -1,0 +1,56 @@
+"""MetricsSink: writes a run's metrics.jsonl and TensorBoard events on the driver's node.
+
+Rank 0 of the learner sends one row per iteration; the driver polls ``progress()`` for its progress bar.
+A plain class, launched as a Ray actor pinned to the driver's node (or used in-process).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsSink:
+    def __init__(self, run_dir: str, *, start_iteration: int = 0) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate(start_iteration)
+        self._writer = None
+        self._tb_dir = str(Path(run_dir) / "tensorboard")
+        self.last: dict[str, Any] = {}
+        self.rows = 0
+
+    def _truncate(self, start_iteration: int) -> None:
+        """On resume, drop rows of iterations the checkpoint does not contain (they will be redone)."""
+        if not self.path.exists():
+            return
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("iteration", -1) < start_iteration
+        ]
+        self.path.write_text("".join(f"{line}\n" for line in keep))
+
+    def log(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self._tb_dir)
+        step = int(row["iteration"])
+        for key, value in row.items():
+            if "/" in key and isinstance(value, int | float) and math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+        self.last = row
+        self.rows += 1
+
+    def progress(self) -> dict[str, Any]:
+        return self.last
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

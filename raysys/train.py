@@ -1,0 +1,293 @@
+"""`raysys train`: rollout actors + reward actors + a Ray Train learner (TorchTrainer).
+
+The driver starts (or attaches to) Ray, launches the actors, and runs a TorchTrainer whose train loop gets
+the actor handles through ``train_loop_config``. Each iteration reads as timed stages:
+
+    collect (rollout -> reward) | update (advantages, E epochs) | sync (rank 0 -> ray.put -> workers)
+    | validate (every eval.every) | report (metrics every iteration, a checkpoint every N)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raysys.config import Config, save_config
+
+log = logging.getLogger(__name__)
+
+RAY_STORAGE = "ray"
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot host what the config asks for."""
+
+
+# ------------------------------------------------------------------------------------------- Ray set-up
+def init_ray(cfg: Config) -> bool:
+    """Attach to ``run.ray_address`` / RAY_ADDRESS, or start a private local Ray. Returns True if started."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=None if _inside_job() else env, log_to_driver=True)
+        return False
+    needed = required_resources(cfg)
+    num_cpus = cfg.run.num_cpus or max(4.0, needed["CPU"] + 1)
+    ray.init(
+        address="local",
+        num_cpus=int(num_cpus),
+        num_gpus=None,
+        runtime_env=env,
+        log_to_driver=True,
+    )
+    return True
+
+
+def _inside_job() -> bool:
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def required_resources(cfg: Config) -> dict[str, float]:
+    """Logical CPUs and GPUs the actors and Train workers reserve."""
+    r, rw, lc = cfg.rollout, cfg.reward, cfg.learner
+    return {
+        "CPU": r.num_workers * r.cpus_per_worker
+        + rw.num_actors * rw.cpus_per_actor
+        + lc.num_workers * lc.cpus_per_worker,
+        "GPU": r.num_workers * r.gpus_per_worker + (lc.num_workers if lc.use_gpu else 0),
+    }
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast (instead of pending forever) when the cluster has fewer resources than the config needs."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = required_resources(cfg)
+    for key, amount in need.items():
+        if amount > have.get(key, 0.0) + 1e-9:
+            raise ResourceError(
+                f"the config needs {amount:g} {key} (rollout.num_workers x gpus/cpus_per_worker + "
+                f"reward.num_actors x cpus_per_actor + learner.num_workers x ...) but the Ray cluster has "
+                f"{have.get(key, 0.0):g}; lower those settings or add nodes"
+            )
+
+
+# ------------------------------------------------------------------------------------------- train loop
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker. Rank 0 syncs weights, validates, checkpoints and logs."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raysys.coordinator import RayCoordinator
+    from raysys.learner import Learner, iteration_indices
+
+    cfg: Config = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logging.basicConfig(level=cfg.run.log_level)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress bar
+    device = ray.train.torch.get_device() if cfg.learner.use_gpu else torch.device("cpu")
+    learner = Learner(cfg, device=device, rank=rank, world_size=world)
+    if world > 1:
+        ddp = ray.train.torch.prepare_model(learner.policy.model, move_to_device=False)
+        learner.forward = lambda images, prompts, features=None: ddp(images, list(prompts), features=features)
+    coordinator = RayCoordinator(config["rollout"], config["reward"])
+    sink = config["sink"]
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start = learner.load(d)
+        if rank == 0:
+            coordinator.push_weights(learner.trainable_state_dict(), learner.version)
+        log.info("resumed at iteration %d (policy version %d)", start, learner.version)
+    n_train = len(learner.samples)
+    for it in range(start, cfg.learner.iterations):
+        t_iter = time.perf_counter()
+        indices = iteration_indices(cfg, it, n_train)[rank::world]
+        scored, cstats = coordinator.collect(indices, iteration=it)
+        metrics = learner.update(scored, iteration=it)
+        metrics.update(
+            {
+                "time/rollout_s": cstats.rollout_s,
+                "time/sample_s": cstats.sample_s,
+                "time/reward_s": cstats.reward_s,
+                "fault/retries": float(cstats.retries),
+            }
+        )
+        ckpt = None
+        if rank == 0:
+            t = time.perf_counter()
+            metrics["sync/bytes"] = float(
+                coordinator.push_weights(learner.trainable_state_dict(), learner.version)
+            )
+            metrics["time/sync_s"] = time.perf_counter() - t
+            last = it + 1 == cfg.learner.iterations
+            if (it + 1) % cfg.eval.every == 0 or last:
+                t = time.perf_counter()
+                metrics.update(learner.validate())
+                metrics["time/validate_s"] = time.perf_counter() - t
+            if (it + 1) % cfg.learner.checkpoint_every == 0 or last:
+                tmp = Path(tempfile.mkdtemp(prefix="raysys-ckpt-"))
+                learner.save(tmp, iteration=it)
+                ckpt = ray.train.Checkpoint.from_directory(str(tmp))
+        metrics["iteration"] = it
+        metrics["policy/version"] = learner.version
+        metrics["time/iteration_s"] = time.perf_counter() - t_iter
+        if rank == 0:
+            ray.get(sink.log.remote(metrics))
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"iter_{it:06d}" if ckpt else None)
+        if ckpt is not None:
+            shutil.rmtree(ckpt.path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- driver
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    seconds: float
+
+
+def _launch_actors(cfg: Config):
+    import ray
+
+    from raysys.reward import RewardWorker
+    from raysys.rollout import RolloutWorker
+    from raysys.sink import MetricsSink
+
+    r = cfg.rollout
+    rollout_cls = ray.remote(
+        num_cpus=r.cpus_per_worker,
+        num_gpus=r.gpus_per_worker,
+        max_restarts=r.max_restarts,
+        max_task_retries=0,
+    )(RolloutWorker)
+    reward_cls = ray.remote(num_cpus=cfg.reward.cpus_per_actor, max_restarts=r.max_restarts)(RewardWorker)
+    rollout = [rollout_cls.remote(cfg, i) for i in range(r.num_workers)]
+    reward = [reward_cls.remote(cfg) for _ in range(cfg.reward.num_actors)]
+    return rollout, reward, ray.remote(num_cpus=0)(MetricsSink)
+
+
+def run_training(cfg: Config, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train with the Ray system; outputs in ``runs/<name>/`` (config, metrics, TensorBoard, checkpoints)."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    t0 = time.perf_counter()
+    run_dir = cfg.run_dir.resolve()
+    storage = run_dir / RAY_STORAGE
+    if (storage / cfg.run.name).exists() and not resume:
+        raise FileExistsError(
+            f"run directory {run_dir} already holds a run; pass --resume to continue it, or choose another "
+            f"run.name (or delete the folder)"
+        )
+    if resume and not (storage / cfg.run.name).exists():
+        raise FileNotFoundError(f"nothing to resume in {run_dir}: no checkpoints from an earlier run")
+    save_config(cfg, run_dir / "config.yaml")
+    started = init_ray(cfg)
+    try:
+        check_resources(cfg)
+        rollout, reward, sink_cls = _launch_actors(cfg)
+        start_iteration = _latest_iteration(storage / cfg.run.name) + 1 if resume else 0
+        sink = sink_cls.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            )
+        ).remote(str(run_dir), start_iteration=start_iteration)
+        ray.get([h.ready.remote() for h in rollout + reward])
+        lc = cfg.learner
+        resources = {"CPU": lc.cpus_per_worker, **({"GPU": 1} if lc.use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg, "rollout": rollout, "reward": reward, "sink": sink},
+            scaling_config=ScalingConfig(
+                num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        result = _fit_with_progress(trainer, sink, cfg, start_iteration, progress)
+        metrics = ray.get(sink.progress.remote())
+        ray.get(sink.close.remote())
+        ckpt = result.checkpoint.path if result.checkpoint is not None else None
+        if ckpt:
+            _export_latest(Path(ckpt), run_dir / "checkpoints" / "latest")
+        return TrainResult(
+            run_dir=run_dir, metrics=metrics, checkpoint=ckpt, seconds=time.perf_counter() - t0
+        )
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _latest_iteration(experiment: Path) -> int:
+    its = [int(p.name.split("_")[1]) for p in experiment.glob("iter_*") if p.name.split("_")[1].isdigit()]
+    return max(its) if its else -1
+
+
+def _export_latest(src: Path, dst: Path) -> None:
+    """The last checkpoint's trainable weights and PEFT adapter, under runs/<name>/checkpoints/latest."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+
+
+def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool):
+    """``trainer.fit()`` in a thread while the main thread shows a progress bar from the sink."""
+    import ray
+
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=fit, name="raysys-fit", daemon=True)
+    thread.start()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.learner.iterations, initial=start, desc=f"train {cfg.run.name}", unit="it")
+    done = start
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if bar is not None:
+            last = ray.get(sink.progress.remote())
+            if last and last["iteration"] + 1 > done:
+                bar.update(last["iteration"] + 1 - done)
+                done = last["iteration"] + 1
+                post = {
+                    k.split("/")[-1]: f"{last[k]:.3f}"
+                    for k in ("rollout/reward_mean", "val/dice")
+                    if k in last
+                }
+                bar.set_postfix(post)
+    if bar is not None:
+        bar.close()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

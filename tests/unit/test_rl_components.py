@@ -1,0 +1,137 @@
+"""Rollout, reward and learner classes in-process (no Ray): the same objects the actors wrap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raysys.config import load_config
+from raysys.coordinator import LocalCoordinator, shards
+from raysys.learner import Learner, iteration_indices
+from raysys.reward import RewardWorker
+from raysys.rollout import RolloutWorker
+
+SMALL = [
+    "data.size=64", "data.n_train=6", "data.n_val=2", "rollout.samples_per_image=4",
+    "rollout.images_per_iteration=4", "learner.minibatch_size=2", "learner.epochs=1",
+]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(None, SMALL)
+
+
+@pytest.fixture(scope="module")
+def rollout(cfg):
+    return RolloutWorker(cfg, 0)
+
+
+@pytest.fixture(scope="module")
+def reward(cfg):
+    return RewardWorker(cfg)
+
+
+def test_rollout_masks_are_seeded_fov_restricted_and_versioned(cfg, rollout) -> None:
+    a = rollout.sample([1, 3], iteration=5)
+    b = rollout.sample([3], iteration=5)
+    masks = a.unpack()
+    assert masks.shape == (2, 4, 64, 64) and masks.dtype == bool
+    assert a.masks.nbytes * 8 == masks.size  # bit-packed for transport
+    np.testing.assert_array_equal(masks[1], b.unpack()[0])  # same (iteration, image) -> same samples
+    assert not np.array_equal(masks[1], rollout.sample([3], iteration=6).unpack()[0])
+    assert not masks[0][:, ~rollout.samples[1].fov].any()
+    assert a.version == 0 and a.ids == [rollout.samples[1].id, rollout.samples[3].id]
+
+
+def test_set_weights_changes_version_and_samples(cfg) -> None:
+    worker = RolloutWorker(cfg, 1)
+    before = worker.sample([0], iteration=0).unpack()
+    sd = {k: v + 0.5 for k, v in worker.policy.trainable_state_dict().items()}
+    assert worker.set_weights(sd, 7) == 7
+    after = worker.sample([0], iteration=0)
+    assert after.version == 7 and not np.array_equal(before, after.unpack())
+    with pytest.raises(ValueError, match="does not match"):
+        worker.set_weights({"nope": torch.zeros(1)}, 8)
+
+
+def test_reward_worker_scores_tags_and_skips_nan(cfg, rollout, reward, monkeypatch) -> None:
+    scored = reward.score(rollout.sample([0, 2], iteration=0))
+    assert scored.rewards.shape == (2, 4) and scored.valid.all() and scored.sources == ["gt", "gt"]
+    assert scored.tile_rewards.shape == (2, 4, 4, 4) and scored.tile_valid.any()
+    assert {"dice", "recall", "topology", "length", "dice_raw"} <= set(scored.components)
+    perfect = np.stack([np.stack([reward.samples[i].mask] * 4) for i in (0, 2)])
+    best = reward.score_masks([0, 2], perfect)
+    assert (best.rewards > scored.rewards.max()).all()
+
+    real_score = reward.reward.score
+
+    def nan_for_second_image(pred, target):
+        r = real_score(pred, target)
+        if target is reward._target(2):
+            object.__setattr__(r, "total", float("nan"))
+        return r
+
+    monkeypatch.setattr(reward.reward, "score", nan_for_second_image)
+    bad = reward.score(rollout.sample([0, 2], iteration=0))
+    assert bad.valid.tolist() == [True, False]
+    assert "non-finite" in bad.errors[0]
+
+
+def test_learner_update_moves_trainable_weights_and_rejects_stale_and_empty(cfg, rollout, reward) -> None:
+    learner = Learner(cfg)
+    before = learner.trainable_state_dict()
+    scored = [reward.score(rollout.sample([0, 1, 2, 3], iteration=0))]
+    m = learner.update(scored, iteration=0)
+    assert learner.version == 1 and m["batch/images"] == 4
+    for key in ("loss/policy", "loss/kl", "policy/entropy", "policy/clipfrac", "rollout/reward_mean",
+                "custom/gt_dice", "reward/dice", "time/update_s"):
+        assert np.isfinite(m[key]), key
+    after = learner.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # The same rollouts are now stale (sampled at version 0): nothing is trained on them.
+    m2 = learner.update(scored, iteration=1)
+    assert m2["update/skipped"] == 1.0 and m2["batch/stale"] == 4 and learner.version == 1
+    scored[0].valid[:] = False
+    scored[0].batch.version = 1
+    m3 = learner.update(scored, iteration=1)
+    assert m3["update/skipped"] == 1.0 and m3["batch/invalid"] == 4
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rce_grpo"])
+def test_other_algorithms_update(cfg, rollout, reward, algorithm) -> None:
+    c = load_config(None, [*SMALL, f"learner.algorithm={algorithm}", "learner.rce_epochs=1",
+                           "learner.grpo_lr=1e-4", "learner.heads_only_after_rce=true"])
+    learner = Learner(c)
+    co = LocalCoordinator([RolloutWorker(c, 0)], [RewardWorker(c)])
+    for it in range(2):
+        scored, _ = co.collect(iteration_indices(c, it, 6), iteration=it)
+        m = learner.update(scored, iteration=it)
+        co.push_weights(learner.trainable_state_dict(), learner.version)
+        assert np.isfinite(m["loss/total"])
+    if algorithm == "ppo":
+        assert np.isfinite(m["loss/value"])
+    else:
+        assert m["learner/phase_rce"] == 0.0 and m["learner/lr"] == pytest.approx(1e-4)
+        frozen = [n for n, p in learner.policy.model.named_parameters() if ".lora_" in n and p.requires_grad]
+        assert not frozen  # heads only during GRPO
+
+
+def test_checkpoint_round_trip_restores_learner(cfg, rollout, reward, tmp_path) -> None:
+    learner = Learner(cfg)
+    learner.update([reward.score(rollout.sample([0, 1], iteration=0))], iteration=0)
+    learner.save(tmp_path / "c", iteration=0)
+    other = Learner(cfg)
+    assert other.load(tmp_path / "c") == 1 and other.version == 1
+    for k, v in learner.trainable_state_dict().items():
+        torch.testing.assert_close(v, other.trainable_state_dict()[k])
+    assert other.optimizer.state_dict()["state"].keys() == learner.optimizer.state_dict()["state"].keys()
+
+
+def test_iteration_indices_and_shards_cover_without_duplicates(cfg) -> None:
+    idx = iteration_indices(cfg, 3, 6)
+    assert idx == iteration_indices(cfg, 3, 6) and len(set(idx)) == 4
+    parts = shards(idx, 3)
+    assert sorted(i for p in parts for i in p) == idx
+    assert shards([1], 4) == [[1]]
