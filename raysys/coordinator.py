@@ -117,7 +117,9 @@ class RayCoordinator:
                     expected = self._weights[1] if self._weights is not None else 0
                     if scored.batch.version != expected:
                         # A restarted actor that has not been given the current weights yet.
-                        raise _StaleVersion(f"shard sampled at version {scored.batch.version}, expected {expected}")
+                        raise _StaleVersion(
+                            f"shard sampled at version {scored.batch.version}, expected {expected}"
+                        )
                     results[j] = scored
                 except (ray.exceptions.RayError, _StaleVersion) as exc:
                     attempts[j] += 1

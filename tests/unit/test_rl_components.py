@@ -13,8 +13,13 @@ from raysys.reward import RewardWorker
 from raysys.rollout import RolloutWorker
 
 SMALL = [
-    "data.size=64", "data.n_train=6", "data.n_val=2", "rollout.samples_per_image=4",
-    "rollout.images_per_iteration=4", "learner.minibatch_size=2", "learner.epochs=1",
+    "data.size=64",
+    "data.n_train=6",
+    "data.n_val=2",
+    "rollout.samples_per_image=4",
+    "rollout.images_per_iteration=4",
+    "learner.minibatch_size=2",
+    "learner.epochs=1",
 ]
 
 
@@ -85,8 +90,16 @@ def test_learner_update_moves_trainable_weights_and_rejects_stale_and_empty(cfg,
     scored = [reward.score(rollout.sample([0, 1, 2, 3], iteration=0))]
     m = learner.update(scored, iteration=0)
     assert learner.version == 1 and m["batch/images"] == 4
-    for key in ("loss/policy", "loss/kl", "policy/entropy", "policy/clipfrac", "rollout/reward_mean",
-                "custom/gt_dice", "reward/dice", "time/update_s"):
+    for key in (
+        "loss/policy",
+        "loss/kl",
+        "policy/entropy",
+        "policy/clipfrac",
+        "rollout/reward_mean",
+        "custom/gt_dice",
+        "reward/dice",
+        "time/update_s",
+    ):
         assert np.isfinite(m[key]), key
     after = learner.trainable_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -101,8 +114,16 @@ def test_learner_update_moves_trainable_weights_and_rejects_stale_and_empty(cfg,
 
 @pytest.mark.parametrize("algorithm", ["ppo", "rce_grpo"])
 def test_other_algorithms_update(cfg, rollout, reward, algorithm) -> None:
-    c = load_config(None, [*SMALL, f"learner.algorithm={algorithm}", "learner.rce_epochs=1",
-                           "learner.grpo_lr=1e-4", "learner.heads_only_after_rce=true"])
+    c = load_config(
+        None,
+        [
+            *SMALL,
+            f"learner.algorithm={algorithm}",
+            "learner.rce_epochs=1",
+            "learner.grpo_lr=1e-4",
+            "learner.heads_only_after_rce=true",
+        ],
+    )
     learner = Learner(c)
     co = LocalCoordinator([RolloutWorker(c, 0)], [RewardWorker(c)])
     for it in range(2):
