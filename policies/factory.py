@@ -43,3 +43,19 @@ def build_policy(cfg: PolicyConfig, *, seed: int = 0, device: str | torch.device
     backbone = getattr(model, "backbone", "qwen2")
     policy = AdapterPolicy(model, lora_spec(cfg, backbone))
     return policy.to(device)
+
+
+def load_policy(
+    cfg: PolicyConfig,
+    trainable_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> AdapterPolicy:
+    """The configured policy with trainable weights from a checkpoint folder (``trainable.safetensors``)."""
+    policy = build_policy(cfg, seed=seed, device=device)
+    if trainable_dir is not None:
+        from policies.checkpoint import load_trainable
+
+        load_trainable(policy, trainable_dir)
+    return policy

@@ -1,0 +1,119 @@
+"""RL gain over the SFT baseline on held-out synthetic images, over several seeds -> JSON.
+
+    .venv/bin/python benchmarks/rl_gain.py --sft runs/sft_baseline_bench/sft/model [--seeds 0 1 2]
+
+For each seed: ``raysys train examples/tiny_synthetic.yaml policy.checkpoint=SFT run.seed=S`` (the real CLI,
+timed), then both models are scored on the test split (never used for training or model selection) at
+threshold 0.5 and at each model's best validation threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("dice", "recall", "precision", "cldice", "betti0_err", "betti1_err")
+
+
+def _scores(policy, samples, threshold: float, thresholds) -> dict:
+    from policies.evaluation import evaluate
+
+    res = evaluate(
+        lambda im, pr: policy.mask_logits(im, pr), samples, threshold=threshold, thresholds=thresholds
+    )
+    return {k: res.mean[k] for k in KEYS}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft", required=True, help="tiny SFT checkpoint folder (model.safetensors)")
+    parser.add_argument("--config", default=str(ROOT / "examples/tiny_synthetic.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output-dir", default=str(ROOT / "runs/rl_gain"))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/rl_gain.json"))
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for raysys train")
+    args = parser.parse_args()
+
+    from envs.datasets import load_dataset
+    from policies.factory import load_policy
+    from raysys.config import load_config
+    from raysys.data import dataset_for_split
+
+    torch.set_num_threads(2)
+    per_seed = []
+    for seed in args.seeds:
+        name = f"rl_gain_s{seed}"
+        overrides = [
+            f"policy.checkpoint={args.sft}",
+            f"run.seed={seed}",
+            f"run.name={name}",
+            f"run.output_dir={args.output_dir}",
+            *args.overrides,
+        ]
+        cfg = load_config(args.config, overrides)
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "raysys", "train", args.config, *overrides, "--no-progress"],
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"raysys train failed for seed {seed}")
+        rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+        val_rows = [r for r in rows if "val/dice" in r]
+        test = list(dataset_for_split(cfg.data, "test", load=load_dataset))
+        val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
+        sft = load_policy(cfg.policy, seed=seed)
+        rl = load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "latest", seed=seed)
+        th = cfg.eval.thresholds
+        out = {"seed": seed, "train_wall_s": round(wall, 1), "iterations": cfg.learner.iterations}
+        for label, pol in (("sft", sft), ("rl", rl)):
+            from policies.evaluation import evaluate
+
+            best_t = evaluate(lambda im, pr, p=pol: p.mask_logits(im, pr), val, thresholds=th).best_threshold
+            out[f"{label}_test_at_0.5"] = _scores(pol, test, 0.5, th)
+            out[f"{label}_best_val_threshold"] = best_t
+            out[f"{label}_test_at_best_threshold"] = _scores(pol, test, best_t, th)
+        out["val_curve"] = [
+            {k: r[k] for k in ("iteration", "val/dice", "val/recall", "val/cldice")} for r in val_rows
+        ]
+        per_seed.append(out)
+        print(json.dumps({k: v for k, v in out.items() if k != "val_curve"}, indent=1), flush=True)
+
+    def gain(metric: str, rl_key: str, sft_key: str) -> list[float]:
+        return [s[rl_key][metric] - s[sft_key][metric] for s in per_seed]
+
+    result = {
+        "benchmark": "rl_gain",
+        "config": args.config,
+        "overrides": args.overrides,
+        "seeds": args.seeds,
+        "n_test": len(test),
+    }
+    for metric in ("recall", "cldice", "dice", "precision"):
+        g = gain(metric, "rl_test_at_0.5", "sft_test_at_0.5")
+        result[f"{metric}_gain"] = float(np.mean(g))
+        result[f"{metric}_gain_std"] = float(np.std(g))
+    for metric in ("dice", "cldice"):
+        g = gain(metric, "rl_test_at_best_threshold", "sft_test_at_best_threshold")
+        result[f"{metric}_gain_vs_best_threshold"] = float(np.mean(g))
+        result[f"{metric}_gain_vs_best_threshold_std"] = float(np.std(g))
+    result["train_wall_s_max"] = max(s["train_wall_s"] for s in per_seed)
+    result["per_seed"] = per_seed
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
