@@ -232,7 +232,7 @@ class Target:
         fov: bool [H, W] or None (everything is in view).
         skeleton: bool [H, W], skeleton of ``gt``.
         labels: int32 [H, W], 8-connected component labels of ``gt``.
-        holes: int32 [H, W], hole labels of ``gt`` (0 outside holes).
+        holes: int32 [H, W], hole labels of ``gt`` (0 outside holes); None unless the Betti term is weighted.
         junction_rc: int64 [J, 2], (row, col) of the first pixel (raster order) of each junction cluster.
         counts: scalar counts (area, length, junctions, components, holes).
     """
@@ -241,11 +241,11 @@ class Target:
     fov: np.ndarray | None
     skeleton: np.ndarray
     labels: np.ndarray
-    holes: np.ndarray
+    holes: np.ndarray | None
     junction_rc: np.ndarray
     counts: _Counts
     tiles: dict[int, _TileTarget] = field(default_factory=dict, repr=False)
-    """Per tile size GT aggregates, filled by prepare_target (config.tile_sizes) and on first use."""
+    """Per tile size GT aggregates, built on first use by score_tiles."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -418,7 +418,8 @@ class MultiObjectiveReward:
             g = g & f
         skel = skeleton(g)
         labels, n_comp = ndi.label(g, structure=EIGHT)
-        holes, n_bg = hole_labels(g)
+        # Hole labels only feed the Betti term; skip them when it carries no weight.
+        holes, n_bg = hole_labels(g) if self._need_holes else (None, 1)
         jfirst, n_junc = _junction_clusters(skel)
         counts = _Counts(
             area=np.int64(np.count_nonzero(g)),
@@ -436,9 +437,7 @@ class MultiObjectiveReward:
             junction_rc=np.stack(np.divmod(jfirst, g.shape[1]), axis=1),
             counts=counts,
         )
-        for tile in self.config.tile_sizes:
-            self._tile_target(target, tile)
-        return target
+        return target  # per-tile aggregates are built on the first score_tiles call and cached
 
     def _tile_target(self, target: Target, tile: int) -> _TileTarget:
         """GT aggregates for one tile size (cached on the target)."""
@@ -458,7 +457,9 @@ class MultiObjectiveReward:
             length=_tile_sum(s, tile),
             junctions=junctions.astype(np.int64),
             components=_distinct_per_tile(_pad_to(target.labels, tile)[None], tile),
-            holes=_distinct_per_tile(_pad_to(target.holes, tile)[None], tile),
+            holes=None
+            if target.holes is None
+            else _distinct_per_tile(_pad_to(target.holes, tile)[None], tile),
         )
         tt = _TileTarget(gt=g[0], skeleton=s[0], fov=fp[0], valid=_tile_sum(fp, tile)[0] > 0, counts=counts)
         target.tiles[tile] = tt

@@ -182,7 +182,14 @@ class Learner:
         samples = [self.samples[i] for i in idx]
         sub = feats.index(rows)
         fn = forward or self.forward
-        return fn(np.stack([s.image for s in samples]), [s.prompt for s in samples], features=sub).float()
+        with self._autocast():
+            out = fn(np.stack([s.image for s in samples]), [s.prompt for s in samples], features=sub)
+        return out.float()
+
+    def _autocast(self):
+        """bf16 autocast on GPU when ``learner.amp``; log-probs and losses stay in float32."""
+        enabled = self.cfg.learner.amp and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, scored: Sequence[ScoredRollout], *, iteration: int) -> dict[str, float]:

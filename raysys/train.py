@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=cfg.run.log_level)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress bar
+    _quiet_train_reports()
     device = ray.train.torch.get_device() if cfg.learner.use_gpu else torch.device("cpu")
     learner = Learner(cfg, device=device, rank=rank, world_size=world)
     if world > 1:
@@ -155,6 +155,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(ckpt.path, ignore_errors=True)
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train logs every report's full metrics at INFO (from a logger named by its file path)."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 # ------------------------------------------------------------------------------------------- driver
 @dataclass
 class TrainResult:
@@ -192,6 +201,7 @@ def run_training(cfg: Config, *, resume: bool = False, progress: bool = True) ->
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t0 = time.perf_counter()
+    cfg = absolute_paths(cfg)
     run_dir = cfg.run_dir.resolve()
     storage = run_dir / RAY_STORAGE
     if (storage / cfg.run.name).exists() and not resume:
@@ -239,6 +249,19 @@ def run_training(cfg: Config, *, resume: bool = False, progress: bool = True) ->
     finally:
         if started:
             ray.shutdown()
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths in the config made absolute: actors and Train workers run in other working directories."""
+    from raysys.config import replace
+
+    overrides = []
+    for key in ("policy.checkpoint", "data.root", "reward.reward_net", "run.output_dir"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and Path(value).exists() and not Path(value).is_absolute():
+            overrides.append(f"{key}={Path(value).resolve()}")
+    return replace(cfg, overrides) if overrides else cfg
 
 
 def _latest_iteration(experiment: Path) -> int:

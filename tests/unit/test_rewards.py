@@ -525,14 +525,17 @@ def test_vectorised_tiles_match_a_slow_loop_reference() -> None:
                     assert out.components[name][s, i, j] == pytest.approx(v, abs=1e-4), (name, s, i, j)
 
 
-def test_tile_sizes_are_prepared_and_others_computed_on_demand() -> None:
+def test_tile_aggregates_are_built_on_first_use_and_cached() -> None:
     reward = MultiObjectiveReward(RewardConfig(tile_sizes=(16, 32)))
     gt = t_shape(64)
     target = reward.prepare_target(gt)
-    assert set(target.tiles) == {16, 32}
+    assert target.tiles == {} and target.holes is None  # whole-image scoring needs neither
     preds = np.stack([gt, np.zeros_like(gt)])
     out8 = reward.score_tiles(preds, target, tile=8)
-    assert out8.total.shape == (2, 8, 8) and 8 in target.tiles
+    assert out8.total.shape == (2, 8, 8) and set(target.tiles) == {8}
+    cached = target.tiles[8]
+    reward.score_tiles(preds, target, tile=8)
+    assert target.tiles[8] is cached
     # A perfect prediction is perfect in every tile: 6.0 everywhere.
     assert np.allclose(out8.total[0], 6.0)
     assert np.allclose(reward.score_tiles(preds, target, tile=32).total[0], 6.0)

@@ -1,0 +1,106 @@
+"""Ray system overhead: the same iterations through Ray (actors + Ray Train) and in one process -> JSON.
+
+    .venv/bin/python benchmarks/ray_overhead.py --sft runs/sft_baseline_bench/sft/model [--iterations 12]
+
+Both paths run the same RolloutWorker / RewardWorker / Learner code on the same config and seed; validation
+is off in both. Reported: mean iteration time of each path excluding start-up and the first (warm-up)
+iteration, their ratio, the Ray path's share of time in rollout / reward / update / weight sync, and the
+bytes of one weight sync against the full model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft", default=str(ROOT / "runs/sft_baseline_bench/sft/model"))
+    parser.add_argument("--config", default=str(ROOT / "examples/tiny_synthetic.yaml"))
+    parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/ray_overhead.json"))
+    args = parser.parse_args()
+
+    from raysys.config import load_config
+    from raysys.coordinator import LocalCoordinator
+    from raysys.learner import Learner, iteration_indices
+    from raysys.reward import RewardWorker
+    from raysys.rollout import RolloutWorker
+    from raysys.train import run_training
+
+    out_dir = ROOT / "runs" / "ray_overhead"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    overrides = [
+        f"policy.checkpoint={args.sft}",
+        f"learner.iterations={args.iterations}",
+        "eval.every=100000",
+        f"learner.checkpoint_every={args.iterations}",
+        f"run.output_dir={out_dir}",
+        "run.name=ray",
+    ]
+    cfg = load_config(args.config, overrides)
+
+    # 1. Through Ray: start-up is everything before the first iteration.
+    t0 = time.perf_counter()
+    res = run_training(cfg, progress=False)
+    ray_total = time.perf_counter() - t0
+    rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[1:]
+    ray_iter = float(np.mean([r["time/iteration_s"] for r in steady]))
+    shares = {}
+    for key in ("time/rollout_s", "time/update_s", "time/sync_s"):
+        shares[key.split("/")[1].removesuffix("_s")] = float(np.mean([r[key] for r in steady])) / ray_iter
+    # Reward scoring overlaps sampling across actors; report its actor time relative to the iteration too.
+    shares["reward_actor_time"] = float(np.mean([r["time/reward_s"] for r in steady])) / ray_iter
+    shares["sample_actor_time"] = float(np.mean([r["time/sample_s"] for r in steady])) / ray_iter
+
+    # 2. One process, same classes, same iterations.
+    import torch
+
+    torch.set_num_threads(2)
+    local_cfg = cfg
+    rollout = [RolloutWorker(local_cfg, i) for i in range(local_cfg.rollout.num_workers)]
+    reward = [RewardWorker(local_cfg) for _ in range(local_cfg.reward.num_actors)]
+    learner = Learner(local_cfg)
+    co = LocalCoordinator(rollout, reward)
+    local_times = []
+    n_train = len(learner.samples)
+    for it in range(args.iterations):
+        t = time.perf_counter()
+        scored, _ = co.collect(iteration_indices(local_cfg, it, n_train), iteration=it)
+        learner.update(scored, iteration=it)
+        co.push_weights(learner.trainable_state_dict(), learner.version)
+        local_times.append(time.perf_counter() - t)
+    local_iter = float(np.mean(local_times[1:]))
+    out = {
+        "benchmark": "ray_overhead",
+        "iterations": args.iterations,
+        "ray_total_s": round(ray_total, 2),
+        "ray_startup_s": round(ray_total - sum(r["time/iteration_s"] for r in rows), 2),
+        "ray_iteration_s": ray_iter,
+        "local_iteration_s": local_iter,
+        "ratio_ray_over_local": ray_iter / local_iter,
+        "ray_time_shares": shares,
+        "sync_bytes": rows[-1]["sync/bytes"],
+        "model_bytes": learner.policy.model_bytes(),
+        "sync_fraction_of_model": rows[-1]["sync/bytes"] / learner.policy.model_bytes(),
+        "rollout_workers": cfg.rollout.num_workers,
+        "reward_actors": cfg.reward.num_actors,
+        "learner_workers": cfg.learner.num_workers,
+    }
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
