@@ -21,34 +21,14 @@ log = logging.getLogger(__name__)
 # ``model.language_model.layers``; anchored so ``vision_model``/``visual``/``grounding_encoder`` never match.
 _LLM_ROOT = r"(?:.*\.)?language_model\.(?:model\.)?layers\.\d+\."
 
+_ATTN_MLP = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)  # fmt: skip
 LLM_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "qwen2": (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ),
-    "qwen3": (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ),
-    "llama": (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ),
+    "qwen2": _ATTN_MLP,
+    "qwen3": _ATTN_MLP,
+    "llama": _ATTN_MLP,
     "internlm2": ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
     "phi3": ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
 }

@@ -142,7 +142,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raysys.train import run_training
 
     cfg = _config(args)
-    res = run_training(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        res = run_training(cfg, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, FileExistsError, FileNotFoundError):
+        raise
+    except Exception as exc:
+        log.exception("training failed")
+        print(
+            f"raysys: error: training of run '{cfg.run.name}' failed: {type(exc).__name__}: {exc}\n"
+            f"  checkpoints so far are in {cfg.run_dir}; continue with: raysys train ... --resume",
+            file=sys.stderr,
+        )
+        return 1
     keys = [
         k
         for k in ("rollout/reward_mean", "val/dice", "val/recall", "val/precision", "val/cldice")

@@ -250,6 +250,9 @@ class Learner:
                     _, vloss = self._advantages(_index(b, rows), feats.index(rows))
                     loss = loss + lc.value_coef * vloss
                     stats["value"] = vloss.detach()
+                if not torch.isfinite(loss):  # never step on a NaN/inf loss; count it instead
+                    sums["update/nonfinite_steps"] = sums.get("update/nonfinite_steps", 0.0) + 1.0
+                    continue
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(
@@ -268,7 +271,9 @@ class Learner:
                 }.items():
                     sums[key] = sums.get(key, 0.0) + float(val.detach())
         self.version += 1
-        metrics.update({k: v / steps for k, v in sums.items()})
+        nonfinite = sums.pop("update/nonfinite_steps", 0.0)
+        metrics.update({k: v / max(steps, 1) for k, v in sums.items()})
+        metrics["update/nonfinite_steps"] = nonfinite
         with torch.no_grad():  # mean KL of the whole batch after the update: the drift per iteration
             metrics["policy/kl_old_new"] = float(
                 masked_mean(

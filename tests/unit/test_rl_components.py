@@ -156,3 +156,15 @@ def test_iteration_indices_and_shards_cover_without_duplicates(cfg) -> None:
     parts = shards(idx, 3)
     assert sorted(i for p in parts for i in p) == idx
     assert shards([1], 4) == [[1]]
+
+
+def test_nonfinite_loss_is_never_stepped_on(cfg, rollout, reward, monkeypatch) -> None:
+    import raysys.learner as learner_mod
+
+    learner = Learner(cfg)
+    before = learner.trainable_state_dict()
+    monkeypatch.setattr(learner_mod, "kl_penalty", lambda *a, **k: torch.tensor(float("nan")))
+    m = learner.update([reward.score(rollout.sample([0, 1, 2, 3], iteration=0))], iteration=0)
+    assert m["update/nonfinite_steps"] == 2  # 1 epoch x 2 minibatches, both skipped
+    after = learner.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
