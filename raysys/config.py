@@ -216,6 +216,11 @@ class LearnerConfig:
         _check(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, "learner.cpus_per_worker", "must be > 0")
         _check(self.zero_stage in (1, 2, 3), "learner.zero_stage", "allowed: 1, 2, 3")
+        _check(
+            not (self.strategy == "deepspeed" and self.algorithm == "ppo"),
+            "learner.strategy",
+            "the PPO value head runs outside the DeepSpeed engine; use algorithm grpo or rce_grpo with deepspeed",
+        )
         _check(self.checkpoint_every >= 1, "learner.checkpoint_every", "must be >= 1")
 
 

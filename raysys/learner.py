@@ -100,6 +100,7 @@ class Learner:
             self.value_head = ValueHead(low.shape[1]).to(self.device)
             params += list(self.value_head.parameters())
         self.optimizer = torch.optim.Adam(params, lr=cfg.learner.lr)
+        self.engine = None  # a DeepSpeed engine after use_deepspeed()
         self.version = 0
         self.best_reward = -math.inf
 
@@ -253,12 +254,7 @@ class Learner:
                 if not torch.isfinite(loss):  # never step on a NaN/inf loss; count it instead
                     sums["update/nonfinite_steps"] = sums.get("update/nonfinite_steps", 0.0) + 1.0
                     continue
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], lc.max_grad_norm
-                )
-                self.optimizer.step()
+                grad_norm = self._step(loss)
                 steps += 1
                 for key, val in {
                     "loss/policy": pg,
@@ -294,6 +290,43 @@ class Learner:
         metrics["learner/lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["time/update_s"] = time.perf_counter() - t0
         return metrics
+
+    def _step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward, clip, step; through the DeepSpeed engine when one is set up."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()  # clips (gradient_clipping) and zeroes the gradients
+            norm = self.engine.get_global_grad_norm()
+            return torch.tensor(float(norm) if norm is not None else float("nan"))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = nn.utils.clip_grad_norm_(params, self.cfg.learner.max_grad_norm)
+        self.optimizer.step()
+        return norm
+
+    def use_deepspeed(self) -> None:
+        """Hand the policy and optimiser to a DeepSpeed ZeRO engine (``learner.strategy: deepspeed``).
+
+        Needs an initialised process group (Ray Train sets it up). The torch optimiser is kept, so DeepSpeed
+        builds no fused kernels; ZeRO partitions its state across the Train workers.
+        """
+        import deepspeed
+
+        lc = self.cfg.learner
+        config = {
+            "train_micro_batch_size_per_gpu": lc.minibatch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": lc.max_grad_norm,
+            "zero_optimization": {"stage": lc.zero_stage},
+            "bf16": {"enabled": bool(lc.amp and self.device.type == "cuda")},
+            "zero_allow_untested_optimizer": True,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.policy.model, optimizer=self.optimizer, config=config
+        )
+        engine = self.engine
+        self.forward = lambda images, prompts, features=None: engine(images, list(prompts), features=features)
 
     def _reward_metrics(self, scored: Sequence[ScoredRollout]) -> dict[str, float]:
         valid = [s for s in scored if s.valid.any()]
@@ -360,14 +393,11 @@ class Learner:
 
         directory = Path(directory)
         save_trainable(self.policy, directory, extra={"iteration": iteration, "version": self.version})
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "iteration": iteration,
-            "version": self.version,
-            "best_reward": self.best_reward,
-        }
+        state = {"iteration": iteration, "version": self.version, "best_reward": self.best_reward}
+        if self.engine is None:  # ZeRO partitions optimiser state per rank; its moments restart on resume
+            state["optimizer"] = self.optimizer.state_dict()
         if self.value_head is not None:
-            state["value_head"] = self.value_head.state_dict()
+            state["value_head"] = getattr(self.value_head, "module", self.value_head).state_dict()
         torch.save(state, directory / "learner_state.pt")
         return directory
 
@@ -379,9 +409,12 @@ class Learner:
         load_trainable(self.policy, directory)
         state = torch.load(directory / "learner_state.pt", weights_only=True, map_location=self.device)
         self._enter_phase(self.phase(int(state["iteration"])))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state and self.engine is None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif self.engine is not None:
+            log.warning("resuming under DeepSpeed: weights restored, optimiser moments start afresh")
         if self.value_head is not None:
-            self.value_head.load_state_dict(state["value_head"])
+            getattr(self.value_head, "module", self.value_head).load_state_dict(state["value_head"])
         self.version = int(state["version"])
         self.best_reward = float(state["best_reward"])
         return int(state["iteration"]) + 1

@@ -102,9 +102,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _quiet_train_reports()
     device = ray.train.torch.get_device() if cfg.learner.use_gpu else torch.device("cpu")
     learner = Learner(cfg, device=device, rank=rank, world_size=world)
-    if world > 1:
+    if cfg.learner.strategy == "deepspeed":
+        learner.use_deepspeed()
+    elif world > 1:
         ddp = ray.train.torch.prepare_model(learner.policy.model, move_to_device=False)
         learner.forward = lambda images, prompts, features=None: ddp(images, list(prompts), features=features)
+        if learner.value_head is not None:  # its gradients must be averaged across ranks too
+            learner.value_head = ray.train.torch.prepare_model(learner.value_head, move_to_device=False)
     coordinator = RayCoordinator(config["rollout"], config["reward"])
     sink = config["sink"]
     start = 0
