@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from envs.datasets import load_dataset
-from policies.distributions import greedy_masks, pixel_log_probs
+from policies.distributions import pixel_log_probs
 from policies.evaluation import evaluate_probs
 from policies.factory import build_policy
 from policies.losses import (
@@ -78,6 +78,7 @@ class _Batch:
     tile_rewards: torch.Tensor  # [B,K,ty,tx]
     tile_valid: torch.Tensor  # bool [B,ty,tx]
     fov: torch.Tensor  # bool [B,H,W]
+    weight: torch.Tensor  # [B] loss weight per image (reward.learned_weight for learned rewards)
 
 
 class Learner:
@@ -93,6 +94,7 @@ class Learner:
         self.samples = dataset_for_split(cfg.data, "train", load=load_dataset)
         self.features = FeatureCache(self.policy, self.samples)
         self._val: tuple[Sequence, FeatureCache] | None = None
+        self._scorer = None  # learned reward net for the validation reward gap, loaded on first use
         self.value_head = None
         params = list(self.policy.trainable_parameters())
         if cfg.learner.algorithm == "ppo":
@@ -122,7 +124,8 @@ class Learner:
     # ------------------------------------------------------------------------------------------ batch
     def _assemble(self, scored: Sequence[ScoredRollout]) -> tuple[_Batch | None, dict[str, float]]:
         """Valid, on-policy rows only; counts of what was dropped and why."""
-        rows, stale, invalid = [], 0, 0
+        rows, stale, invalid, skipped_learned = [], 0, 0, 0
+        rc = self.cfg.reward
         for s in scored:
             if s.batch.version != self.version:
                 stale += len(s)
@@ -132,11 +135,19 @@ class Learner:
                 if not s.valid[i]:
                     invalid += 1
                     continue
-                rows.append((s.batch.indices[i], masks[i], s.rewards[i], s.tile_rewards[i], s.tile_valid[i]))
+                learned = s.sources[i] == "learned"
+                if learned and rc.skip_learned:
+                    skipped_learned += 1
+                    continue
+                w = rc.learned_weight if learned else 1.0
+                rows.append(
+                    (s.batch.indices[i], masks[i], s.rewards[i], s.tile_rewards[i], s.tile_valid[i], w)
+                )
         counts = {
             "batch/images": float(len(rows)),
             "batch/stale": float(stale),
             "batch/invalid": float(invalid),
+            "batch/skipped_learned": float(skipped_learned),
         }
         if not rows:
             return None, counts
@@ -149,6 +160,7 @@ class Learner:
             tile_rewards=torch.from_numpy(np.stack([r[3] for r in rows])).float().to(dev),
             tile_valid=torch.from_numpy(np.stack([r[4] for r in rows])).to(dev),
             fov=torch.from_numpy(np.stack([self.samples[i].fov for i in idx])).to(dev),
+            weight=torch.tensor([r[5] for r in rows], dtype=torch.float32, device=dev),
         )
         return batch, counts
 
@@ -176,7 +188,7 @@ class Learner:
         adv = (1 - w_tile)[:, None, None, None] * img[..., None, None] + w_tile[
             :, None, None, None
         ] * expand_tiles(tiles, tile=tile, height=h, width=w)
-        return adv, vloss
+        return adv * b.weight[:, None, None, None], vloss
 
     def _logits(self, b: _Batch, feats, rows: torch.Tensor | slice, *, forward=None) -> torch.Tensor:
         idx = b.indices[rows] if isinstance(rows, slice) else [b.indices[i] for i in rows.tolist()]
@@ -367,21 +379,35 @@ class Learner:
                 np.stack([val[j].image for j in idx]), [val[j].prompt for j in idx], features=feats
             )
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probs = np.concatenate(probs)
         res = evaluate_probs(
-            np.concatenate(probs), val, threshold=self.cfg.eval.threshold, thresholds=self.cfg.eval.thresholds
+            probs, val, threshold=self.cfg.eval.threshold, thresholds=self.cfg.eval.thresholds
         )
         out = {f"val/{k}": v for k, v in res.mean.items()}
         out["val/best_threshold"] = res.best_threshold
         out["val/best_threshold_dice"] = float(max(res.sweep["dice"]))
+        for t, d in zip(res.sweep["thresholds"], res.sweep["dice"], strict=True):
+            out[f"val/dice@{t:g}"] = float(d)
+        if self.cfg.reward.reward_net:
+            out.update(self._reward_gap(val, probs >= self.cfg.eval.threshold, res))
         return out
 
-    def greedy(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        with torch.no_grad():
-            return (
-                greedy_masks(self.policy.mask_logits(images, prompts), threshold=self.cfg.eval.threshold)
-                .cpu()
-                .numpy()
-            )
+    def _reward_gap(self, val: Sequence, masks: np.ndarray, res) -> dict[str, float]:
+        """Learned reward vs GT Dice of the greedy validation masks: reward hacking shows up here first."""
+        from policies.reward_net import RewardNetScorer
+
+        if self._scorer is None:
+            self._scorer = RewardNetScorer.from_checkpoint(self.cfg.reward.reward_net)
+        labelled = [i for i, s in enumerate(val) if s.has_mask]  # the rows of res.per_image
+        learned = np.array(
+            [self._scorer.score(val[i].image, masks[i][None], fov=val[i].fov).values[0] for i in labelled]
+        )
+        gt = np.array([row["dice"] for row in res.per_image])
+        return {
+            "val/learned_score": float(learned.mean()),
+            "val/reward_gap": float((learned - gt).mean()),
+            "val/reward_gap_abs": float(np.abs(learned - gt).mean()),
+        }
 
     # ------------------------------------------------------------------------------------------ state
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -434,4 +460,5 @@ def _index(b: _Batch, rows: torch.Tensor) -> _Batch:
         tile_rewards=b.tile_rewards[rows],
         tile_valid=b.tile_valid[rows],
         fov=b.fov[rows],
+        weight=b.weight[rows],
     )

@@ -168,3 +168,40 @@ def test_nonfinite_loss_is_never_stepped_on(cfg, rollout, reward, monkeypatch) -
     assert m["update/nonfinite_steps"] == 2  # 1 epoch x 2 minibatches, both skipped
     after = learner.trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.fixture(scope="module")
+def reward_net_path(tmp_path_factory):
+    from policies.reward_net import LightweightRewardNetwork
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rn") / "best_reward_net.pth"
+    torch.save({"model_state_dict": LightweightRewardNetwork().state_dict()}, path)
+    return path
+
+
+def test_learned_rewards_are_tagged_weighted_or_skipped(rollout, reward_net_path) -> None:
+    learned = [*SMALL, "reward.source=learned", f"reward.reward_net={reward_net_path}"]
+    cfg_l = load_config(None, learned)
+    worker = RewardWorker(cfg_l)
+    scored = worker.score(rollout.sample([0, 1], iteration=0))
+    assert scored.sources == ["learned", "learned"] and scored.valid.all()
+    assert ((scored.rewards > 0) & (scored.rewards < 1)).all()  # the net's sigmoid output
+    assert not scored.tile_valid.any()  # no tiles from a whole-image reward net
+    assert "dice_raw" in scored.components  # GT still logged when it exists (learned-vs-GT gap)
+
+    skip = Learner(load_config(None, [*learned, "reward.skip_learned=true"]))
+    m = skip.update([scored], iteration=0)
+    assert m["update/skipped"] == 1.0 and m["batch/skipped_learned"] == 2
+
+    zero = Learner(load_config(None, [*learned, "reward.learned_weight=0"]))
+    before = zero.trainable_state_dict()
+    m = zero.update([scored], iteration=0)
+    assert m["batch/images"] == 2
+    # Weight 0 removes the policy-gradient signal; only the KL term (zero at the reference) is left.
+    assert all(torch.allclose(before[k], v) for k, v in zero.trainable_state_dict().items())
+
+    val = zero.validate()
+    for key in ("val/learned_score", "val/reward_gap", "val/reward_gap_abs", "val/dice@0.5"):
+        assert np.isfinite(val[key]), key
+    assert val["val/reward_gap"] == pytest.approx(val["val/learned_score"] - val["val/dice"], abs=1e-6)
