@@ -1,5 +1,8 @@
 """RL gain over the SFT baseline on held-out synthetic images, over several seeds -> JSON.
 
+The RL model is the run's best validation checkpoint (``eval.select_metric`` on the val split); the final
+weights are reported too (``rl_last``). The test split is used for nothing but these numbers.
+
     .venv/bin/python benchmarks/rl_gain.py --sft runs/sft_baseline_bench/sft/model [--seeds 0 1 2]
 
 For each seed: ``raysys train examples/tiny_synthetic.yaml policy.checkpoint=SFT run.seed=S`` (the real CLI,
@@ -74,10 +77,19 @@ def main() -> int:
         test = list(dataset_for_split(cfg.data, "test", load=load_dataset))
         val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
         sft = load_policy(cfg.policy, seed=seed)
-        rl = load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "latest", seed=seed)
+        # "rl" = the best validation checkpoint (selection on val only); "rl_last" = the final weights.
+        rl = load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "best", seed=seed)
+        rl_last = load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "latest", seed=seed)
+        best_meta = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
         th = cfg.eval.thresholds
-        out = {"seed": seed, "train_wall_s": round(wall, 1), "iterations": cfg.learner.iterations}
-        for label, pol in (("sft", sft), ("rl", rl)):
+        out = {
+            "seed": seed,
+            "train_wall_s": round(wall, 1),
+            "iterations": cfg.learner.iterations,
+            "best_iteration": best_meta["iteration"],
+            "select_metric": cfg.eval.select_metric,
+        }
+        for label, pol in (("sft", sft), ("rl", rl), ("rl_last", rl_last)):
             from policies.evaluation import evaluate
 
             best_t = evaluate(lambda im, pr, p=pol: p.mask_logits(im, pr), val, thresholds=th).best_threshold

@@ -80,15 +80,25 @@ def load_base_model(directory: str | Path) -> TinySa2VA:
     return model
 
 
-def save_trainable(policy, directory: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
-    """Trainable tensors as safetensors + metadata + a PEFT adapter folder."""
+def trainable_meta(policy, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metadata stored next to trainable tensors: the LoRA spec they belong to, plus ``extra``."""
+    lora = dict(vars(policy.spec))
+    lora["trainable"] = list(policy.spec.trainable)
+    return {"lora": lora, **(extra or {})}
+
+
+def write_trainable(state: dict[str, torch.Tensor], meta: dict[str, Any], directory: str | Path) -> Path:
+    """``trainable.safetensors`` + ``meta.json`` (what :func:`load_trainable` reads)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in policy.trainable_state_dict().items()}
-    save_file(state, str(directory / TRAINABLE_WEIGHTS))
-    meta = {"lora": dict(vars(policy.spec)), "n_tensors": len(state), **(extra or {})}
-    meta["lora"]["trainable"] = list(policy.spec.trainable)
-    (directory / TRAINABLE_META).write_text(json.dumps(meta, indent=2))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / TRAINABLE_WEIGHTS))
+    (directory / TRAINABLE_META).write_text(json.dumps({**meta, "n_tensors": len(state)}, indent=2))
+    return directory
+
+
+def save_trainable(policy, directory: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+    """Trainable tensors as safetensors + metadata + a PEFT adapter folder."""
+    directory = write_trainable(policy.trainable_state_dict(), trainable_meta(policy, extra), directory)
     policy.save_adapter(str(directory / "adapter"))
     return directory
 

@@ -271,6 +271,10 @@ class EvalConfig:
     """Thresholds swept on probability maps."""
     every: int = 10
     """Validate every N iterations."""
+    select_metric: str = "val/dice"
+    """Validation metric that picks runs/<name>/checkpoints/best (model selection on val, never test)."""
+    select_mode: Literal["max", "min"] = "max"
+    """Direction of ``select_metric``."""
     postprocess: bool = False
     """Apply morphological post-processing before scoring."""
 
@@ -280,6 +284,7 @@ class EvalConfig:
             all(0 < t < 1 for t in self.thresholds), "eval.thresholds", "every threshold must be in (0, 1)"
         )
         _check(self.every >= 1, "eval.every", "must be >= 1")
+        _check(self.select_metric.startswith("val/"), "eval.select_metric", "must be a val/... metric")
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class Learner:
         self.engine = None  # a DeepSpeed engine after use_deepspeed()
         self.version = 0
         self.best_reward = -math.inf
+        self.best_val: float | None = None  # best eval.select_metric so far
 
     # ------------------------------------------------------------------------------------------ phases
     def phase(self, iteration: int) -> str:
@@ -392,6 +393,19 @@ class Learner:
             out.update(self._reward_gap(val, probs >= self.cfg.eval.threshold, res))
         return out
 
+    def improved(self, val_metrics: dict[str, float]) -> bool:
+        """True (and remembered) when the selection metric beats every earlier validation."""
+        ec = self.cfg.eval
+        if ec.select_metric not in val_metrics:
+            raise KeyError(f"eval.select_metric {ec.select_metric!r} is not among {sorted(val_metrics)}")
+        value = val_metrics[ec.select_metric]
+        better = self.best_val is None or (
+            value > self.best_val if ec.select_mode == "max" else value < self.best_val
+        )
+        if better:
+            self.best_val = value
+        return better
+
     def _reward_gap(self, val: Sequence, masks: np.ndarray, res) -> dict[str, float]:
         """Learned reward vs GT Dice of the greedy validation masks: reward hacking shows up here first."""
         from policies.reward_net import RewardNetScorer
@@ -420,6 +434,8 @@ class Learner:
         directory = Path(directory)
         save_trainable(self.policy, directory, extra={"iteration": iteration, "version": self.version})
         state = {"iteration": iteration, "version": self.version, "best_reward": self.best_reward}
+        if self.best_val is not None:
+            state["best_val"] = self.best_val
         if self.engine is None:  # ZeRO partitions optimiser state per rank; its moments restart on resume
             state["optimizer"] = self.optimizer.state_dict()
         if self.value_head is not None:
@@ -443,6 +459,7 @@ class Learner:
             getattr(self.value_head, "module", self.value_head).load_state_dict(state["value_head"])
         self.version = int(state["version"])
         self.best_reward = float(state["best_reward"])
+        self.best_val = float(state["best_val"]) if "best_val" in state else None
         return int(state["iteration"]) + 1
 
 

@@ -48,6 +48,12 @@ class MetricsSink:
         self.last = row
         self.rows += 1
 
+    def save_best(self, state_dict: dict, meta: dict[str, Any]) -> str:
+        """The best-so-far trainable weights (by eval.select_metric) under runs/<name>/checkpoints/best."""
+        from policies.checkpoint import write_trainable
+
+        return str(write_trainable(state_dict, meta, self.path.parent / "checkpoints" / "best"))
+
     def progress(self) -> dict[str, Any]:
         return self.last
 

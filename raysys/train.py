@@ -92,6 +92,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from policies.checkpoint import trainable_meta
     from raysys.coordinator import RayCoordinator
     from raysys.learner import Learner, iteration_indices
 
@@ -143,7 +144,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last = it + 1 == cfg.learner.iterations
             if (it + 1) % cfg.eval.every == 0 or last:
                 t = time.perf_counter()
-                metrics.update(learner.validate())
+                val = learner.validate()
+                metrics.update(val)
+                if learner.improved(val):
+                    meta = trainable_meta(
+                        learner.policy,
+                        {
+                            "iteration": it,
+                            "version": learner.version,
+                            cfg.eval.select_metric: val[cfg.eval.select_metric],
+                        },
+                    )
+                    ray.get(sink.save_best.remote(learner.trainable_state_dict(), meta))
                 metrics["time/validate_s"] = time.perf_counter() - t
             if (it + 1) % cfg.learner.checkpoint_every == 0 or last:
                 tmp = Path(tempfile.mkdtemp(prefix="raysys-ckpt-"))

@@ -73,6 +73,8 @@ def test_two_iteration_run_writes_metrics_checkpoints_and_events(ray_local, tmp_
     assert rows[0]["sync/bytes"] < 1e6  # only trainable tensors cross the wire
     assert (res.run_dir / "config.yaml").is_file()
     assert list((res.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    best = json.loads((res.run_dir / "checkpoints" / "best" / "meta.json").read_text())
+    assert best["iteration"] == 1 and best["val/dice"] == rows[1]["val/dice"]  # the only validation
     latest = res.run_dir / "checkpoints" / "latest"
     assert (latest / "trainable.safetensors").is_file() and (
         latest / "adapter" / "adapter_config.json"
