@@ -64,9 +64,7 @@ def main() -> int:
     shares["sample_actor_time"] = float(np.mean([r["time/sample_s"] for r in steady])) / ray_iter
 
     # 2. One process, same classes, same iterations.
-    import torch
 
-    torch.set_num_threads(2)
     local_cfg = cfg
     rollout = [RolloutWorker(local_cfg, i) for i in range(local_cfg.rollout.num_workers)]
     reward = [RewardWorker(local_cfg) for _ in range(local_cfg.reward.num_actors)]
