@@ -32,6 +32,14 @@ class CollectStats:
     retries: int = 0
     """Shards resubmitted after an actor failure."""
 
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "time/rollout_s": self.rollout_s,
+            "time/sample_s": self.sample_s,
+            "time/reward_s": self.reward_s,
+            "fault/retries": float(self.retries),
+        }
+
 
 def state_bytes(state_dict: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state_dict.values())

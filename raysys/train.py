@@ -92,7 +92,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from policies.checkpoint import trainable_meta
     from raysys.coordinator import RayCoordinator
     from raysys.learner import Learner, iteration_indices
 
@@ -123,52 +122,68 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n_train = len(learner.samples)
     for it in range(start, cfg.learner.iterations):
         t_iter = time.perf_counter()
-        indices = iteration_indices(cfg, it, n_train)[rank::world]
-        scored, cstats = coordinator.collect(indices, iteration=it)
+        last = it + 1 == cfg.learner.iterations
+        # 1. collect: rollout actors sample, reward actors score (this rank's share of the images)
+        scored, cstats = coordinator.collect(iteration_indices(cfg, it, n_train)[rank::world], iteration=it)
+        # 2. update: advantages and E epochs of minibatch steps (DDP/DeepSpeed across ranks)
         metrics = learner.update(scored, iteration=it)
-        metrics.update(
-            {
-                "time/rollout_s": cstats.rollout_s,
-                "time/sample_s": cstats.sample_s,
-                "time/reward_s": cstats.reward_s,
-                "fault/retries": float(cstats.retries),
-            }
-        )
+        metrics.update(cstats.as_metrics())
         ckpt = None
         if rank == 0:
-            t = time.perf_counter()
-            metrics["sync/bytes"] = float(
-                coordinator.push_weights(learner.trainable_state_dict(), learner.version)
-            )
-            metrics["time/sync_s"] = time.perf_counter() - t
-            last = it + 1 == cfg.learner.iterations
+            # 3. sync the new trainable weights to every rollout actor
+            metrics.update(_sync(coordinator, learner))
+            # 4. validate (and keep the best weights), 5. checkpoint
             if (it + 1) % cfg.eval.every == 0 or last:
-                t = time.perf_counter()
-                val = learner.validate()
-                metrics.update(val)
-                if learner.improved(val):
-                    meta = trainable_meta(
-                        learner.policy,
-                        {
-                            "iteration": it,
-                            "version": learner.version,
-                            cfg.eval.select_metric: val[cfg.eval.select_metric],
-                        },
-                    )
-                    ray.get(sink.save_best.remote(learner.trainable_state_dict(), meta))
-                metrics["time/validate_s"] = time.perf_counter() - t
+                metrics.update(_validate(learner, sink, cfg, it))
             if (it + 1) % cfg.learner.checkpoint_every == 0 or last:
-                tmp = Path(tempfile.mkdtemp(prefix="raysys-ckpt-"))
-                learner.save(tmp, iteration=it)
-                ckpt = ray.train.Checkpoint.from_directory(str(tmp))
-        metrics["iteration"] = it
-        metrics["policy/version"] = learner.version
+                ckpt = _checkpoint(learner, it)
+        metrics.update({"iteration": it, "policy/version": learner.version})
         metrics["time/iteration_s"] = time.perf_counter() - t_iter
-        if rank == 0:
-            ray.get(sink.log.remote(metrics))
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"iter_{it:06d}" if ckpt else None)
-        if ckpt is not None:
-            shutil.rmtree(ckpt.path, ignore_errors=True)
+        _report(metrics, ckpt, sink if rank == 0 else None, it)
+
+
+def _sync(coordinator, learner) -> dict[str, float]:
+    t = time.perf_counter()
+    nbytes = coordinator.push_weights(learner.trainable_state_dict(), learner.version)
+    return {"sync/bytes": float(nbytes), "time/sync_s": time.perf_counter() - t}
+
+
+def _validate(learner, sink, cfg: Config, iteration: int) -> dict[str, float]:
+    """Validation metrics; the weights go to checkpoints/best when eval.select_metric improves."""
+    import ray
+
+    from policies.checkpoint import trainable_meta
+
+    t = time.perf_counter()
+    val = learner.validate()
+    if learner.improved(val):
+        key = cfg.eval.select_metric
+        meta = trainable_meta(
+            learner.policy, {"iteration": iteration, "version": learner.version, key: val[key]}
+        )
+        ray.get(sink.save_best.remote(learner.trainable_state_dict(), meta))
+    return {**val, "time/validate_s": time.perf_counter() - t}
+
+
+def _checkpoint(learner, iteration: int):
+    import ray.train
+
+    tmp = Path(tempfile.mkdtemp(prefix="raysys-ckpt-"))
+    learner.save(tmp, iteration=iteration)
+    return ray.train.Checkpoint.from_directory(str(tmp))
+
+
+def _report(metrics: dict[str, Any], ckpt, sink, iteration: int) -> None:
+    """Metrics to the sink (rank 0) and to Ray Train (every rank: report is a barrier)."""
+    import ray
+    import ray.train
+
+    if sink is not None:
+        ray.get(sink.log.remote(metrics))
+    name = f"iter_{iteration:06d}" if ckpt is not None else None
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+    if ckpt is not None:  # Train has copied it into the run's storage
+        shutil.rmtree(ckpt.path, ignore_errors=True)
 
 
 def _quiet_train_reports() -> None:
