@@ -8,17 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from rl_small import SMALL_RL as SMALL
 
 from raysys.config import ConfigError, load_config
 from raysys.train import run_training
 
 pytest.importorskip("deepspeed")
-
-SMALL = [
-    "data.size=64", "data.n_train=6", "data.n_val=2", "rollout.samples_per_image=4",
-    "rollout.images_per_iteration=4", "learner.minibatch_size=2", "learner.epochs=1",
-    "rollout.cpus_per_worker=0.25", "reward.cpus_per_actor=0.25", "learner.cpus_per_worker=0.25",
-]  # fmt: skip
 
 
 def test_zero2_run_trains_and_syncs(ray_local, tmp_path, monkeypatch) -> None:

@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from rl_small import SMALL_RL as SMALL
 from safetensors.torch import load_file
 
 from raysys.config import load_config
@@ -17,19 +18,6 @@ from raysys.learner import iteration_indices
 from raysys.reward import RewardWorker
 from raysys.rollout import RolloutWorker
 from raysys.train import ResourceError, check_resources, run_training
-
-SMALL = [
-    "data.size=64",
-    "data.n_train=6",
-    "data.n_val=2",
-    "rollout.samples_per_image=4",
-    "rollout.images_per_iteration=4",
-    "learner.minibatch_size=2",
-    "learner.epochs=1",
-    "rollout.cpus_per_worker=0.25",
-    "reward.cpus_per_actor=0.25",
-    "learner.cpus_per_worker=0.25",
-]
 
 
 def _rows(run_dir) -> list[dict]:

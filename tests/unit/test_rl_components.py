@@ -5,22 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from rl_small import SMALL_RL as SMALL
 
 from raysys.config import load_config
 from raysys.coordinator import LocalCoordinator, shards
 from raysys.learner import Learner, iteration_indices
 from raysys.reward import RewardWorker
 from raysys.rollout import RolloutWorker
-
-SMALL = [
-    "data.size=64",
-    "data.n_train=6",
-    "data.n_val=2",
-    "rollout.samples_per_image=4",
-    "rollout.images_per_iteration=4",
-    "learner.minibatch_size=2",
-    "learner.epochs=1",
-]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,8 @@
+"""Config overrides for a tiny, fast RL setup shared by the unit, Ray and DeepSpeed tests."""
+
+SMALL_RL = [
+    "data.size=64", "data.n_train=6", "data.n_val=2", "rollout.samples_per_image=4",
+    "rollout.images_per_iteration=4", "learner.minibatch_size=2", "learner.epochs=1",
+    "rollout.cpus_per_worker=0.25", "reward.cpus_per_actor=0.25", "learner.cpus_per_worker=0.25",
+]  # fmt: skip
+"""64x64 images, 6 training images, K=4, 4 images per iteration, fractional CPUs for one shared Ray."""
