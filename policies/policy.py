@@ -137,3 +137,15 @@ class AdapterPolicy:
     def save_adapter(self, path: str) -> None:
         """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
         self.model.save_pretrained(path)
+
+    def load_adapter(self, path: str) -> None:
+        """Load a PEFT adapter folder written by :meth:`save_adapter` (safetensors, no pickles)."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        result = set_peft_model_state_dict(self.model, load_peft_weights(path, device=str(self.device)))
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise CheckpointMismatchError(
+                f"adapter {path} has {len(unexpected)} tensors this policy does not have (e.g. {unexpected[0]})"
+            )

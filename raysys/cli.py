@@ -167,6 +167,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raysys.evaluate import evaluate_checkpoint
+
+    cfg = _config(args)
+    out = Path(args.out) if args.out else cfg.run_dir / "eval" / args.split
+    summary = evaluate_checkpoint(cfg, args.checkpoint, out, split=args.split)
+    _print_metrics(
+        f"{summary['n_images']} {args.split} images at threshold {cfg.eval.threshold}", summary["mean"]
+    )
+    if "postprocessed" in summary:
+        _print_metrics("post-processed", summary["postprocessed"]["mean"])
+    print(f"per-image metrics: {out / 'per_image.parquet'}\nsummary: {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raysys.evaluate import export_checkpoint
+
+    cfg = _config(args)
+    out = Path(args.out) if args.out else cfg.run_dir / "export"
+    res = export_checkpoint(cfg, args.checkpoint, out)
+    print(f"adapter: {res['adapter']}")
+    if res["merged"]:
+        print(f"merged: {res['merged']} (max logit difference {res['max_logit_diff']:.1e})")
+    return 0
+
+
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
     print(title)
     for k, v in metrics.items():
@@ -205,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a checkpoint on a dataset split (per-image parquet + summary)")
+    p.add_argument("config", nargs="*", help=config_help)
+    p.add_argument("--checkpoint", help="folder with trainable.safetensors (default: the base policy)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", help="output folder (default runs/<name>/eval/<split>)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export trainable weights as a PEFT adapter (+ a merged tiny model)")
+    p.add_argument("config", nargs="*", help=config_help)
+    p.add_argument("--checkpoint", required=True, help="folder with trainable.safetensors")
+    p.add_argument("--out", help="output folder (default runs/<name>/export)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reward-net", help="train the learned (GT-free) reward network")
     p.add_argument("config", nargs="*", help=config_help)

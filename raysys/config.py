@@ -276,7 +276,11 @@ class EvalConfig:
     select_mode: Literal["max", "min"] = "max"
     """Direction of ``select_metric``."""
     postprocess: bool = False
-    """Apply morphological post-processing before scoring."""
+    """Also score post-processed masks (closing, then small-component removal) in ``raysys eval``."""
+    closing_radius: int = 1
+    """Post-processing: disk radius of the morphological closing (0 disables)."""
+    min_size: int = 16
+    """Post-processing: components smaller than this many pixels are removed."""
 
     def __post_init__(self) -> None:
         _check(0 < self.threshold < 1, "eval.threshold", "must be in (0, 1)")
@@ -285,6 +289,9 @@ class EvalConfig:
         )
         _check(self.every >= 1, "eval.every", "must be >= 1")
         _check(self.select_metric.startswith("val/"), "eval.select_metric", "must be a val/... metric")
+        _check(
+            self.closing_radius >= 0 and self.min_size >= 0, "eval.closing_radius/min_size", "must be >= 0"
+        )
 
 
 @dataclass(frozen=True)

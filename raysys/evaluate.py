@@ -1,0 +1,111 @@
+"""`raysys eval` and `raysys export`: score a checkpoint on any dataset split; export trainable weights.
+
+Neither needs Ray. A "checkpoint" is a folder with ``trainable.safetensors`` (``runs/<name>/checkpoints/best``
+or ``latest``); without one, the configured base policy (e.g. the SFT model) is scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from envs.datasets import load_dataset
+from envs.postprocess import postprocess
+from policies.evaluation import evaluate_probs, predict_probs
+from policies.factory import load_policy
+from raysys.config import Config
+from raysys.data import dataset_for_split
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(
+    cfg: Config, checkpoint: str | Path | None, out_dir: str | Path, *, split: str = "test"
+) -> dict[str, Any]:
+    """Per-image metrics (``per_image.parquet``), means and a threshold sweep (``metrics.json``), and the
+    probability maps (``probs.npz``, float16) for reports. Scored inside each image's FOV."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = load_policy(cfg.policy, checkpoint, seed=cfg.run.seed)
+    samples = dataset_for_split(cfg.data, split, load=load_dataset)
+    probs = predict_probs(lambda im, pr: policy.mask_logits(im, pr), samples)
+    ec = cfg.eval
+    res = evaluate_probs(probs, samples, threshold=ec.threshold, thresholds=ec.thresholds)
+    summary: dict[str, Any] = {
+        "split": split,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "n_images": len(res.per_image),
+        "threshold": ec.threshold,
+        "mean": res.mean,
+        "sweep": res.sweep,
+        "best_threshold_on_this_split": res.best_threshold,
+    }
+    rows = res.per_image
+    if ec.postprocess:
+        masks = np.stack(
+            [
+                postprocess(
+                    p,
+                    threshold=ec.threshold,
+                    closing_radius=ec.closing_radius,
+                    min_size=ec.min_size,
+                    fov=s.fov,
+                )
+                for p, s in zip(probs, samples, strict=True)
+            ]
+        )
+        post = evaluate_probs(masks.astype(np.float32), samples, threshold=0.5, thresholds=(0.5,))
+        summary["postprocessed"] = {
+            "closing_radius": ec.closing_radius,
+            "min_size": ec.min_size,
+            "mean": post.mean,
+        }
+        rows = [
+            {**r, **{f"post_{k}": v for k, v in p.items() if k != "id"}}
+            for r, p in zip(res.per_image, post.per_image, strict=True)
+        ]
+    pq.write_table(pa.Table.from_pylist(rows), out / "per_image.parquet")
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    np.savez_compressed(
+        out / "probs.npz", probs=probs.astype(np.float16), ids=np.array([s.id for s in samples])
+    )
+    return summary
+
+
+def export_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """``adapter/`` (PEFT adapter folder) and, for the tiny backbone, ``merged/`` (LoRA and the trained heads
+    merged into a plain TinySa2VA, loadable with ``policies.checkpoint.load_base_model``). The merged model's
+    logits are checked against the adapter model's before anything is reported."""
+    import torch
+
+    from policies.checkpoint import load_base_model, save_base_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = load_policy(cfg.policy, checkpoint, seed=cfg.run.seed)
+    policy.save_adapter(str(out / "adapter"))
+    result: dict[str, Any] = {"adapter": str(out / "adapter"), "merged": None}
+    if cfg.policy.kind != "tiny":
+        log.info("merged export is implemented for the tiny backbone only; wrote the adapter folder")
+        return result
+    samples = dataset_for_split(cfg.data, "val", load=load_dataset)
+    probe = [samples[i] for i in range(min(2, len(samples)))]
+    images, prompts = np.stack([s.image for s in probe]), [s.prompt for s in probe]
+    with torch.no_grad():
+        expected = policy.mask_logits(images, prompts)
+        merged = policy.model.merge_and_unload()
+        save_base_model(merged, out / "merged")
+        again = load_base_model(out / "merged")(images, prompts)
+    err = float((expected - again).abs().max())
+    if err > 1e-4:
+        raise RuntimeError(f"merged export differs from the adapter model by {err:.2e} in logits")
+    result.update({"merged": str(out / "merged"), "max_logit_diff": err})
+    (out / "export.json").write_text(json.dumps(result, indent=2))
+    return result
