@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt constraints/cuda.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/raysys data preview --out runs/preview/preview.png
+	$(VENV)/bin/raysys demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -211,7 +211,7 @@ class TinyFeatures:
 
 def images_to_tensor(images: Any, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [B,H,W,3] (numpy or torch) -> ImageNet-normalised float [B,3,H,W]."""
-    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    x = images if torch.is_tensor(images) else torch.tensor(np.asarray(images))  # copies read-only arrays
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:

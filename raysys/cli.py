@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from raysys.config import Config, ConfigError, load_config, to_dict
+from raysys.pipeline import PipelineError
 
 log = logging.getLogger("raysys")
 
@@ -194,6 +197,46 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_OVERRIDES = (
+    "run.name=demo",
+    "reward.weights.dice=0.6",
+    "reward.weights.recall=0.15",
+    "reward.weights.topology=0.15",
+    "reward.weights.length=0.1",
+    "learner.iterations=100",
+    "learner.checkpoint_every=25",
+    "reward_net.epochs=5",
+)
+"""The demo: the tiny synthetic setup on 2 CPU cores, sized to finish well inside 15 minutes."""
+
+
+def cmd_pipeline(args: argparse.Namespace, cfg: Config | None = None) -> int:
+    from raysys.pipeline import Pipeline
+
+    cfg = cfg or _config(args)
+    t0 = time.perf_counter()
+    rows = Pipeline(cfg).run(force=tuple(args.force or ()), start=args.start, until=args.until)
+    print(f"\npipeline {cfg.run.name} ({time.perf_counter() - t0:.0f}s)")
+    for r in rows:
+        print(f"  {r['stage']:<11} {r['status']:<22} {r['seconds']:8.1f}s")
+    comparison = cfg.run_dir / "eval" / "comparison.json"
+    if comparison.is_file():
+        table = json.loads(comparison.read_text())
+        keys = ("threshold", "dice", "recall", "precision", "cldice", "betti0_err", "betti1_err")
+        print("\n  " + f"{'model':<16}" + "".join(f"{k:>11}" for k in keys))
+        for model, vals in table.items():
+            print("  " + f"{model:<16}" + "".join(f"{vals[k]:>11.4f}" for k in keys))
+    report = cfg.run_dir / "report" / "report.html"
+    if report.is_file():
+        print(f"\nreport: {report}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = load_config(None, [*DEMO_OVERRIDES, *args.overrides])
+    return cmd_pipeline(args, cfg)
+
+
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
     print(title)
     for k, v in metrics.items():
@@ -246,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/<name>/export)")
     p.set_defaults(func=cmd_export)
 
+    for name, fn, text in (
+        ("pipeline", cmd_pipeline, "data -> sft -> reward_net -> rl -> eval -> export -> report, cached"),
+        ("demo", cmd_demo, "the pipeline on the tiny synthetic setup (2 CPU cores, < 15 min)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        if name == "pipeline":
+            p.add_argument("config", nargs="*", help=config_help)
+        else:
+            p.add_argument("overrides", nargs="*", help="key=value overrides of the demo settings")
+        p.add_argument("--force", action="append", metavar="STAGE", help="rerun this stage (repeatable)")
+        p.add_argument("--from", dest="start", metavar="STAGE", help="rerun this stage and every later one")
+        p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+        p.set_defaults(func=fn)
+
     p = sub.add_parser("reward-net", help="train the learned (GT-free) reward network")
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--out", help="output folder (default runs/<name>/reward_net)")
@@ -263,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PipelineError) as exc:
         print(f"raysys: error: {exc}", file=sys.stderr)
         return 2
 
