@@ -56,32 +56,15 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    import torch
-
-    from envs.datasets import load_dataset
-    from policies.sft import train_sft
-    from policies.tiny import TinySa2VA
     from raysys.config import save_config
-    from raysys.data import dataset_for_split
+    from raysys.pipeline import run_sft
 
     cfg = _config(args)
     if cfg.policy.kind != "tiny":
         raise ConfigError("raysys sft trains the tiny policy; a Sa2VA checkpoint is already supervised")
     out = Path(args.out) if args.out else cfg.run_dir / "sft"
     save_config(cfg, out / "config.yaml")
-    train = list(dataset_for_split(cfg.data, "train", load=load_dataset))
-    val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
-    torch.manual_seed(cfg.run.seed)
-    res = train_sft(
-        TinySa2VA(),
-        train,
-        val,
-        cfg.sft,
-        out_dir=out,
-        seed=cfg.run.seed,
-        threshold=cfg.eval.threshold,
-        progress=True,
-    )
+    res = run_sft(cfg, out)
     _print_metrics("SFT validation", res.val)
     print(
         f"best step {res.best_step}/{res.steps} in {res.seconds:.0f}s; best val threshold "
@@ -91,54 +74,17 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_reward_net(args: argparse.Namespace) -> int:
-    from envs.rewards import MultiObjectiveReward
-    from envs.synthetic import SyntheticFundus
-    from policies.reward_net import build_reward_dataset, train_reward_net
     from raysys.config import save_config
+    from raysys.pipeline import run_reward_net
 
     cfg = _config(args)
-    if cfg.data.kind != "synthetic":
-        raise ConfigError("raysys reward-net trains on synthetic images (data.kind: synthetic)")
     out = Path(args.out) if args.out else cfg.run_dir / "reward_net"
     save_config(cfg, out / "config.yaml")
-    rn = cfg.reward_net
-    reward_fn = MultiObjectiveReward(cfg.reward) if rn.target == "reward" else None
-    policy_masks = _policy_mask_fn(args.policy_checkpoint) if args.policy_checkpoint else None
-    datasets = [
-        build_reward_dataset(
-            list(SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed)),
-            masks_per_image=rn.masks_per_image,
-            seed=cfg.run.seed + offset,
-            target=rn.target,
-            reward_fn=reward_fn,
-            policy_masks=policy_masks,
-        )
-        for split, n, offset in (("train", rn.n_train, 0), ("val", rn.n_val, 1))
-    ]
-    report = train_reward_net(*datasets, rn, out_dir=out, seed=cfg.run.seed, reward_fn=reward_fn)
+    report = run_reward_net(cfg, out, policy_checkpoint=args.policy_checkpoint)
     keys = ("val_mse", "val_mae", "val_pearson", "val_spearman", "val_mse_baseline", "final_val_mse")
     _print_metrics("reward net, held-out", {k: getattr(report, k) for k in keys})
     print(f"outputs in {out}")
     return 0
-
-
-def _policy_mask_fn(checkpoint: str):
-    """Masks of a tiny SFT policy (greedy + 2 samples per image) to mix into reward-net data."""
-    import numpy as np
-    import torch
-
-    from policies.checkpoint import load_base_model
-
-    model = load_base_model(checkpoint).eval()
-
-    def masks(sample, rng: np.random.Generator) -> np.ndarray:
-        with torch.no_grad():
-            prob = torch.sigmoid(model(sample.image[None], [sample.prompt])[0])
-        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        sampled = torch.rand((2, *prob.shape), generator=gen) < prob
-        return torch.cat([(prob > 0.5)[None], sampled]).numpy()
-
-    return masks
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -176,10 +176,8 @@ def _data(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     return summary
 
 
-def _sft(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    if cfg.policy.kind != "tiny":
-        (out / "summary.json").write_text(json.dumps({"skipped": "a Sa2VA checkpoint is already supervised"}))
-        return {"skipped": True}
+def run_sft(cfg: Config, out: Path):
+    """Supervised baseline of the tiny policy into ``out`` (``model/``, ``metrics.json``); `raysys sft`."""
     import torch
 
     from envs.datasets import load_dataset
@@ -190,10 +188,59 @@ def _sft(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     train = list(dataset_for_split(cfg.data, "train", load=load_dataset))
     val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
     torch.manual_seed(cfg.run.seed)
-    res = train_sft(
+    return train_sft(
         TinySa2VA(), train, val, cfg.sft, out_dir=out, seed=cfg.run.seed, threshold=cfg.eval.threshold,
         progress=True,
     )  # fmt: skip
+
+
+def policy_mask_fn(checkpoint: str | Path):
+    """Masks of a tiny SFT policy (greedy + 2 samples per image) to mix into reward-net data."""
+    import numpy as np
+    import torch
+
+    from policies.checkpoint import load_base_model
+
+    model = load_base_model(checkpoint).eval()
+
+    def masks(sample, rng: np.random.Generator) -> np.ndarray:
+        with torch.no_grad():
+            prob = torch.sigmoid(model(sample.image[None], [sample.prompt])[0])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        sampled = torch.rand((2, *prob.shape), generator=gen) < prob
+        return torch.cat([(prob > 0.5)[None], sampled]).numpy()
+
+    return masks
+
+
+def run_reward_net(cfg: Config, out: Path, *, policy_checkpoint: str | Path | None = None):
+    """Train the learned reward net on synthetic images (plus SFT policy masks when given); `raysys
+    reward-net`."""
+    from envs.rewards import MultiObjectiveReward
+    from envs.synthetic import SyntheticFundus
+    from policies.reward_net import build_reward_dataset, train_reward_net
+
+    if cfg.data.kind != "synthetic":
+        raise ValueError("the reward net trains on synthetic images (data.kind: synthetic)")
+    rn = cfg.reward_net
+    reward_fn = MultiObjectiveReward(cfg.reward) if rn.target == "reward" else None
+    masks = policy_mask_fn(policy_checkpoint) if policy_checkpoint else None
+    datasets = [
+        build_reward_dataset(
+            list(SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed)),
+            masks_per_image=rn.masks_per_image, seed=cfg.run.seed + k, target=rn.target, reward_fn=reward_fn,
+            policy_masks=masks,
+        )
+        for k, (split, n) in enumerate((("train", rn.n_train), ("val", rn.n_val)))
+    ]  # fmt: skip
+    return train_reward_net(*datasets, rn, out_dir=out, seed=cfg.run.seed, reward_fn=reward_fn)
+
+
+def _sft(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+    if cfg.policy.kind != "tiny":
+        (out / "summary.json").write_text(json.dumps({"skipped": "a Sa2VA checkpoint is already supervised"}))
+        return {"skipped": True}
+    res = run_sft(cfg, out)
     return {"val": res.val, "seconds": res.seconds, "best_step": res.best_step}
 
 
@@ -203,24 +250,8 @@ def _base_checkpoint(cfg: Config, inputs: dict[str, Path]) -> str | None:
 
 
 def _reward_net(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    from envs.rewards import MultiObjectiveReward
-    from envs.synthetic import SyntheticFundus
-    from policies.reward_net import build_reward_dataset, train_reward_net
-    from raysys.cli import _policy_mask_fn
-
-    rn = cfg.reward_net
-    reward_fn = MultiObjectiveReward(cfg.reward) if rn.target == "reward" else None
     sft_model = inputs["sft"] / "model"
-    masks = _policy_mask_fn(str(sft_model)) if sft_model.is_dir() else None
-    datasets = [
-        build_reward_dataset(
-            list(SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed)),
-            masks_per_image=rn.masks_per_image, seed=cfg.run.seed + k, target=rn.target, reward_fn=reward_fn,
-            policy_masks=masks,
-        )
-        for k, (split, n) in enumerate((("train", rn.n_train), ("val", rn.n_val)))
-    ]  # fmt: skip
-    report = train_reward_net(*datasets, rn, out_dir=out, seed=cfg.run.seed, reward_fn=reward_fn)
+    report = run_reward_net(cfg, out, policy_checkpoint=sft_model if sft_model.is_dir() else None)
     return {k: getattr(report, k) for k in ("val_mse", "val_pearson", "val_spearman", "final_val_mse")}
 
 
