@@ -165,21 +165,26 @@ class Learner:
         )
         return batch, counts
 
-    def _advantages(self, b: _Batch, feats) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[B,K,H,W] advantages (and the value loss for PPO)."""
+    def _values(self, b: _Batch, feats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PPO value head: (image values [B], tile values [B,ty,tx], value loss against the rewards)."""
+        v_img, v_tile = self.value_head(feats.low, tuple(b.tile_rewards.shape[-2:]))
+        vt = v_tile[:, None].expand_as(b.tile_rewards)
+        valid = b.tile_valid[:, None].expand_as(vt)
+        vloss = value_loss(v_img[:, None].expand_as(b.rewards), b.rewards) + value_loss(
+            vt[valid], b.tile_rewards[valid]
+        )
+        return v_img, v_tile, vloss
+
+    def _advantages(self, b: _Batch, feats) -> torch.Tensor:
+        """[B,K,H,W] advantages: group (GRPO) or value (PPO) baselines, whole-image and per tile."""
         lc, h, w = self.cfg.learner, *b.masks.shape[-2:]
         tile = self.cfg.reward.tile_sizes[0]
-        vloss = None
         if self.value_head is not None:
-            v_img, v_tile = self.value_head(feats.low, tuple(b.tile_rewards.shape[-2:]))
-            vloss = value_loss(v_img[:, None].expand_as(b.rewards), b.rewards)
-            vt = v_tile[:, None].expand_as(b.tile_rewards)
-            vloss = vloss + value_loss(
-                vt[b.tile_valid[:, None].expand_as(vt)], b.tile_rewards[b.tile_valid[:, None].expand_as(vt)]
-            )
-            img = b.rewards - v_img.detach()[:, None]
+            with torch.no_grad():
+                v_img, v_tile, _ = self._values(b, feats)
+            img = b.rewards - v_img[:, None]
             img = img / (img.std() + 1e-6)
-            tiles = (b.tile_rewards - v_tile.detach()[:, None]) * b.tile_valid[:, None]
+            tiles = (b.tile_rewards - v_tile[:, None]) * b.tile_valid[:, None]
             tiles = tiles / (tiles[b.tile_valid[:, None].expand_as(tiles)].std() + 1e-6)
         else:
             img = group_advantages(b.rewards)
@@ -189,7 +194,7 @@ class Learner:
         adv = (1 - w_tile)[:, None, None, None] * img[..., None, None] + w_tile[
             :, None, None, None
         ] * expand_tiles(tiles, tile=tile, height=h, width=w)
-        return adv * b.weight[:, None, None, None], vloss
+        return adv * b.weight[:, None, None, None]
 
     def _logits(self, b: _Batch, feats, rows: torch.Tensor | slice, *, forward=None) -> torch.Tensor:
         idx = b.indices[rows] if isinstance(rows, slice) else [b.indices[i] for i in rows.tolist()]
@@ -238,8 +243,8 @@ class Learner:
                         for i in range(0, n, lc.minibatch_size)
                     ]
                 )
-        # 2. advantages (value baseline computed with grad for its own loss).
-        adv, _ = self._advantages(b, feats) if phase != "rce" else (None, None)
+        # 2. advantages (the PPO value head is trained on its own loss in the minibatch loop).
+        adv = self._advantages(b, feats) if phase != "rce" else None
         gen = torch.Generator().manual_seed(int(self.cfg.run.seed * 7919 + iteration))
         sums: dict[str, float] = {}
         steps = 0
@@ -261,7 +266,7 @@ class Learner:
                     pg, stats = ppo_clipped_loss(logp, logp_old[rows], adv[rows], fov=fov, clip=lc.clip)
                 loss = pg + lc.kl_coef * kl - lc.entropy_coef * ent
                 if self.value_head is not None and phase != "rce":
-                    _, vloss = self._advantages(_index(b, rows), feats.index(rows))
+                    _, _, vloss = self._values(_index(b, rows), feats.index(rows))
                     loss = loss + lc.value_coef * vloss
                     stats["value"] = vloss.detach()
                 if not torch.isfinite(loss):  # never step on a NaN/inf loss; count it instead
