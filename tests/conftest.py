@@ -22,6 +22,18 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for modules of tiny torch ops: with more threads than free cores (a shared CI
+    machine) each op waits on the thread pool and runs 20-100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = None if _cuda_available() else pytest.mark.skip(reason="needs CUDA")
     for item in items:

@@ -23,7 +23,7 @@ from policies.sa2va import (
     load_sa2va,
 )
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 KINDS = ("internvl", "internlm2", "qwen_vl")
 PROMPT = "Please segment the blood vessels."
@@ -31,15 +31,6 @@ PROMPT = "Please segment the blood vessels."
 # ranks candidates (argmax), the object-score head is not used by Sa2VA's masks, and only the selected
 # candidate's hypernetwork MLP reaches the logits (MLP 0 is the single-mask token, unused in multimask mode).
 UNREACHABLE = re.compile(r"\.(iou_prediction_head|pred_obj_score_head|output_hypernetworks_mlps)\.")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny ops: with several OpenMP threads on a busy machine each op waits on the pool (100x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
