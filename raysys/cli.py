@@ -116,6 +116,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from raysys.tune import run_sweep
+
+    cfg = _config(args)
+    res = run_sweep(cfg, resume=args.resume)
+    table = res.table.drop(columns=["path", "error"])
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.precision", 4):
+        print(
+            f"\nsweep {cfg.run.name}: {len(table)} trials in {res.seconds:.0f}s\n{table.to_string(index=False)}"
+        )
+    print(f"table: {res.tune_dir / 'results.parquet'} (and .csv)\nplot: {res.tune_dir / 'results.png'}")
+    if res.best_config is not None:
+        so_far = " (so far: the sweep is unfinished)" if res.unfinished else ""
+        best = res.best[f"best {cfg.tune.metric}"]
+        print(f"best trial {res.best['trial_id']}: {cfg.tune.metric} = {best:.4f}{so_far}")
+        print(f"best config: {res.best_config}\n  run it with: raysys train {res.best_config}")
+    if res.failed:
+        print(f"\n{len(res.failed)} of {len(table)} trials FAILED:", file=sys.stderr)
+        for row in res.failed:
+            print(f"  {row['trial_id']}: {row['error']}\n    logs: {row['path']}", file=sys.stderr)
+    if res.unfinished:
+        print(
+            f"\nthe sweep was interrupted: {len(res.unfinished)} trial(s) unfinished "
+            f"({', '.join(res.unfinished)}); continue with: raysys tune ... --resume",
+            file=sys.stderr,
+        )
+    return 1 if res.failed or res.unfinished else 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raysys.evaluate import evaluate_checkpoint
 
@@ -222,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "tune", help="Ray Tune sweep over the tune.search_space keys (one full RL run a trial)"
+    )
+    p.add_argument("config", nargs="*", help=config_help)
+    p.add_argument("--resume", action="store_true", help="restore an interrupted sweep and finish it")
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("eval", help="score a checkpoint on a dataset split (per-image parquet + summary)")
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--checkpoint", help="folder with trainable.safetensors (default: the base policy)")
@@ -264,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("tensorboardX").setLevel(logging.WARNING)  # Tune's logger renames "@" in metric keys
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PipelineError) as exc:

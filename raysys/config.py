@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -227,12 +228,41 @@ class LearnerConfig:
 SEARCH_SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 
 
+def _as_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_objective(metric: str) -> dict[str, float]:
+    """``"val/dice"`` -> {"val/dice": 1.0}; ``"0.7*val/dice + 0.3*val/cldice"`` -> both with their weights."""
+    terms: dict[str, float] = {}
+    for raw in metric.split("+"):
+        weight, _, name = raw.strip().rpartition("*")
+        name = name.strip()
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            w = math.nan
+        _check(
+            name.startswith("val/") and math.isfinite(w) and name not in terms,
+            "tune.metric",
+            f"{metric!r} must be a val/... metric or a sum like '0.7*val/dice + 0.3*val/cldice'",
+        )
+        terms[name] = w
+    return terms
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     num_samples: int = 1
     """Samples drawn from the search space (grid axes multiply this)."""
     metric: str = "val/dice"
-    """Metric to optimise, e.g. ``val/cldice``."""
+    """Validation metric to optimise (``val/dice``, ``val/cldice``, ``val/recall``, ...) or a weighted sum
+    of them, e.g. ``0.7*val/dice + 0.3*val/cldice``."""
     mode: Literal["max", "min"] = "max"
     """Optimisation direction of ``metric``."""
     scheduler: Literal["asha", "fifo", "pbt"] = "asha"
@@ -243,12 +273,18 @@ class TuneConfig:
     """Dotted key -> spec, e.g. ``{"learner.lr": {"loguniform": [1e-5, 1e-3]}}``; spec kinds: grid, choice,
     uniform, loguniform."""
     normalize_reward_weights: bool = False
-    """Rescale swept reward weights so they sum to 1."""
+    """After sampling, rescale all ``reward.weights`` so they sum to 1 (swept and fixed ones alike)."""
+    grace_iterations: int = 0
+    """ASHA: iterations before a trial can be stopped, and PBT: iterations between perturbations;
+    0 uses ``eval.every`` (a trial is only compared on validated iterations)."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
         _check(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0")
-        for key, spec in self.search_space.items():
+        _check(self.grace_iterations >= 0, "tune.grace_iterations", "must be >= 0")
+        parse_objective(self.metric)
+        object.__setattr__(self, "search_space", dict(self.search_space))  # own copy: values get normalised
+        for key, spec in list(self.search_space.items()):
             where = f"tune.search_space.{key}"
             _check(
                 isinstance(spec, Mapping) and len(spec) == 1 and next(iter(spec)) in SEARCH_SPACE_KINDS,
@@ -261,6 +297,20 @@ class TuneConfig:
                 where,
                 f"'{key}' is not a config key",
             )
+            kind, values = next(iter(spec.items()))
+            _check(
+                isinstance(values, list | tuple) and len(values) >= 1,
+                where,
+                f"{kind} takes a list of values, got {values!r}",
+            )
+            if kind in ("uniform", "loguniform"):
+                values = [_as_number(v) for v in values]  # YAML reads 1e-4 (no dot) as a string
+                self.search_space[key] = {kind: values}
+                lo_hi = len(values) == 2 and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in values
+                )
+                _check(lo_hi and values[0] < values[1], where, f"{kind} takes [low, high] with low < high")
+                _check(kind == "uniform" or values[0] > 0, where, "loguniform needs low > 0")
 
 
 @dataclass(frozen=True)

@@ -455,11 +455,12 @@ class Learner:
         directory = Path(directory)
         load_trainable(self.policy, directory)
         state = torch.load(directory / "learner_state.pt", weights_only=True, map_location=self.device)
-        self._enter_phase(self.phase(int(state["iteration"])))
         if "optimizer" in state and self.engine is None:
             self.optimizer.load_state_dict(state["optimizer"])
         elif self.engine is not None:
             log.warning("resuming under DeepSpeed: weights restored, optimiser moments start afresh")
+        # After the optimiser state: the configured learning rate wins over the saved one (PBT mutates it).
+        self._enter_phase(self.phase(int(state["iteration"])))
         if self.value_head is not None:
             getattr(self.value_head, "module", self.value_head).load_state_dict(state["value_head"])
         self.version = int(state["version"])

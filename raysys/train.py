@@ -9,12 +9,15 @@ the actor handles through ``train_loop_config``. Each iteration reads as timed s
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,10 @@ from raysys.config import Config, save_config
 log = logging.getLogger(__name__)
 
 RAY_STORAGE = "ray"
+OBJECTIVE = "tune/objective"
+"""Reported every iteration when sweeping: ``tune.metric`` evaluated on the latest validation metrics."""
+ITERATIONS_DONE = "tune/iterations"
+"""Reported with OBJECTIVE: iterations finished, the time axis of ASHA and PBT."""
 
 
 class ResourceError(RuntimeError):
@@ -31,8 +38,9 @@ class ResourceError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------- Ray set-up
-def init_ray(cfg: Config) -> bool:
-    """Attach to ``run.ray_address`` / RAY_ADDRESS, or start a private local Ray. Returns True if started."""
+def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
+    """Attach to ``run.ray_address`` / RAY_ADDRESS, or start a private local Ray sized for ``copies`` runs
+    of ``cfg`` (Tune trials) plus ``extra_cpus`` each. Returns True if it started one."""
     import ray
 
     if ray.is_initialized():
@@ -43,7 +51,7 @@ def init_ray(cfg: Config) -> bool:
         ray.init(address=address, runtime_env=None if _inside_job() else env, log_to_driver=True)
         return False
     needed = required_resources(cfg)
-    num_cpus = cfg.run.num_cpus or max(4.0, needed["CPU"] + 1)
+    num_cpus = cfg.run.num_cpus or max(4.0, (needed["CPU"] + extra_cpus) * copies + 1)
     ray.init(
         address="local",
         num_cpus=int(num_cpus),
@@ -111,11 +119,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             learner.value_head = ray.train.torch.prepare_model(learner.value_head, move_to_device=False)
     coordinator = RayCoordinator(config["rollout"], config["reward"])
     sink = config["sink"]
+    objective: dict[str, float] | None = config.get("objective")
+    last_val: dict[str, float] = {}
     start = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            start = learner.load(d)
+    initial = config.get("initial_checkpoint")  # a PBT donor's weights for a fresh Train run
+    if checkpoint is not None or initial:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                start = learner.load(d)
+        else:
+            start = learner.load(initial)
         if rank == 0:
             coordinator.push_weights(learner.trainable_state_dict(), learner.version)
         log.info("resumed at iteration %d (policy version %d)", start, learner.version)
@@ -134,12 +148,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(_sync(coordinator, learner))
             # 4. validate (and keep the best weights), 5. checkpoint
             if (it + 1) % cfg.eval.every == 0 or last:
-                metrics.update(_validate(learner, sink, cfg, it))
+                val = _validate(learner, sink, cfg, it)
+                metrics.update(val)
+                last_val.update(val)
             if (it + 1) % cfg.learner.checkpoint_every == 0 or last:
                 ckpt = _checkpoint(learner, it)
         metrics.update({"iteration": it, "policy/version": learner.version})
+        if objective:  # Tune compares trials on the latest validation (NaN until the first one)
+            metrics[OBJECTIVE] = objective_value(objective, last_val)
+            metrics[ITERATIONS_DONE] = it + 1  # survives resumes, unlike Tune's training_iteration
         metrics["time/iteration_s"] = time.perf_counter() - t_iter
         _report(metrics, ckpt, sink if rank == 0 else None, it)
+
+
+def objective_value(terms: dict[str, float], metrics: dict[str, float]) -> float:
+    """Weighted sum of validation metrics; NaN while any of them is missing."""
+    if not all(k in metrics for k in terms):
+        return math.nan
+    return float(sum(w * metrics[k] for k, w in terms.items()))
 
 
 def _sync(coordinator, learner) -> dict[str, float]:
@@ -224,8 +250,21 @@ def _launch_actors(cfg: Config):
     return rollout, reward, ray.remote(num_cpus=0)(MetricsSink)
 
 
-def run_training(cfg: Config, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train with the Ray system; outputs in ``runs/<name>/`` (config, metrics, TensorBoard, checkpoints)."""
+def run_training(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+    objective: dict[str, float] | None = None,
+    initial_checkpoint: str | None = None,
+    train_name: str | None = None,
+) -> TrainResult:
+    """Train with the Ray system; outputs in ``runs/<name>/`` (config, metrics, TensorBoard, checkpoints).
+
+    A Tune trial adds Train ``callbacks`` (TuneReportCallback), the ``objective`` to report every iteration,
+    and for PBT a donor's ``initial_checkpoint`` started under a new Train run name (``train_name``).
+    """
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -235,19 +274,22 @@ def run_training(cfg: Config, *, resume: bool = False, progress: bool = True) ->
     cfg = absolute_paths(cfg)
     run_dir = cfg.run_dir.resolve()
     storage = run_dir / RAY_STORAGE
-    if (storage / cfg.run.name).exists() and not resume:
+    name = train_name or cfg.run.name
+    if (storage / name).exists() and not resume:
         raise FileExistsError(
             f"run directory {run_dir} already holds a run; pass --resume to continue it, or choose another "
             f"run.name (or delete the folder)"
         )
-    if resume and not (storage / cfg.run.name).exists():
+    if resume and not (storage / name).exists():
         raise FileNotFoundError(f"nothing to resume in {run_dir}: no checkpoints from an earlier run")
     save_config(cfg, run_dir / "config.yaml")
     started = init_ray(cfg)
     try:
         check_resources(cfg)
         rollout, reward, sink_cls = _launch_actors(cfg)
-        start_iteration = _latest_iteration(storage / cfg.run.name) + 1 if resume else 0
+        start_iteration = _latest_iteration(storage / name) + 1 if resume else 0
+        if initial_checkpoint and not resume:
+            start_iteration = _checkpoint_iteration(Path(initial_checkpoint)) + 1
         sink = sink_cls.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False
@@ -258,14 +300,22 @@ def run_training(cfg: Config, *, resume: bool = False, progress: bool = True) ->
         resources = {"CPU": lc.cpus_per_worker, **({"GPU": 1} if lc.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg, "rollout": rollout, "reward": reward, "sink": sink},
+            train_loop_config={
+                "cfg": cfg,
+                "rollout": rollout,
+                "reward": reward,
+                "sink": sink,
+                "objective": objective,
+                "initial_checkpoint": initial_checkpoint,
+            },
             scaling_config=ScalingConfig(
                 num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=resources
             ),
             run_config=RunConfig(
-                name=cfg.run.name,
+                name=name,
                 storage_path=str(storage),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=list(callbacks),
             ),
         )
         result = _fit_with_progress(trainer, sink, cfg, start_iteration, progress)
@@ -296,8 +346,24 @@ def absolute_paths(cfg: Config) -> Config:
 
 
 def _latest_iteration(experiment: Path) -> int:
-    its = [int(p.name.split("_")[1]) for p in experiment.glob("iter_*") if p.name.split("_")[1].isdigit()]
+    """Iteration of the checkpoint Train resumes from: the latest one its snapshot registered (a folder can
+    exist without being registered when the run stopped mid-report); -1 if none."""
+    snapshot = experiment / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return -1
+    names = [
+        r.get("checkpoint_dir_name", "")
+        for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    ]
+    its = [int(n.split("_")[1]) for n in names if n.startswith("iter_") and n.split("_")[1].isdigit()]
     return max(its) if its else -1
+
+
+def _checkpoint_iteration(directory: Path) -> int:
+    import torch
+
+    state = torch.load(directory / "learner_state.pt", weights_only=True, map_location="cpu")
+    return int(state["iteration"])
 
 
 def _export_latest(src: Path, dst: Path) -> None:

@@ -57,3 +57,37 @@ def preview_grid(samples: Sequence[VesselSample], path: str | Path, *, dpi: int 
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def sweep_plot(table, params: Sequence[str], metric: str, path: str | Path) -> Path:
+    """One panel per swept parameter: the trials' best metric against its value (failed trials as x)."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = list(params) or ["trial_id"]
+    fig, axes = plt.subplots(1, len(params), figsize=(3.6 * len(params), 3.2), squeeze=False)
+    failed = table["status"] == "ERROR"
+    for ax, key in zip(axes[0], params, strict=True):
+        values = table[key]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.dropna())
+        if numeric and values.notna().any():
+            x = values.astype(float)
+        else:  # categorical: one position per distinct value
+            labels = sorted({str(v) for v in values})
+            position = {label: i for i, label in enumerate(labels)}
+            x = values.map(lambda v, position=position: position[str(v)]).astype(float)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        y = table[metric].astype(float)
+        ok = ~failed & y.notna()
+        ax.scatter(x[ok], y[ok], s=28, c="tab:blue", label="trial")
+        if failed.any():
+            bottom = float(y[ok].min()) if ok.any() else 0.0
+            ax.scatter(x[failed], [bottom] * int(failed.sum()), marker="x", c="tab:red", label="failed")
+        ax.set_xlabel(key, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,106 @@
+"""`raysys tune` through the CLI, each call with its own private Ray: a 2-trial, 2-iteration sweep over a reward
+weight (table, plot, best YAML); a failing trial reported as failed; an interrupted sweep resumed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from raysys.config import load_config
+
+pytest.importorskip("ray")
+
+TINY = [
+    "data.size=64", "data.n_train=6", "data.n_val=2", "rollout.samples_per_image=4",
+    "rollout.images_per_iteration=4", "learner.minibatch_size=2", "learner.epochs=1",
+    "rollout.cpus_per_worker=0.25", "reward.cpus_per_actor=0.25", "learner.cpus_per_worker=0.25",
+    "eval.every=1", "learner.iterations=2",
+]  # fmt: skip
+
+
+def _cmd(tmp_path, name: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "raysys",
+        "tune",
+        f"run.output_dir={tmp_path}",
+        f"run.name={name}",
+        *TINY,
+        *extra,
+    ]
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_trial_sweep_writes_table_plot_and_best_yaml(tmp_path) -> None:
+    proc = subprocess.run(
+        _cmd(tmp_path, "s", "tune.search_space.reward.weights.dice={grid: [0.4, 0.8]}", "tune.max_concurrent_trials=2"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "s" / "tune"
+    table = pd.read_parquet(out / "results.parquet")
+    assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
+    assert sorted(table["reward.weights.dice"]) == [0.4, 0.8]
+    assert (table["iterations"] == 2).all() and table["best val/dice"].between(0, 1).all()
+    assert len(pd.read_csv(out / "results.csv")) == 2
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # every trial is a complete run with its own folder and per-iteration metrics
+    for trial_id in table["trial_id"]:
+        rows = _rows(out / "trials" / trial_id / "metrics.jsonl")
+        assert [r["iteration"] for r in rows] == [0, 1] and all("tune/objective" in r for r in rows)
+    best = table.loc[table["best val/dice"].idxmax()]
+    best_cfg = load_config(out / "best_config.yaml")
+    assert best_cfg.reward.weights.dice == best["reward.weights.dice"]
+    assert best_cfg.run.name == "s-best" and best_cfg.tune.search_space == {}
+    assert f"best trial {best['trial_id']}" in proc.stdout and "raysys train" in proc.stdout
+
+
+def test_a_failing_trial_is_reported_as_failed(tmp_path) -> None:
+    proc = subprocess.run(
+        _cmd(tmp_path, "f", f"tune.search_space.policy.checkpoint={{grid: [{tmp_path / 'missing'}]}}"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "1 of 1 trials FAILED" in proc.stderr and "missing/config.json does not exist" in proc.stderr
+    table = pd.read_parquet(tmp_path / "f" / "tune" / "results.parquet")
+    assert list(table["status"]) == ["ERROR"] and "CheckpointError" in table["error"][0]
+    assert not (tmp_path / "f" / "tune" / "best_config.yaml").exists()
+
+
+def test_interrupted_sweep_resumes(tmp_path) -> None:
+    extra = ["tune.search_space.reward.weights.dice={grid: [0.4, 0.8]}", "tune.scheduler=fifo",
+             "tune.max_concurrent_trials=1", "learner.iterations=3", "learner.checkpoint_every=1"]  # fmt: skip
+    trials = tmp_path / "r" / "tune" / "trials"
+    proc = subprocess.Popen(
+        _cmd(tmp_path, "r", *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and sum(len(_rows(p)) for p in trials.glob("*/metrics.jsonl")) < 2:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "the sweep was interrupted" in err, err[-3000:]
+    assert "UNFINISHED" in set(pd.read_parquet(tmp_path / "r" / "tune" / "results.parquet")["status"])
+
+    again = subprocess.run(_cmd(tmp_path, "r", *extra), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--resume" in again.stderr  # a second sweep never overwrites the first
+
+    resumed = subprocess.run(
+        [*_cmd(tmp_path, "r", *extra), "--resume"], capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = pd.read_parquet(tmp_path / "r" / "tune" / "results.parquet")
+    assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
+    for trial_id in table["trial_id"]:  # resumed runs continue from their checkpoint: no iteration twice
+        assert [r["iteration"] for r in _rows(trials / trial_id / "metrics.jsonl")] == [0, 1, 2]
