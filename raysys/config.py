@@ -56,10 +56,17 @@ class RunConfig:
     """Ray cluster to attach to; None uses RAY_ADDRESS or starts a private local Ray."""
     num_cpus: float | None = None
     """Logical CPUs of a private local Ray (more than the physical cores is fine: actors use fractions)."""
+    num_gpus: float | None = None
+    """Logical GPUs of a private local Ray; null detects them. On a CPU machine a number fakes GPUs, which
+    tests placement (torch still runs on the CPU)."""
+    storage_path: str | None = None
+    """Where Ray Train persists checkpoints: null uses ``<run dir>/ray`` (one node); on a multi-node cluster
+    a shared filesystem path or an object-store URI (``s3://bucket/raysys``) that every node can reach."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
         _check(self.num_cpus is None or self.num_cpus > 0, "run.num_cpus", "must be > 0 or null")
+        _check(self.num_gpus is None or self.num_gpus >= 0, "run.num_gpus", "must be >= 0 or null")
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,8 @@ class LearnerConfig:
     """Train workers take one GPU each."""
     cpus_per_worker: float = 0.5
     """Logical CPUs per Train worker."""
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend of the learner workers; auto is nccl with GPUs, gloo without."""
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     """DDP for <= 4B-class models; DeepSpeed ZeRO for larger ones."""
     zero_stage: int = 2

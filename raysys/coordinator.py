@@ -105,7 +105,11 @@ class RayCoordinator:
         if rollout and self._weights is not None:
             ray.get(handle.set_weights.remote(*self._weights))
 
-    def collect(self, indices: Sequence[int], *, iteration: int) -> tuple[list[ScoredRollout], CollectStats]:
+    def collect(
+        self, indices: Sequence[int], *, iteration: int, version: int | None = None
+    ) -> tuple[list[ScoredRollout], CollectStats]:
+        """Sample and score ``indices``. ``version``: the policy version the shards must come from (every
+        learner rank passes its own; only rank 0 pushes weights, so only its coordinator knows by itself)."""
         import ray
 
         t0 = time.perf_counter()
@@ -122,7 +126,7 @@ class RayCoordinator:
             for j, (sample_ref, score_ref) in pending.items():
                 try:
                     scored = ray.get(score_ref)
-                    expected = self._weights[1] if self._weights is not None else 0
+                    expected = version if version is not None else self._weights[1] if self._weights else 0
                     if scored.batch.version != expected:
                         # A restarted actor that has not been given the current weights yet.
                         raise _StaleVersion(

@@ -34,8 +34,10 @@ class RewardWorker:
 
             self.scorer = RewardNetScorer.from_checkpoint(cfg.reward.reward_net)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict[str, object]:
+        from raysys.placement import placement
+
+        return placement()
 
     def _target(self, index: int):
         if index not in self._targets:

@@ -7,7 +7,6 @@ so tests build it in-process.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 
@@ -68,7 +67,9 @@ class RolloutWorker:
         self.version = 0
 
     def ready(self) -> dict[str, object]:
-        return {"pid": os.getpid(), "worker": self.index, "version": self.version, "device": str(self.device)}
+        from raysys.placement import placement
+
+        return {**placement(), "worker": self.index, "version": self.version, "device": str(self.device)}
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Load only the trainable tensors (Ray resolves an ObjectRef argument to the dict)."""

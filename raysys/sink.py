@@ -54,6 +54,17 @@ class MetricsSink:
 
         return str(write_trainable(state_dict, meta, self.path.parent / "checkpoints" / "best"))
 
+    def record_placement(self, role: str, entries: list[dict[str, Any]], *, add: bool = False) -> None:
+        """runs/<name>/placement.json: per role (rollout, reward, learner) where each process runs; ``add``
+        merges learner ranks that report one by one."""
+        path = self.path.parent / "placement.json"
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        if add:
+            kept = [e for e in data.get(role, []) if e.get("rank") not in {x.get("rank") for x in entries}]
+            entries = sorted(kept + entries, key=lambda e: e.get("rank", 0))
+        data[role] = entries
+        path.write_text(json.dumps(data, indent=1) + "\n")
+
     def progress(self) -> dict[str, Any]:
         return self.last
 

@@ -55,7 +55,7 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
     ray.init(
         address="local",
         num_cpus=int(num_cpus),
-        num_gpus=None,
+        num_gpus=cfg.run.num_gpus,
         runtime_env=env,
         log_to_driver=True,
     )
@@ -108,7 +108,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=cfg.run.log_level)
     _quiet_train_reports()
-    device = ray.train.torch.get_device() if cfg.learner.use_gpu else torch.device("cpu")
+    device = torch.device("cpu")
+    if cfg.learner.use_gpu and torch.cuda.is_available():
+        device = ray.train.torch.get_device()
+    elif cfg.learner.use_gpu:  # e.g. fake GPUs from run.num_gpus on a CPU machine
+        log.warning("learner.use_gpu is set but torch sees no CUDA device here; the learner runs on the CPU")
     learner = Learner(cfg, device=device, rank=rank, world_size=world)
     if cfg.learner.strategy == "deepspeed":
         learner.use_deepspeed()
@@ -119,6 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             learner.value_head = ray.train.torch.prepare_model(learner.value_head, move_to_device=False)
     coordinator = RayCoordinator(config["rollout"], config["reward"])
     sink = config["sink"]
+    _record_learner_placement(sink, rank, world)
     objective: dict[str, float] | None = config.get("objective")
     last_val: dict[str, float] = {}
     start = 0
@@ -138,7 +143,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t_iter = time.perf_counter()
         last = it + 1 == cfg.learner.iterations
         # 1. collect: rollout actors sample, reward actors score (this rank's share of the images)
-        scored, cstats = coordinator.collect(iteration_indices(cfg, it, n_train)[rank::world], iteration=it)
+        scored, cstats = coordinator.collect(
+            iteration_indices(cfg, it, n_train)[rank::world], iteration=it, version=learner.version
+        )
         # 2. update: advantages and E epochs of minibatch steps (DDP/DeepSpeed across ranks)
         metrics = learner.update(scored, iteration=it)
         metrics.update(cstats.as_metrics())
@@ -159,6 +166,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics[ITERATIONS_DONE] = it + 1  # survives resumes, unlike Tune's training_iteration
         metrics["time/iteration_s"] = time.perf_counter() - t_iter
         _report(metrics, ckpt, sink if rank == 0 else None, it)
+
+
+def _record_learner_placement(sink, rank: int, world: int) -> None:
+    """This rank's placement into placement.json (every rank reports its own; the sink sorts by rank)."""
+    import ray
+
+    from raysys.placement import placement
+
+    ray.get(
+        sink.record_placement.remote(
+            "learner", [{**placement(), "rank": rank, "world_size": world}], add=True
+        )
+    )
 
 
 def objective_value(terms: dict[str, float], metrics: dict[str, float]) -> float:
@@ -267,27 +287,27 @@ def run_training(
     """
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg)
     run_dir = cfg.run_dir.resolve()
-    storage = run_dir / RAY_STORAGE
+    storage = train_storage(cfg)
     name = train_name or cfg.run.name
-    if (storage / name).exists() and not resume:
+    if storage_exists(f"{storage}/{name}") and not resume:
         raise FileExistsError(
-            f"run directory {run_dir} already holds a run; pass --resume to continue it, or choose another "
-            f"run.name (or delete the folder)"
+            f"run directory {run_dir} already holds a run (checkpoints in {storage}/{name}); pass --resume to "
+            f"continue it, or choose another run.name (or delete the folder)"
         )
-    if resume and not (storage / name).exists():
-        raise FileNotFoundError(f"nothing to resume in {run_dir}: no checkpoints from an earlier run")
+    if resume and not storage_exists(f"{storage}/{name}"):
+        raise FileNotFoundError(f"nothing to resume in {storage}/{name}: no checkpoints from an earlier run")
     save_config(cfg, run_dir / "config.yaml")
     started = init_ray(cfg)
     try:
         check_resources(cfg)
         rollout, reward, sink_cls = _launch_actors(cfg)
-        start_iteration = _latest_iteration(storage / name) + 1 if resume else 0
+        start_iteration = _latest_iteration(f"{storage}/{name}") + 1 if resume else 0
         if initial_checkpoint and not resume:
             start_iteration = _checkpoint_iteration(Path(initial_checkpoint)) + 1
         sink = sink_cls.options(
@@ -295,9 +315,12 @@ def run_training(
                 ray.get_runtime_context().get_node_id(), soft=False
             )
         ).remote(str(run_dir), start_iteration=start_iteration)
-        ray.get([h.ready.remote() for h in rollout + reward])
+        ready = ray.get([h.ready.remote() for h in rollout + reward])
+        ray.get(sink.record_placement.remote("rollout", ready[: len(rollout)]))
+        ray.get(sink.record_placement.remote("reward", ready[len(rollout) :]))
         lc = cfg.learner
         resources = {"CPU": lc.cpus_per_worker, **({"GPU": 1} if lc.use_gpu else {})}
+        backend = None if lc.dist_backend == "auto" else TorchConfig(backend=lc.dist_backend)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -311,9 +334,10 @@ def run_training(
             scaling_config=ScalingConfig(
                 num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=resources
             ),
+            torch_config=backend,
             run_config=RunConfig(
                 name=name,
-                storage_path=str(storage),
+                storage_path=storage,
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=list(callbacks),
             ),
@@ -323,7 +347,7 @@ def run_training(
         ray.get(sink.close.remote())
         ckpt = result.checkpoint.path if result.checkpoint is not None else None
         if ckpt:
-            _export_latest(Path(ckpt), run_dir / "checkpoints" / "latest")
+            _export_latest(result.checkpoint, run_dir / "checkpoints" / "latest")
         return TrainResult(
             run_dir=run_dir, metrics=metrics, checkpoint=ckpt, seconds=time.perf_counter() - t0
         )
@@ -345,16 +369,42 @@ def absolute_paths(cfg: Config) -> Config:
     return replace(cfg, overrides) if overrides else cfg
 
 
-def _latest_iteration(experiment: Path) -> int:
+def train_storage(cfg: Config) -> str:
+    """Ray Train's storage_path: ``<run dir>/ray``, or ``<run.storage_path>/<run.name>`` (shared path or URI)."""
+    if cfg.run.storage_path:
+        base = cfg.run.storage_path.rstrip("/")
+        if "://" not in base:
+            base = str(Path(base).resolve())
+        return f"{base}/{cfg.run.name}"
+    return str(cfg.run_dir.resolve() / RAY_STORAGE)
+
+
+def _filesystem(path: str):
+    """(pyarrow filesystem, path in it) for a local path or a URI such as s3://bucket/prefix."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def storage_exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = _filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def _latest_iteration(experiment: str | Path) -> int:
     """Iteration of the checkpoint Train resumes from: the latest one its snapshot registered (a folder can
     exist without being registered when the run stopped mid-report); -1 if none."""
-    snapshot = experiment / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
+    snapshot = f"{experiment}/checkpoint_manager_snapshot.json"
+    if not storage_exists(snapshot):
         return -1
-    names = [
-        r.get("checkpoint_dir_name", "")
-        for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])
-    ]
+    fs, p = _filesystem(snapshot)
+    with fs.open_input_stream(p) as f:
+        data = json.loads(f.read().decode())
+    names = [r.get("checkpoint_dir_name", "") for r in data.get("checkpoint_results", [])]
     its = [int(n.split("_")[1]) for n in names if n.startswith("iter_") and n.split("_")[1].isdigit()]
     return max(its) if its else -1
 
@@ -366,11 +416,12 @@ def _checkpoint_iteration(directory: Path) -> int:
     return int(state["iteration"])
 
 
-def _export_latest(src: Path, dst: Path) -> None:
-    """The last checkpoint's trainable weights and PEFT adapter, under runs/<name>/checkpoints/latest."""
+def _export_latest(checkpoint, dst: Path) -> None:
+    """The last checkpoint's trainable weights and PEFT adapter, under runs/<name>/checkpoints/latest
+    (copied from Train's storage, local or remote)."""
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst)
+    checkpoint.to_directory(str(dst))
 
 
 def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool):

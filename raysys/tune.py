@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from raysys.config import Config, ConfigError, parse_objective, replace, save_config
-from raysys.train import ITERATIONS_DONE, OBJECTIVE, ResourceError, init_ray, required_resources
+from raysys.train import (
+    ITERATIONS_DONE,
+    OBJECTIVE,
+    ResourceError,
+    init_ray,
+    required_resources,
+    storage_exists,
+    train_storage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +113,14 @@ def run_trial(params: dict[str, Any], base: Config, tune_dir: str) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, Path(tune_dir) / "trials", trial_id)
     objective = parse_objective(cfg.tune.metric)
-    storage = cfg.run_dir / "ray"
+    storage = train_storage(cfg)
     if cfg.tune.scheduler != "pbt":
         from ray.tune.integration.ray_train import TuneReportCallback
 
         # A restored trial reruns this function; Train resumes its run from the same (storage, name).
         run_training(
             cfg,
-            resume=(storage / trial_id).exists(),
+            resume=storage_exists(f"{storage}/{trial_id}"),
             progress=False,
             callbacks=[TuneReportCallback()],
             objective=objective,
@@ -121,7 +129,7 @@ def run_trial(params: dict[str, Any], base: Config, tune_dir: str) -> None:
     _run_pbt_trial(cfg, objective, storage)
 
 
-def _run_pbt_trial(cfg: Config, objective: dict[str, float], storage: Path) -> None:
+def _run_pbt_trial(cfg: Config, objective: dict[str, float], storage: str) -> None:
     """PBT: start from the Tune checkpoint (own or a donor's) in a new Train run; forward every report with
     its Train checkpoint to Tune from this thread while the Train run goes on in another."""
     from ray import tune
@@ -131,7 +139,9 @@ def _run_pbt_trial(cfg: Config, objective: dict[str, float], storage: Path) -> N
 
     queue: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     start = tune.get_checkpoint()
-    segment = sum(1 for _ in storage.glob("segment_*")) if storage.exists() else 0
+    segment = 0
+    while storage_exists(f"{storage}/segment_{segment:03d}"):
+        segment += 1
     box: dict[str, Any] = {}
 
     def train() -> None:
@@ -315,8 +325,10 @@ def results_table(cfg: Config, grid) -> Any:
 
     keys = list(cfg.tune.search_space)
     if cfg.tune.normalize_reward_weights:
-        keys += [
-            f"{WEIGHTS_PREFIX}{k}" for k in cfg.reward.weights.as_dict() if f"{WEIGHTS_PREFIX}{k}" not in keys
+        keys += [  # the effective weights; terms switched off in the base config stay out
+            f"{WEIGHTS_PREFIX}{k}"
+            for k, v in cfg.reward.weights.as_dict().items()
+            if f"{WEIGHTS_PREFIX}{k}" not in keys and v > 0
         ]
     sign = 1.0 if cfg.tune.mode == "max" else -1.0
     # The experiment state Tune saved (what --resume acts on) tells an interrupted trial (RUNNING, PENDING,

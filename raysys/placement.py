@@ -1,0 +1,25 @@
+"""Where a Ray actor or Train worker runs and what Ray reserved for it (written to runs/<name>/placement.json)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def placement() -> dict[str, Any]:
+    """This process: pid, and under Ray its node, reserved resources and GPU ids."""
+    info: dict[str, Any] = {"pid": os.getpid()}
+    try:
+        import ray
+    except ImportError:
+        return info
+    if not ray.is_initialized():
+        return info
+    ctx = ray.get_runtime_context()
+    info.update(
+        node_id=ctx.get_node_id(),
+        node_ip=ray.util.get_node_ip_address(),
+        resources={k: float(v) for k, v in ctx.get_assigned_resources().items()},
+        gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+    )
+    return info
