@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
@@ -161,17 +161,20 @@ class PromptSelectionEnv(_SingleStepEnv):
     """Observation: image features float32 [D]. Action: Discrete(len(prompt_bank)).
 
     The segmenter runs at most once per (image, prompt): outputs are cached, so an RL run over E epochs of
-    the same images costs one segmentation per pair (``segmenter_calls`` counts real calls).
+    the same images costs one segmentation per pair (``segmenter_calls`` counts real calls). ``outcomes``
+    pre-fills that cache with rewards computed elsewhere, e.g. once on a driver for many RL workers, or
+    scored by a learned reward net; the segmenter may then be None.
     """
 
     def __init__(
         self,
         samples: Sequence[VesselSample],
-        segmenter: Segmenter,
+        segmenter: Segmenter | None,
         prompt_bank: Sequence[str],
         *,
         reward: MultiObjectiveReward | None = None,
         featurizer: Featurizer = image_features,
+        outcomes: Mapping[tuple[int, int], RewardResult] | None = None,
     ) -> None:
         super().__init__(samples, reward)
         if len(prompt_bank) < 2:
@@ -180,7 +183,7 @@ class PromptSelectionEnv(_SingleStepEnv):
         self.prompt_bank = list(prompt_bank)
         self.featurizer = featurizer
         self._features: dict[int, np.ndarray] = {}
-        self._cache: dict[tuple[int, int], RewardResult] = {}
+        self._cache: dict[tuple[int, int], RewardResult] = dict(outcomes or {})
         self.segmenter_calls = 0
         dim = self._observe(0).shape[0]
         self.observation_space = spaces.Box(-np.inf, np.inf, (dim,), np.float32)
@@ -198,6 +201,8 @@ class PromptSelectionEnv(_SingleStepEnv):
         key = (self._index, action)
         if key not in self._cache:
             s = self.samples[self._index]
+            if self.segmenter is None:
+                raise KeyError(f"no outcome for image {s.id!r} and prompt {action}, and no segmenter to run")
             mask = np.asarray(self.segmenter(s.image, self.prompt_bank[action]), bool)
             self.segmenter_calls += 1
             if mask.shape != self.shape:

@@ -147,6 +147,60 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 1 if res.failed or res.unfinished else 0
 
 
+def _seeds(args: argparse.Namespace, cfg: Config) -> list[int]:
+    return list(args.seeds) if args.seeds else [cfg.run.seed]
+
+
+def cmd_prompt_rl(args: argparse.Namespace) -> int:
+    from raysys.small_rl import run_prompt_rl
+
+    cfg = _config(args)
+    out = (
+        Path(args.out)
+        if args.out
+        else cfg.run_dir / ("prompt_rl" if cfg.rllib.reward == "gt" else "prompt_rl_learned")
+    )
+    res = run_prompt_rl(cfg, _seeds(args, cfg), out)
+    base = res["baselines"]["test"]
+    s = res["summary"]
+    print(
+        f"\nprompt-rl ({cfg.rllib.reward} reward), held-out test, {len(res['seeds'])} seed(s), {res['seconds']:.0f}s"
+    )
+    print(f"  {'policy':<28}{'GT reward':>12}{'Dice':>10}")
+    print(f"  {'learned (RLlib PPO)':<28}{s['reward']['mean']:>12.4f}{s['dice']['mean']:>10.4f}")
+    fixed = res["baselines"]["fixed_best_prompt"]
+    print(f"  {f'best fixed prompt (#{fixed})':<28}{base['fixed_reward']:>12.4f}{base['fixed_dice']:>10.4f}")
+    print(f"  {'random prompt':<28}{base['random_reward']:>12.4f}{base['random_dice']:>10.4f}")
+    print(f"  {'per-image oracle':<28}{base['oracle_reward']:>12.4f}{base['oracle_dice']:>10.4f}")
+    print(f"  largest share of one prompt: {s['max_action_share']['mean']:.2f}")
+    if res["learned_vs_gt_reward_on_test"]:
+        d = res["learned_vs_gt_reward_on_test"]
+        print(
+            f"  learned vs GT reward: Spearman {d['spearman']:.3f}, same best prompt on {d['argmax_agreement']:.0%}"
+        )
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def cmd_postproc_rl(args: argparse.Namespace) -> int:
+    from raysys.small_rl import run_postproc_rl
+
+    cfg = _config(args)
+    out = Path(args.out) if args.out else cfg.run_dir / "postproc_rl"
+    res = run_postproc_rl(cfg, _seeds(args, cfg), out)
+    base, s = res["baselines"], res["summary"]
+    g = base["best_global_setting"]
+    print(f"\npostproc-rl, held-out test, {len(res['seeds'])} seed(s), {res['seconds']:.0f}s")
+    print(f"  {'policy':<40}{'GT reward':>12}{'Dice':>10}")
+    print(f"  {'learned per-image (RLlib PPO)':<40}{s['reward']['mean']:>12.4f}{s['dice']['mean']:>10.4f}")
+    label = f"best global t={g['threshold']:g} r={g['closing_radius']} min={g['min_size']}"
+    print(f"  {label:<40}{base['test']['global_reward']:>12.4f}{base['test']['global_dice']:>10.4f}")
+    print(f"  {f'default (t={cfg.eval.threshold:g}, none)':<40}{base['test']['default_reward']:>12.4f}"
+          f"{base['test']['default_dice']:>10.4f}")  # fmt: skip
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raysys.evaluate import evaluate_checkpoint
 
@@ -259,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--resume", action="store_true", help="restore an interrupted sweep and finish it")
     p.set_defaults(func=cmd_tune)
+
+    for name, fn, text in (
+        ("prompt-rl", cmd_prompt_rl, "RLlib PPO picks a prompt per image (GT or learned reward)"),
+        ("postproc-rl", cmd_postproc_rl, "RLlib PPO picks threshold / closing / min size per image"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", nargs="*", help=config_help)
+        p.add_argument("--seeds", type=int, nargs="+", help="RL seeds (default run.seed)")
+        p.add_argument("--out", help="output folder (default runs/<name>/<experiment>)")
+        p.set_defaults(func=fn)
 
     p = sub.add_parser("eval", help="score a checkpoint on a dataset split (per-image parquet + summary)")
     p.add_argument("config", nargs="*", help=config_help)

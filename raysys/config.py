@@ -322,6 +322,76 @@ class TuneConfig:
                 _check(kind == "uniform" or values[0] > 0, where, "loguniform needs low > 0")
 
 
+PROMPT_TARGETS = ("vessels", "dilated", "thick", "thin", "centerline", "wide", "core")
+"""How the tiny prompt-conditioned segmenter's SFT target is derived from the vessel mask, per prompt."""
+
+
+@dataclass(frozen=True)
+class RLlibConfig:
+    """The small RLlib PPO experiments: ``raysys prompt-rl`` and ``raysys postproc-rl``."""
+
+    iterations: int = 30
+    """PPO training iterations (each samples ``train_batch_size`` single-step episodes)."""
+    train_batch_size: int = 256
+    """Episodes (= env steps: one image each) per iteration."""
+    minibatch_size: int = 64
+    num_epochs: int = 4
+    lr: float = 3e-4
+    entropy_coeff: float = 0.01
+    """Entropy bonus: guards the prompt policy against collapsing onto one action too early."""
+    patience: int = 10
+    """Early stopping: iterations without a better validation reward (0 = never stop early)."""
+    num_env_runners: int = 0
+    """0 samples in the algorithm's own process (fastest on a few cores); more for a cluster."""
+    reward: Literal["gt", "learned"] = "gt"
+    """Training reward of prompt-rl: the GT multi-objective reward, or the learned reward net only
+    (``reward.reward_net``); evaluation always uses GT."""
+    prompt_bank: tuple[str, ...] = (
+        "Please segment the blood vessels.",
+        "Segment the retinal vasculature.",
+        "Segment all vessels, including the faintest capillaries.",
+        "Segment the major vessels only.",
+        "Segment only the thin vessels.",
+        "Trace the vessel centerlines.",
+        "Segment the vessels and their borders.",
+        "Segment the vessel cores.",
+    )
+    """Prompts the policy chooses from (>= 8)."""
+    prompt_targets: tuple[str, ...] = (
+        "vessels", "vessels", "dilated", "thick", "thin", "centerline", "wide", "core",
+    )  # fmt: skip
+    """Per prompt, the SFT target of the tiny prompt-conditioned segmenter (``raysys prompt-rl`` trains one
+    when ``policy.kind`` is tiny and no ``policy.checkpoint`` is given); kinds: see PROMPT_TARGETS."""
+    segmenter_steps: int = 400
+    """SFT steps of that segmenter."""
+    grid_thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    """postproc-rl baseline: the global grid searched on the training images."""
+    grid_closing: tuple[int, ...] = (0, 1, 2, 3)
+    grid_min_size: tuple[int, ...] = (0, 8, 16, 32, 64)
+
+    def __post_init__(self) -> None:
+        _check(self.iterations >= 1, "rllib.iterations", "must be >= 1")
+        _check(
+            self.train_batch_size >= self.minibatch_size >= 1,
+            "rllib.minibatch_size",
+            "must be in 1..train_batch_size",
+        )
+        _check(len(self.prompt_bank) >= 8, "rllib.prompt_bank", "needs at least 8 prompts")
+        _check(
+            len(set(self.prompt_bank)) == len(self.prompt_bank),
+            "rllib.prompt_bank",
+            "prompts must be distinct",
+        )
+        _check(
+            len(self.prompt_targets) == len(self.prompt_bank)
+            and set(self.prompt_targets) <= set(PROMPT_TARGETS),
+            "rllib.prompt_targets",
+            f"needs one target per prompt, each one of {list(PROMPT_TARGETS)}",
+        )
+        _check(self.patience >= 0, "rllib.patience", "must be >= 0")
+        _check(self.num_env_runners >= 0, "rllib.num_env_runners", "must be >= 0")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     threshold: float = 0.5
@@ -365,6 +435,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward_net: RewardNetConfig = field(default_factory=RewardNetConfig)
+    rllib: RLlibConfig = field(default_factory=RLlibConfig)
 
     @property
     def run_dir(self) -> Path:
