@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +31,13 @@ def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def _config(args: argparse.Namespace) -> Config:
     path, overrides = _split_config_args(args.config)
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    base = os.environ.get("RAYSYS_BASE_DIR")  # set by cluster/submit.sh: relative paths mean the submitter's
+    if base:
+        from raysys.train import absolute_paths
+
+        cfg = absolute_paths(cfg, base)
+    return cfg
 
 
 def cmd_config(args: argparse.Namespace) -> int:

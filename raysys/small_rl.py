@@ -103,6 +103,24 @@ def train_prompt_segmenter(cfg: Config, splits: dict[str, list[VesselSample]], o
     return Path(res.checkpoint)
 
 
+def _prompt_segmenter(cfg: Config, splits, seg_dir: Path) -> Path:
+    """The prompt-conditioned segmenter in ``seg_dir``: reused when trained with the same settings."""
+    import shutil
+
+    from raysys.config import config_hash
+
+    key = config_hash([cfg.rllib.prompt_bank, cfg.rllib.prompt_targets, cfg.rllib.segmenter_steps, cfg.data,
+                       cfg.sft, cfg.run.seed])  # fmt: skip
+    stamp = seg_dir / "settings.hash"
+    if stamp.is_file() and stamp.read_text() == key and (seg_dir / "model").is_dir():
+        log.info("reusing the prompt-conditioned segmenter in %s", seg_dir)
+        return seg_dir / "model"
+    shutil.rmtree(seg_dir, ignore_errors=True)
+    model = train_prompt_segmenter(cfg, splits, seg_dir)
+    stamp.write_text(key)  # written last: an interrupted training is redone
+    return model
+
+
 def _segmenter(cfg: Config, checkpoint: str | None):
     from policies.factory import build_policy
 
@@ -333,12 +351,7 @@ def run_prompt_rl(cfg: Config, seeds: list[int], out: Path) -> dict[str, Any]:
     splits = load_splits(cfg)
     checkpoint = cfg.policy.checkpoint
     if cfg.policy.kind == "tiny" and not checkpoint:
-        seg_dir = out / "segmenter"
-        checkpoint = (
-            str(seg_dir / "model")
-            if (seg_dir / "model").exists()
-            else str(train_prompt_segmenter(cfg, splits, seg_dir))
-        )
+        checkpoint = str(_prompt_segmenter(cfg, splits, out / "segmenter"))
     policy = _segmenter(cfg, checkpoint)
     reward = MultiObjectiveReward(cfg.reward)
     scorer = None

@@ -128,15 +128,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_val: dict[str, float] = {}
     start = 0
     checkpoint = ray.train.get_checkpoint()
-    initial = config.get("initial_checkpoint")  # a PBT donor's weights for a fresh Train run
-    if checkpoint is not None or initial:
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                start = learner.load(d)
-        else:
-            start = learner.load(initial)
+    # A PBT donor's Train checkpoint (any storage filesystem) starts a fresh Train run.
+    initial = checkpoint if checkpoint is not None else config.get("initial_checkpoint")
+    if initial is not None:
+        with initial.as_directory() as d:
+            start = learner.load(d)
         if rank == 0:
             coordinator.push_weights(learner.trainable_state_dict(), learner.version)
+        if world > 1:  # no rank samples before rank 0 has pushed the loaded weights
+            torch.distributed.barrier()
         log.info("resumed at iteration %d (policy version %d)", start, learner.version)
     n_train = len(learner.samples)
     for it in range(start, cfg.learner.iterations):
@@ -277,7 +277,7 @@ def run_training(
     progress: bool = True,
     callbacks: Sequence[Any] = (),
     objective: dict[str, float] | None = None,
-    initial_checkpoint: str | None = None,
+    initial_checkpoint: Any | None = None,
     train_name: str | None = None,
 ) -> TrainResult:
     """Train with the Ray system; outputs in ``runs/<name>/`` (config, metrics, TensorBoard, checkpoints).
@@ -308,8 +308,9 @@ def run_training(
         check_resources(cfg)
         rollout, reward, sink_cls = _launch_actors(cfg)
         start_iteration = _latest_iteration(f"{storage}/{name}") + 1 if resume else 0
-        if initial_checkpoint and not resume:
-            start_iteration = _checkpoint_iteration(Path(initial_checkpoint)) + 1
+        if initial_checkpoint is not None and not resume:
+            with initial_checkpoint.as_directory() as d:
+                start_iteration = _checkpoint_iteration(Path(d)) + 1
         sink = sink_cls.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False
@@ -356,15 +357,26 @@ def run_training(
             ray.shutdown()
 
 
-def absolute_paths(cfg: Config) -> Config:
-    """Local paths in the config made absolute: actors and Train workers run in other working directories."""
+PATH_KEYS = ("policy.checkpoint", "data.root", "reward.reward_net", "run.output_dir", "run.storage_path")
+
+
+def absolute_paths(cfg: Config, base: str | os.PathLike[str] | None = None) -> Config:
+    """Local paths in the config made absolute: actors and Train workers run in other working directories.
+
+    Without ``base``, existing relative paths resolve against the working directory. With ``base`` (a Ray
+    job's RAYSYS_BASE_DIR, the submitter's repository) every relative path resolves against it, existing or
+    not: the job itself runs from an unpacked copy of the code."""
     from raysys.config import replace
 
     overrides = []
-    for key in ("policy.checkpoint", "data.root", "reward.reward_net", "run.output_dir"):
+    for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value and Path(value).exists() and not Path(value).is_absolute():
+        if not value or "://" in value or Path(value).is_absolute():
+            continue
+        if base is not None:
+            overrides.append(f"{key}={Path(base) / value}")
+        elif Path(value).exists():
             overrides.append(f"{key}={Path(value).resolve()}")
     return replace(cfg, overrides) if overrides else cfg
 

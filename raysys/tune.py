@@ -7,7 +7,8 @@ pass on, so under PBT the driver forwards metrics and Train checkpoints itself.
 
 Outputs, in ``runs/<name>/tune/``:
     sweep/            Tune's experiment folder (``--resume`` restores it)
-    trials/<id>/      each trial's run folder (config.yaml, metrics.jsonl, TensorBoard, Train checkpoints)
+    trials/<id>/      each trial's run folder (config.yaml, metrics.jsonl, TensorBoard; Train checkpoints
+                      too unless run.storage_path puts them elsewhere)
     results.parquet   one row per trial: swept values, best metric, iterations, status, error
     results.csv       the same table
     results.png       the metric against each swept parameter
@@ -16,6 +17,7 @@ Outputs, in ``runs/<name>/tune/``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -85,12 +87,33 @@ def normalized_weights(base: Config, sampled: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+FIXED_KEYS = ("learner.iterations", "eval.every", "learner.checkpoint_every", "run.name", "run.output_dir")
+"""Keys a sweep cannot vary: the schedulers' time axis, validation and checkpoint cadence, and the layout."""
+
+
 def check_search_space(cfg: Config) -> None:
     """Every listed value (grid/choice) and range end (uniform/loguniform) must make a valid config, so a
-    typo fails here, before any trial starts."""
-    if not cfg.tune.search_space:
-        raise ConfigError("tune.search_space is empty: declare at least one key to sweep, e.g. "
-                          "tune.search_space.learner.lr={loguniform: [1e-4, 1e-2]}")  # fmt: skip
+    typo fails here, before any trial starts; the schedulers' time axis must fall on validated iterations."""
+    tc = cfg.tune
+    if not tc.search_space:
+        raise ConfigError(
+            "tune.search_space is empty: declare at least one key to sweep, e.g. "
+            "tune.search_space.learner.lr={loguniform: [1e-4, 1e-2]}"
+        )
+    fixed = [k for k in tc.search_space if k in FIXED_KEYS]
+    if fixed:
+        raise ConfigError(f"tune.search_space: {fixed} cannot be swept (set them in the base config)")
+    grace = tc.grace_iterations or cfg.eval.every
+    if grace % cfg.eval.every:
+        raise ConfigError(
+            f"tune.grace_iterations ({grace}) must be a multiple of eval.every ({cfg.eval.every}): trials are "
+            f"compared on validated iterations"
+        )
+    if tc.scheduler == "pbt" and grace % cfg.learner.checkpoint_every:
+        raise ConfigError(
+            f"tune.scheduler=pbt: the perturbation interval ({grace}) must be a multiple of "
+            f"learner.checkpoint_every ({cfg.learner.checkpoint_every}) so an exploit clones a current checkpoint"
+        )
     for key, spec in cfg.tune.search_space.items():
         for value in next(iter(spec.values())):
             try:
@@ -151,7 +174,7 @@ def _run_pbt_trial(cfg: Config, objective: dict[str, float], storage: str) -> No
                 progress=False,
                 callbacks=[_ForwardReports(queue)],
                 objective=objective,
-                initial_checkpoint=start.path if start is not None else None,
+                initial_checkpoint=start,
                 train_name=f"segment_{segment:03d}",
             )
         except BaseException as exc:  # re-raised in the trial's thread
@@ -162,8 +185,7 @@ def _run_pbt_trial(cfg: Config, objective: dict[str, float], storage: str) -> No
     thread = threading.Thread(target=train, name="raysys-pbt-trial", daemon=True)
     thread.start()
     while (item := queue.get()) is not None:
-        ckpt = tune.Checkpoint.from_directory(item["checkpoint"]) if item["checkpoint"] else None
-        tune.report(item["metrics"], checkpoint=ckpt)
+        tune.report(item["metrics"], checkpoint=item["checkpoint"])
     thread.join()
     if "error" in box:
         raise box["error"]
@@ -182,7 +204,9 @@ class _ForwardReports(_forward_callback_base()):  # type: ignore[misc]
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None})
+        self.queue.put(
+            {"metrics": dict(metrics[0]), "checkpoint": checkpoint}
+        )  # keeps its filesystem (s3://...)
 
 
 # ------------------------------------------------------------------------------------------- sweep
@@ -200,8 +224,6 @@ class SweepResult:
 def max_concurrent_trials(cfg: Config, have: dict[str, float]) -> int:
     """``tune.max_concurrent_trials``, or as many whole trials as the cluster's CPUs and GPUs hold (each
     trial's actors and Train workers are created by the trial; partial trials would wait forever)."""
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
     need = required_resources(cfg)
     fits = [math.floor((have.get("CPU", 0.0) + 1e-9) / (need["CPU"] + TRIAL_CPUS))]
     if need["GPU"] > 0:
@@ -213,7 +235,7 @@ def max_concurrent_trials(cfg: Config, have: dict[str, float]) -> int:
             f"and learner workers plus the trial itself) but the cluster has {have.get('CPU', 0):g} CPU and "
             f"{have.get('GPU', 0):g} GPU"
         )
-    return n
+    return cfg.tune.max_concurrent_trials or n
 
 
 def trial_resources(cfg: Config):
@@ -280,6 +302,14 @@ def run_sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
         )
     if resume and not tune.Tuner.can_restore(str(experiment)):
         raise FileNotFoundError(f"nothing to resume in {experiment}: no Tune experiment state there")
+    if resume and (tune_dir / "config.yaml").is_file():
+        from raysys.config import config_hash, load_config
+
+        if config_hash(load_config(tune_dir / "config.yaml")) != config_hash(cfg):
+            raise ConfigError(
+                f"--resume with a config that differs from the one the sweep started with "
+                f"({tune_dir / 'config.yaml'}); pass the same config file and overrides"
+            )
     save_config(cfg, tune_dir / "config.yaml")
     started = init_ray(cfg, copies=cfg.tune.max_concurrent_trials or 1, extra_cpus=TRIAL_CPUS)
     try:
@@ -307,6 +337,7 @@ def run_sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                     name=EXPERIMENT,
                     storage_path=str(tune_dir),
                     failure_config=tune.FailureConfig(max_failures=0),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # PBT's forwarded checkpoints
                     verbose=1,
                 ),
             )
@@ -339,7 +370,8 @@ def results_table(cfg: Config, grid) -> Any:
     for result in grid:
         params = _trial_params(result)
         if cfg.tune.normalize_reward_weights:
-            params = normalized_weights(cfg, params)
+            with contextlib.suppress(ConfigError):  # such a trial failed; its row keeps the sampled values
+                params = normalized_weights(cfg, params)
         df = result.metrics_dataframe
         history = (
             df[OBJECTIVE].astype(float) if df is not None and OBJECTIVE in df else pd.Series(dtype=float)

@@ -102,7 +102,8 @@ def test_concurrency_from_resources_and_fail_fast() -> None:
     with pytest.raises(ResourceError, match=r"one trial needs 2\.75 CPU and 4 GPU"):
         tune_mod.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 2.0})
     assert (
-        tune_mod.max_concurrent_trials(load_config(None, ["tune.max_concurrent_trials=5"]), {"CPU": 1.0}) == 5
+        tune_mod.max_concurrent_trials(load_config(None, ["tune.max_concurrent_trials=5"]), {"CPU": 64.0})
+        == 5
     )
 
 
@@ -153,3 +154,38 @@ def test_saved_trial_states_and_expected_count(tmp_path) -> None:
         ],
     )
     assert tune_mod.expected_trials(cfg) == 6
+
+
+def test_sweep_cannot_vary_the_time_axis_and_stays_on_validated_iterations() -> None:
+    space = "tune.search_space.reward.weights.dice={grid: [0.4, 0.8]}"
+    with pytest.raises(ConfigError, match="cannot be swept"):
+        tune_mod.check_search_space(
+            load_config(None, [space, "tune.search_space.learner.iterations={grid: [5, 9]}"])
+        )
+    with pytest.raises(ConfigError, match=r"multiple of eval\.every"):
+        tune_mod.check_search_space(load_config(None, [space, "eval.every=10", "tune.grace_iterations=15"]))
+    pbt = [
+        space.replace("grid", "choice"),
+        "tune.scheduler=pbt",
+        "eval.every=5",
+        "learner.checkpoint_every=25",
+    ]
+    with pytest.raises(ConfigError, match=r"multiple of learner\.checkpoint_every"):
+        tune_mod.check_search_space(load_config(None, pbt))
+    tune_mod.check_search_space(load_config(None, [*pbt, "tune.grace_iterations=25"]))
+
+
+def test_explicit_concurrency_still_needs_one_trial_to_fit() -> None:
+    from raysys.train import ResourceError
+
+    with pytest.raises(ResourceError, match="one trial needs"):
+        tune_mod.max_concurrent_trials(load_config(None, ["tune.max_concurrent_trials=2"]), {"CPU": 1.0})
+
+
+def test_relative_paths_resolve_against_the_submitters_repo(tmp_path) -> None:
+    from raysys.train import absolute_paths
+
+    cfg = load_config(None, ["policy.checkpoint=runs/tiny/sft/model", "run.storage_path=s3://b/raysys"])
+    out = absolute_paths(cfg, tmp_path)
+    assert out.policy.checkpoint == str(tmp_path / "runs/tiny/sft/model")
+    assert out.run.output_dir == str(tmp_path / "runs") and out.run.storage_path == "s3://b/raysys"
