@@ -330,6 +330,26 @@ def _sink(out: Path):
     return MetricsSink(str(out))
 
 
+def _over_seeds(cfg: Config, seeds: list[int], run_one) -> list[dict[str, Any]]:
+    """``run_one(seed)`` for each seed on the configured (or a private local) Ray."""
+    from raysys.train import init_ray
+
+    started = init_ray(cfg)
+    try:
+        return [run_one(seed) for seed in seeds]
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _seed_result(out: Path, seed: int, info: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+    result = {"seed": seed, **info, "test": test}
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=float)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
@@ -343,8 +363,6 @@ def _summarise(per_seed: list[dict[str, Any]], keys: list[str]) -> dict[str, Any
 def run_prompt_rl(cfg: Config, seeds: list[int], out: Path) -> dict[str, Any]:
     """Prompt-selection PPO for each seed; writes ``out/results.json``."""
     from scipy.stats import pearsonr, spearmanr
-
-    from raysys.train import init_ray
 
     rc = cfg.rllib
     t0 = time.perf_counter()
@@ -403,16 +421,9 @@ def run_prompt_rl(cfg: Config, seeds: list[int], out: Path) -> dict[str, Any]:
                 test.gt[np.arange(len(test.gt)), test.learned.argmax(1)].mean()
             ),
         }
-    started = init_ray(cfg)
-    per_seed = []
-    try:
-        for seed in seeds:
-            per_seed.append(_prompt_seed(cfg, splits, tables, seed, out / f"seed_{seed}"))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    per_seed = _over_seeds(
+        cfg, seeds, lambda seed: _prompt_seed(cfg, splits, tables, seed, out / f"seed_{seed}")
+    )
     results = {
         "experiment": "prompt-rl",
         "reward": rc.reward,
@@ -488,9 +499,7 @@ def _prompt_seed(cfg: Config, splits, tables, seed: int, out: Path) -> dict[str,
     finally:
         sink.close()
         algo.stop()
-    result = {"seed": seed, **info, "test": test}
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return _seed_result(out, seed, info, test)
 
 
 # ------------------------------------------------------------------------------------------- postproc-rl
@@ -526,8 +535,6 @@ def _score_setting(samples, probs, reward: MultiObjectiveReward, targets, settin
 
 def run_postproc_rl(cfg: Config, seeds: list[int], out: Path) -> dict[str, Any]:
     """Per-image post-processing PPO for each seed vs the best global grid setting; ``out/results.json``."""
-    from raysys.train import init_ray
-
     rc = cfg.rllib
     t0 = time.perf_counter()
     splits = load_splits(cfg)
@@ -557,16 +564,11 @@ def run_postproc_rl(cfg: Config, seeds: list[int], out: Path) -> dict[str, Any]:
             "default_dice": default_dice,
         },
     }
-    started = init_ray(cfg)
-    per_seed = []
-    try:
-        for seed in seeds:
-            per_seed.append(_postproc_seed(cfg, splits, probs, reward, targets, seed, out / f"seed_{seed}"))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    per_seed = _over_seeds(
+        cfg,
+        seeds,
+        lambda seed: _postproc_seed(cfg, splits, probs, reward, targets, seed, out / f"seed_{seed}"),
+    )
     results = {
         "experiment": "postproc-rl",
         "n_images": {k: len(v) for k, v in splits.items()},
@@ -644,6 +646,4 @@ def _postproc_seed(cfg: Config, splits, probs, reward, targets, seed: int, out: 
     finally:
         sink.close()
         algo.stop()
-    result = {"seed": seed, **info, "test": test}
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return _seed_result(out, seed, info, test)
