@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SEEDS: list[int] = [0, 1, 2]
 
 
 def _run(args: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "raysys", *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "raysys", *args, "--out", str(out), "--seeds", *map(str, SEEDS)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -40,13 +41,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rllib_experiments.json"))
     args = parser.parse_args()
+    SEEDS[:] = args.seeds
     runs = ROOT / "runs" / "rllib_bench"
-    common = [
-        str(ROOT / "examples" / "tiny_synthetic.yaml"),
-        f"run.output_dir={runs}",
-        "--seeds",
-        *map(str, args.seeds),
-    ]
+    common = [str(ROOT / "examples" / "tiny_synthetic.yaml"), f"run.output_dir={runs}"]
     reward_net = f"reward.reward_net={Path(args.reward_net).resolve()}"
     gt = _run(["prompt-rl", *common, reward_net], runs / "prompt_rl")
     segmenter = gt["results"]["segmenter"]
