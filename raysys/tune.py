@@ -185,7 +185,10 @@ def _run_pbt_trial(cfg: Config, objective: dict[str, float], storage: str) -> No
     thread = threading.Thread(target=train, name="raysys-pbt-trial", daemon=True)
     thread.start()
     while (item := queue.get()) is not None:
-        tune.report(item["metrics"], checkpoint=item["checkpoint"])
+        ckpt = item["checkpoint"]  # Train's Checkpoint class; Tune's report wants its own (same fields)
+        if ckpt is not None:
+            ckpt = tune.Checkpoint(path=ckpt.path, filesystem=ckpt.filesystem)
+        tune.report(item["metrics"], checkpoint=ckpt)
     thread.join()
     if "error" in box:
         raise box["error"]
@@ -337,7 +340,9 @@ def run_sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                     name=EXPERIMENT,
                     storage_path=str(tune_dir),
                     failure_config=tune.FailureConfig(max_failures=0),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # PBT's forwarded checkpoints
+                    # PBT's forwarded checkpoints are all kept: an exploiting trial restores its donor's
+                    # checkpoint after the donor has moved on, so pruning would delete it first.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                     verbose=1,
                 ),
             )

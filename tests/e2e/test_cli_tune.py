@@ -104,3 +104,22 @@ def test_interrupted_sweep_resumes(tmp_path) -> None:
     assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
     for trial_id in table["trial_id"]:  # resumed runs continue from their checkpoint: no iteration twice
         assert [r["iteration"] for r in _rows(trials / trial_id / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_pbt_exploit_restarts_a_trial_from_its_donor(tmp_path) -> None:
+    proc = subprocess.run(
+        _cmd(tmp_path, "p", "tune.scheduler=pbt", "tune.num_samples=2", "tune.max_concurrent_trials=2",
+             "learner.iterations=2", "learner.checkpoint_every=1",
+             "tune.search_space.learner.lr={loguniform: [1.0e-4, 1.0e-2]}"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[Exploit] Cloning trial" in proc.stdout + proc.stderr
+    table = pd.read_parquet(tmp_path / "p" / "tune" / "results.parquet")
+    assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
+    trials = tmp_path / "p" / "tune" / "trials"
+    # The exploiting trial went on in a new Train run that loaded the donor's forwarded checkpoint, and
+    # its metrics log has no iteration twice (2 iterations keep CI short: the clone may have none left).
+    restarted = [t for t in table["trial_id"] if (trials / t / "ray" / "segment_001").is_dir()]
+    assert restarted
+    assert [r["iteration"] for r in _rows(trials / restarted[0] / "metrics.jsonl")] == [0, 1]
