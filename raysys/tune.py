@@ -274,10 +274,13 @@ def _scheduler(cfg: Config):
         raise ConfigError(
             "tune.scheduler=pbt mutates choice/uniform/loguniform keys; the search space has none"
         )
+    # Synchronous: every trial reaches the perturbation point (with a checkpoint) before any is cloned, so
+    # exploits do not depend on which trial happened to start first.
     return PopulationBasedTraining(
         time_attr=ITERATIONS_DONE,
         perturbation_interval=grace,
         hyperparam_mutations=mutations,
+        synch=True,
     )
 
 
@@ -388,7 +391,8 @@ def results_table(cfg: Config, grid) -> Any:
             status = "ERROR"
         elif state != "TERMINATED":
             status = "UNFINISHED"
-        elif iterations >= cfg.learner.iterations:
+        elif iterations >= cfg.learner.iterations or cfg.tune.scheduler == "pbt":
+            # PBT stops no trial early; a clone of a finished donor ends without reporting again.
             status = "COMPLETED"
         else:
             status = "STOPPED_EARLY"
