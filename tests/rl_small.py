@@ -1,4 +1,8 @@
-"""Config overrides for a tiny, fast RL setup shared by the unit, Ray and DeepSpeed tests."""
+"""Config overrides for a tiny, fast RL setup shared by the unit, Ray, DeepSpeed and e2e tests, and a reader of
+a run's metrics.jsonl."""
+
+import json
+from pathlib import Path
 
 SMALL_RL = [
     "data.size=64", "data.n_train=6", "data.n_val=2", "rollout.samples_per_image=4",
@@ -6,3 +10,11 @@ SMALL_RL = [
     "rollout.cpus_per_worker=0.25", "reward.cpus_per_actor=0.25", "learner.cpus_per_worker=0.25",
 ]  # fmt: skip
 """64x64 images, 6 training images, K=4, 4 images per iteration, fractional CPUs for one shared Ray."""
+
+
+def metric_rows(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl (none if the file does not exist yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from rl_small import metric_rows
 
 pytest.importorskip("ray.rllib")
 
@@ -22,10 +23,6 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _rows(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def test_prompt_rl_gt_then_learned_then_postproc_rl(tmp_path) -> None:
     common = [*TINY, f"run.output_dir={tmp_path}", "run.name=r"]
     gt = _run("prompt-rl", *common)
@@ -36,7 +33,7 @@ def test_prompt_rl_gt_then_learned_then_postproc_rl(tmp_path) -> None:
     assert base["oracle_reward"] >= base["fixed_reward"] and base["oracle_reward"] >= base["random_reward"]
     seed = res["seeds"][0]
     assert seed["iterations_run"] == 2 and sum(seed["test"]["action_share"]) == pytest.approx(1.0)
-    rows = _rows(tmp_path / "r" / "prompt_rl" / "seed_0" / "metrics.jsonl")
+    rows = metric_rows(tmp_path / "r" / "prompt_rl" / "seed_0" / "metrics.jsonl")
     assert len(rows) == 2 and {
         "rollout/ep_rew_mean",
         "policy/entropy",

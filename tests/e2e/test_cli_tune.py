@@ -3,7 +3,6 @@ weight (table, plot, best YAML); a failing trial reported as failed; an interrup
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -11,17 +10,13 @@ import time
 
 import pandas as pd
 import pytest
+from rl_small import SMALL_RL, metric_rows
 
 from raysys.config import load_config
 
 pytest.importorskip("ray")
 
-TINY = [
-    "data.size=64", "data.n_train=6", "data.n_val=2", "rollout.samples_per_image=4",
-    "rollout.images_per_iteration=4", "learner.minibatch_size=2", "learner.epochs=1",
-    "rollout.cpus_per_worker=0.25", "reward.cpus_per_actor=0.25", "learner.cpus_per_worker=0.25",
-    "eval.every=1", "learner.iterations=2",
-]  # fmt: skip
+TINY = [*SMALL_RL, "eval.every=1", "learner.iterations=2"]
 
 
 def _cmd(tmp_path, name: str, *extra: str) -> list[str]:
@@ -35,10 +30,6 @@ def _cmd(tmp_path, name: str, *extra: str) -> list[str]:
         *TINY,
         *extra,
     ]
-
-
-def _rows(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_two_trial_sweep_writes_table_plot_and_best_yaml(tmp_path) -> None:
@@ -56,7 +47,7 @@ def test_two_trial_sweep_writes_table_plot_and_best_yaml(tmp_path) -> None:
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # every trial is a complete run with its own folder and per-iteration metrics
     for trial_id in table["trial_id"]:
-        rows = _rows(out / "trials" / trial_id / "metrics.jsonl")
+        rows = metric_rows(out / "trials" / trial_id / "metrics.jsonl")
         assert [r["iteration"] for r in rows] == [0, 1] and all("tune/objective" in r for r in rows)
     best = table.loc[table["best val/dice"].idxmax()]
     best_cfg = load_config(out / "best_config.yaml")
@@ -85,7 +76,7 @@ def test_interrupted_sweep_resumes(tmp_path) -> None:
         _cmd(tmp_path, "r", *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 300
-    while time.time() < deadline and sum(len(_rows(p)) for p in trials.glob("*/metrics.jsonl")) < 2:
+    while time.time() < deadline and sum(len(metric_rows(p)) for p in trials.glob("*/metrics.jsonl")) < 2:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -103,7 +94,7 @@ def test_interrupted_sweep_resumes(tmp_path) -> None:
     table = pd.read_parquet(tmp_path / "r" / "tune" / "results.parquet")
     assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
     for trial_id in table["trial_id"]:  # resumed runs continue from their checkpoint: no iteration twice
-        assert [r["iteration"] for r in _rows(trials / trial_id / "metrics.jsonl")] == [0, 1, 2]
+        assert [r["iteration"] for r in metric_rows(trials / trial_id / "metrics.jsonl")] == [0, 1, 2]
 
 
 def test_pbt_exploit_restarts_a_trial_from_its_donor(tmp_path) -> None:
@@ -122,5 +113,5 @@ def test_pbt_exploit_restarts_a_trial_from_its_donor(tmp_path) -> None:
     # its metrics log has no iteration twice (2 iterations keep CI short: the clone may have none left).
     restarted = [t for t in table["trial_id"] if (trials / t / "ray" / "segment_001").is_dir()]
     assert restarted
-    its = [r["iteration"] for r in _rows(trials / restarted[0] / "metrics.jsonl")]
+    its = [r["iteration"] for r in metric_rows(trials / restarted[0] / "metrics.jsonl")]
     assert its == list(range(len(its))) and its

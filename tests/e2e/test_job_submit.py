@@ -15,16 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from rl_small import SMALL_RL, metric_rows
 
 pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TINY = [
-    "data.size=64", "data.n_train=6", "data.n_val=2", "rollout.samples_per_image=4",
-    "rollout.images_per_iteration=4", "learner.minibatch_size=2", "learner.epochs=1",
-    "rollout.cpus_per_worker=0.25", "reward.cpus_per_actor=0.25", "learner.cpus_per_worker=0.25",
-]  # fmt: skip
+TINY = SMALL_RL
 
 
 def _free_ports(n: int) -> list[int]:
@@ -82,10 +79,7 @@ def _ray(env, *args: str) -> subprocess.CompletedProcess:
 
 
 def _iterations(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line)["iteration"] for line in path.read_text().splitlines() if line.strip()]
+    return [row["iteration"] for row in metric_rows(run_dir / "metrics.jsonl")]
 
 
 def test_submit_places_actors_and_learners_on_fake_gpus(cluster, tmp_path) -> None:
