@@ -71,7 +71,7 @@ def main() -> int:
     learner = Learner(local_cfg)
     co = LocalCoordinator(rollout, reward)
     local_times = []
-    n_train = len(learner.samples)
+    n_train = len(learner.train)
     for it in range(args.iterations):
         t = time.perf_counter()
         scored, _ = co.collect(iteration_indices(local_cfg, it, n_train), iteration=it)

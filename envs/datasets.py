@@ -33,7 +33,7 @@ red channel above a small threshold, largest component, holes filled). ``polygon
 ``parquet`` without FOV columns use an all-True FOV.
 
 Splits: ``"train"``, ``"test"``, ``"all"`` and ``"val"``. No real dataset has an official
-validation split, so ``"val"`` needs ``val_fraction > 0``: it carves the LAST
+validation split, so ``"val"`` needs ``val_fraction > 0`` (which leaves ``"test"`` as it is): it carves the LAST
 ``max(1, round(val_fraction * n_train))`` training items (sorted ids for folder datasets, file
 order for json/parquet) out of ``"train"``. Taking the tail keeps it deterministic and, for
 CHASE_DB1, keeps both eyes of a child on the same side.
@@ -696,7 +696,7 @@ _FILE_SPLIT_KINDS = ("polygon_json", "parquet")  # the split comes from a per-en
 def _select(entries: list[_Entry], split: str, *, val_fraction: float, where: str) -> list[_Entry]:
     """Group entries by split, carve val off the tail of train if asked, return the requested one."""
     groups = {s: [e for e in entries if e.split == s] for s in _PART_SPLITS}
-    if val_fraction:
+    if val_fraction and split != "test":  # the test split is never touched (and may be listed alone)
         if groups["val"]:
             raise DatasetError(f"{where} already defines a 'val' split; drop val_fraction={val_fraction}")
         train = groups["train"]

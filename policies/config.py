@@ -84,9 +84,10 @@ class RewardNetConfig:
     target: Literal["dice", "reward"] = "dice"
     """Regression target: true Dice, or the multi-objective reward rescaled to [0, 1]."""
     n_train: int = 48
-    """Synthetic training images for the reward net."""
+    """Training images for the reward net: synthetic images, or for folder data pieces (crops) of the train
+    split."""
     n_val: int = 16
-    """Held-out synthetic images (disjoint seeds) for the reported numbers."""
+    """Held-out images for the reported numbers: synthetic (disjoint seeds), or pieces of the val split."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "reward_net.epochs", "must be >= 1")

@@ -10,6 +10,7 @@ import torch
 
 from envs.metrics import segmentation_metrics, threshold_sweep
 from envs.types import VesselSample
+from envs.windows import Box
 
 LogitsFn = Callable[[np.ndarray, list[str]], torch.Tensor]
 """(images uint8 [B,H,W,3], prompts) -> logits [B,H,W]."""
@@ -27,16 +28,86 @@ METRIC_KEYS = (
 )
 
 
+@dataclass(frozen=True)
+class Inference:
+    """How full-image probabilities are produced (the same for validation, ``raysys eval`` and reports).
+
+    Attributes:
+        window: side of the sliding windows in (scaled) pixels; None runs each whole image at once.
+        overlap: fraction of a window shared with its neighbours; blended with ``envs.windows.blend_weights``.
+        scale: images are resampled by this factor before the policy sees them; probabilities are mapped
+            back, so metrics are always at native resolution.
+        batch_size: windows (or images) per forward pass.
+    """
+
+    window: int | None = None
+    overlap: float = 0.25
+    scale: float = 1.0
+    batch_size: int = 8
+
+
+WholeImage = Inference()
+
+
 @torch.no_grad()
-def predict_probs(logits_fn: LogitsFn, samples: Sequence[VesselSample], *, batch_size: int = 8) -> np.ndarray:
-    """Probability maps float32 [N, H, W] (sigmoid of the logits, no temperature)."""
+def predict_probs(
+    logits_fn: LogitsFn,
+    samples: Sequence[VesselSample],
+    inference: Inference = WholeImage,
+    *,
+    keyed: bool = False,
+) -> list[np.ndarray]:
+    """Probability maps float32 [H, W] per sample at its native size (sigmoid of the logits, no
+    temperature), zero outside the FOV.
+
+    With ``keyed``, ``logits_fn(images, prompts, keys)`` also gets one hashable key per window
+    ``(sample index, y0, x0, h, w)``, stable across calls, so a caller can cache frozen features.
+    """
+    from envs.windows import rescale_probs, rescale_sample, stitch, window_boxes
+
+    jobs = []  # (sample index, scaled sample, box) in order
+    scaled = []
+    for i in range(len(samples)):
+        s = rescale_sample(samples[i], inference.scale)
+        scaled.append(s)
+        h, w = s.mask.shape
+        boxes = (
+            window_boxes(h, w, inference.window, overlap=inference.overlap, fov=s.fov)
+            if inference.window
+            else [Box(0, 0, h, w)]
+        )
+        jobs.extend((i, box) for box in boxes or [Box(0, 0, h, w)])
+    pieces: dict[int, list] = {i: [] for i in range(len(samples))}
+    start = 0
+    while start < len(jobs):  # consecutive windows of one shape share a forward pass
+        shape = (jobs[start][1].h, jobs[start][1].w)
+        end = start
+        while (
+            end < len(jobs)
+            and end - start < inference.batch_size
+            and (jobs[end][1].h, jobs[end][1].w) == shape
+        ):
+            end += 1
+        chunk = jobs[start:end]
+        images = np.stack([scaled[i].image[box.slices] for i, box in chunk])
+        prompts = [scaled[i].prompt for i, _ in chunk]
+        if keyed:
+            keys = [(i, box.y0, box.x0, box.h, box.w) for i, box in chunk]
+            logits = logits_fn(images, prompts, keys)
+        else:
+            logits = logits_fn(images, prompts)
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        for (i, box), p in zip(chunk, probs, strict=True):
+            pieces[i].append((p, box))
+        start = end
     out = []
-    for i in range(0, len(samples), batch_size):
-        chunk = [samples[j] for j in range(i, min(i + batch_size, len(samples)))]
-        images = np.stack([s.image for s in chunk])
-        logits = logits_fn(images, [s.prompt for s in chunk])
-        out.append(torch.sigmoid(logits.float()).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0, 0), np.float32)
+    for i, s in enumerate(scaled):
+        h, w = s.mask.shape
+        prob = stitch([p for p, _ in pieces[i]], [b for _, b in pieces[i]], h, w)
+        native = samples[i]
+        prob = rescale_probs(prob, *native.mask.shape)
+        out.append(np.where(native.fov, prob, 0.0).astype(np.float32))
+    return out
 
 
 @dataclass
@@ -56,13 +127,13 @@ class EvalResult:
 
 
 def evaluate_probs(
-    probs: np.ndarray,
+    probs: Sequence[np.ndarray],
     samples: Sequence[VesselSample],
     *,
     threshold: float = 0.5,
     thresholds: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
 ) -> EvalResult:
-    """Score probability maps [N,H,W] against the samples' masks inside their FOVs."""
+    """Score probability maps (one [H,W] per sample) against the samples' masks inside their FOVs."""
     labelled = [i for i, s in enumerate(samples) if s.has_mask]
     if not labelled:
         raise ValueError("evaluation needs samples with ground-truth masks")
@@ -87,7 +158,7 @@ def evaluate(
     *,
     threshold: float = 0.5,
     thresholds: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-    batch_size: int = 8,
+    inference: Inference = WholeImage,
 ) -> EvalResult:
-    probs = predict_probs(logits_fn, samples, batch_size=batch_size)
+    probs = predict_probs(logits_fn, samples, inference)
     return evaluate_probs(probs, samples, threshold=threshold, thresholds=thresholds)

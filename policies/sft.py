@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from envs.types import VesselSample
+from envs.windows import crop_box, crop_sample
 from policies.checkpoint import save_base_model
 from policies.config import SFTConfig
-from policies.evaluation import EvalResult, evaluate
+from policies.evaluation import EvalResult, Inference, WholeImage, evaluate
 from policies.losses import seg_loss
 from policies.tiny import TinySa2VA
 
@@ -39,6 +40,12 @@ class SFTResult:
 
 
 def _stack(samples: Sequence[VesselSample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    shapes = {s.mask.shape for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"training images of different sizes {sorted(shapes)} cannot share a batch; train on crops "
+            "(data.crop) or use sft.batch_size=1"
+        )
     return (
         np.stack([s.image for s in samples]),
         np.stack([s.mask for s in samples]),
@@ -67,15 +74,29 @@ def train_sft(
     out_dir: str | Path,
     seed: int = 0,
     threshold: float = 0.5,
+    crop: int | None = None,
+    crop_min_fov: float = 0.5,
+    inference: Inference = WholeImage,
     progress: bool = False,
 ) -> SFTResult:
     """Train, validate every ``cfg.eval_every`` steps, keep the best validation Dice; write
-    ``out_dir/model`` (weights) and ``out_dir/metrics.json``."""
+    ``out_dir/model`` (weights) and ``out_dir/metrics.json``.
+
+    Each step draws ``cfg.batch_size`` training images (lazily: a dataset of any size works) and, with
+    ``crop``, one random ``crop`` x ``crop`` piece of each holding at least ``crop_min_fov`` FOV. Validation
+    runs full images through ``inference`` (sliding windows, scale), so it scores what deployment sees.
+    """
     if len(train) == 0 or len(val) == 0:
         raise ValueError("SFT needs at least one training and one validation image")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    images, masks, fovs, prompts = _stack(train)
+
+    def batch(idx: np.ndarray) -> list[VesselSample]:
+        picked = [train[int(i)] for i in idx]
+        if crop is None:
+            return picked
+        return [crop_sample(s, crop_box(s.fov, crop, rng, min_fov=crop_min_fov), crop) for s in picked]
+
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.steps // 20)
@@ -94,12 +115,13 @@ def train_sft(
     bar = _progress(cfg.steps, progress)
     running = 0.0
     for step in range(cfg.steps):
-        idx = rng.choice(len(images), size=min(cfg.batch_size, len(images)), replace=False)
+        idx = rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)
+        images, masks, fovs, prompts = _stack(batch(idx))
         flips = rng.random((len(idx), 2)) < 0.5
-        x = _flip(images[idx], flips)
-        y = torch.from_numpy(_flip(masks[idx], flips))
-        f = torch.from_numpy(_flip(fovs[idx], flips))
-        logits = model(x, [prompts[i] for i in idx])
+        x = _flip(images, flips)
+        y = torch.from_numpy(_flip(masks, flips))
+        f = torch.from_numpy(_flip(fovs, flips))
+        logits = model(x, prompts)
         loss = seg_loss(logits, y.float(), fov=f, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -111,7 +133,7 @@ def train_sft(
             bar.update(1)
             bar.set_postfix(loss=f"{running:.3f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            res = _validate(model, val, threshold)
+            res = _validate(model, val, threshold, inference)
             row = {"step": step + 1, "loss": running, **{f"val/{k}": v for k, v in res.mean.items()}}
             history.append(row)
             log.info(
@@ -130,7 +152,7 @@ def train_sft(
     seconds = time.perf_counter() - t0
     if best_state is not None:
         model.load_state_dict(best_state)
-    final = _validate(model, val, threshold)
+    final = _validate(model, val, threshold, inference)
     ckpt = save_base_model(model, out_dir / "model")
     result = SFTResult(
         steps=cfg.steps,
@@ -145,10 +167,12 @@ def train_sft(
     return result
 
 
-def _validate(model: TinySa2VA, val: Sequence[VesselSample], threshold: float) -> EvalResult:
+def _validate(
+    model: TinySa2VA, val: Sequence[VesselSample], threshold: float, inference: Inference
+) -> EvalResult:
     model.eval()
     try:
-        return evaluate(lambda im, pr: model(im, pr), val, threshold=threshold)
+        return evaluate(lambda im, pr: model(im, pr), val, threshold=threshold, inference=inference)
     finally:
         model.train()
 

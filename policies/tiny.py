@@ -186,23 +186,30 @@ class TinyVisionModel(nn.Module):
 
 @dataclass
 class TinyFeatures:
-    """Frozen features of a batch: hi [B,C1,H,W], mid [B,C2,H/2,W/2], low [B,C3,H/4,W/4], tokens [B,T,D]."""
+    """Frozen features of a batch: hi [B,C1,H',W'], mid [B,C2,H'/2,W'/2], low [B,C3,H'/4,W'/4], tokens
+    [B,T,D], where H' x W' is the image size padded up to a multiple of 4 and ``size`` = (H, W) the size
+    the logits are cropped back to."""
 
     hi: torch.Tensor
     mid: torch.Tensor
     low: torch.Tensor
     tokens: torch.Tensor
+    size: tuple[int, int] | None = None
 
     def index(self, idx: torch.Tensor | Sequence[int] | slice) -> TinyFeatures:
-        return TinyFeatures(self.hi[idx], self.mid[idx], self.low[idx], self.tokens[idx])
+        return TinyFeatures(self.hi[idx], self.mid[idx], self.low[idx], self.tokens[idx], self.size)
 
     def to(self, device: torch.device | str) -> TinyFeatures:
-        return TinyFeatures(*(t.to(device) for t in (self.hi, self.mid, self.low, self.tokens)))
+        return TinyFeatures(*(t.to(device) for t in (self.hi, self.mid, self.low, self.tokens)), self.size)
 
     @staticmethod
     def cat(parts: Sequence[TinyFeatures]) -> TinyFeatures:
+        sizes = {p.size for p in parts}
+        if len(sizes) > 1:
+            raise ValueError(f"cannot batch features of images of different sizes {sorted(sizes)}")
         return TinyFeatures(
-            *(torch.cat([getattr(p, k) for p in parts]) for k in ("hi", "mid", "low", "tokens"))
+            *(torch.cat([getattr(p, k) for p in parts]) for k in ("hi", "mid", "low", "tokens")),
+            parts[0].size,
         )
 
     def __len__(self) -> int:
@@ -225,7 +232,8 @@ def images_to_tensor(images: Any, device: torch.device | str = "cpu") -> torch.T
 class TinySa2VA(nn.Module):
     """The tiny Sa2VA-shaped segmenter. ``forward(images, prompts) -> logits [B, H, W]``.
 
-    H and W must be multiples of 4 (the decoder's two upsamplings).
+    Any H x W: images are padded (edge pixels repeated) up to a multiple of 4, the decoder's two
+    upsamplings, and the logits are cropped back to H x W.
     """
 
     def __init__(self, cfg: TinySa2VAConfig | None = None) -> None:
@@ -276,11 +284,12 @@ class TinySa2VA(nn.Module):
         device = next(self.parameters()).device
         x = images_to_tensor(images, device)
         h, w = x.shape[-2:]
-        if h % 4 or w % 4:
-            raise ValueError(f"image size {w}x{h} must be a multiple of 4")
+        pad_h, pad_w = -h % 4, -w % 4
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         hi, mid, low = self.grounding_encoder.sam2_model.image_encoder(x)
         tokens = self.mlp1(self.vision_model(x))
-        return TinyFeatures(hi, mid, low, tokens)
+        return TinyFeatures(hi, mid, low, tokens, (int(h), int(w)))
 
     # ----------------------------------------------------------------------------------- language side
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -323,4 +332,7 @@ class TinySa2VA(nn.Module):
         """-> mask logits [B, H, W] at the image resolution."""
         f = features if features is not None else self.encode(images)
         e = self.seg_embedding(f.tokens, prompts)
-        return self.grounding_encoder.sam2_model.sam_mask_decoder(f.hi, f.mid, f.low, e)
+        logits = self.grounding_encoder.sam2_model.sam_mask_decoder(f.hi, f.mid, f.low, e)
+        if f.size is not None and tuple(logits.shape[-2:]) != f.size:
+            logits = logits[:, : f.size[0], : f.size[1]]
+        return logits

@@ -62,6 +62,23 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth_folder(args: argparse.Namespace) -> int:
+    import shlex
+
+    from envs.folders import layout_spec, write_dataset_folder
+
+    spec = layout_spec(args.layout)
+    n_train, n_test = spec.counts(args.n_train, args.n_test)
+    start = time.perf_counter()
+    out = write_dataset_folder(spec.layout, args.out, n_train=n_train, n_test=n_test, seed=args.seed)
+    print(
+        f"wrote {n_train} train + {n_test} test synthetic {spec.layout} images, {spec.width}x{spec.height} "
+        f"(WxH), to {out} in {time.perf_counter() - start:.1f} s"
+    )
+    print(f"use it with: data.kind={spec.kind} {shlex.quote(f'data.root={out.resolve()}')}")
+    return 0
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
     from raysys.config import save_config
     from raysys.pipeline import run_sft
@@ -302,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=6, help="images in the grid")
     p.add_argument("--out", help="PNG path (default runs/<name>/data_preview.png)")
     p.set_defaults(func=cmd_data_preview)
+    p = dsub.add_parser(
+        "synth-folder", help="write synthetic images as a DRIVE / CHASE_DB1 / STARE folder (real layout)"
+    )
+    p.add_argument("--layout", required=True, help="drive, chase_db1 or stare")
+    p.add_argument("--out", required=True, help="new (or empty) folder to create")
+    p.add_argument("--n-train", type=int, help="training images (default: as many as the real dataset)")
+    p.add_argument("--n-test", type=int, help="test images (default: as many as the real dataset)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.set_defaults(func=cmd_data_synth_folder)
 
     p = sub.add_parser("sft", help="supervised baseline of the tiny policy (Sa2VA loss)")
     p.add_argument("config", nargs="*", help=config_help)

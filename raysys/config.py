@@ -32,6 +32,9 @@ from envs.rewards import RewardConfig as ObjectiveConfig
 from envs.types import DEFAULT_PROMPT
 from policies.config import PolicyConfig, RewardNetConfig, SFTConfig
 
+FOLDER_CROP = 256
+"""Training crop of folder datasets when ``data.crop`` is null (see benchmarks/crop_quality.py)."""
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds an invalid value."""
@@ -88,12 +91,27 @@ class DataConfig:
     seed: int = 0
     """Synthetic data seed; splits use disjoint seed ranges."""
     val_fraction: float = 0.0
-    """For folder datasets without a validation split: fraction of train carved out as ``val``."""
+    """For folder datasets without a validation split: fraction of train carved out as ``val`` (the last
+    images by sorted id; the test split is never touched)."""
     prompt: str = DEFAULT_PROMPT
     """Prompt used when a dataset carries none."""
+    crop: int | None = None
+    """Side of the random square crops that SFT, reward-net data and RL rollouts train on (seeded per image
+    and iteration). null: whole images for synthetic data, 256 for folder datasets (the best Dice per
+    CPU-minute measured in benchmarks/crop_quality.py); 0: always whole images."""
+    crop_min_fov: float = 0.5
+    """A training crop holds at least this fraction of FOV pixels (best of 16 draws otherwise)."""
+    scale: float = 1.0
+    """Images are resampled by this factor for training and inference (e.g. 0.5 for HRF 3504x2336 or
+    FIVES 2048x2048); probabilities are mapped back and every metric is at native resolution."""
 
     def __post_init__(self) -> None:
         _check(self.size >= 64, "data.size", f"{self.size} is too small; use >= 64")
+        _check(
+            self.crop is None or self.crop == 0 or self.crop >= 32, "data.crop", "must be null, 0 or >= 32"
+        )
+        _check(0.0 <= self.crop_min_fov <= 1.0, "data.crop_min_fov", "must be in [0, 1]")
+        _check(0.0 < self.scale <= 4.0 and math.isfinite(self.scale), "data.scale", "must be in (0, 4]")
         for key in ("n_train", "n_val", "n_test"):
             _check(getattr(self, key) >= 0, f"data.{key}", "must be >= 0")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
@@ -103,6 +121,13 @@ class DataConfig:
             "must be null for kind 'synthetic' (set data.kind to a folder dataset to use a root)",
         )
         _check(self.kind == "synthetic" or bool(self.root), "data.root", f"kind '{self.kind}' needs a root")
+
+    @property
+    def train_crop(self) -> int | None:
+        """The crop side in effect (None: whole images)."""
+        if self.crop is None:
+            return None if self.kind == "synthetic" else FOLDER_CROP
+        return self.crop or None
 
 
 @dataclass(frozen=True)
@@ -410,8 +435,19 @@ class EvalConfig:
     """Post-processing: disk radius of the morphological closing (0 disables)."""
     min_size: int = 16
     """Post-processing: components smaller than this many pixels are removed."""
+    window: int | None = None
+    """Side of the sliding windows of full-image inference (validation, eval, reports). null: the training
+    crop (``data.crop``) when crops are on, else whole images; 0: whole images."""
+    window_overlap: float = 0.25
+    """Fraction of a window shared with each neighbour; overlaps are blended with centre-weighted means."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.window is None or self.window == 0 or self.window >= 32,
+            "eval.window",
+            "must be null, 0 or >= 32",
+        )
+        _check(0.0 <= self.window_overlap < 1.0, "eval.window_overlap", "must be in [0, 1)")
         _check(0 < self.threshold < 1, "eval.threshold", "must be in (0, 1)")
         _check(
             all(0 < t < 1 for t in self.thresholds), "eval.thresholds", "every threshold must be in (0, 1)"

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from envs.types import DEFAULT_PROMPT, VesselSample
-from raysys.config import DataConfig
+from envs.windows import crop_box, crop_sample, rescale_sample
+from raysys.config import Config, DataConfig
+
+if TYPE_CHECKING:
+    from policies.evaluation import Inference
 
 
 class _WithPrompt(Sequence[VesselSample]):
@@ -40,3 +47,65 @@ def dataset_for_split(
         kwargs = {"val_fraction": cfg.val_fraction} if cfg.val_fraction > 0 else {}
     samples = load(cfg.kind, cfg.root, split=split, **kwargs)
     return samples if cfg.prompt == DEFAULT_PROMPT else _WithPrompt(samples, cfg.prompt)
+
+
+class TrainView(Sequence[VesselSample]):
+    """The training split as iteration ``iteration`` sees it: whole (rescaled) images, or one seeded crop
+    per image and iteration that holds at least ``data.crop_min_fov`` FOV.
+
+    The rollout actors, the reward actors and the learner each build one from the same config and agree on
+    every crop without sending pixels; SFT draws its crops through the same view.
+    """
+
+    def __init__(self, cfg: DataConfig, samples: Sequence[VesselSample], *, seed: int, cache: int = 32):
+        self.samples, self.seed = samples, int(seed)
+        self.crop, self.scale, self.min_fov = cfg.train_crop, cfg.scale, cfg.crop_min_fov
+        self._scaled: OrderedDict[int, VesselSample] = OrderedDict()
+        self._cache = cache
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def cropped(self) -> bool:
+        return self.crop is not None
+
+    def __getitem__(self, index: int) -> VesselSample:  # type: ignore[override]
+        """The whole image ``index`` at ``data.scale`` (SFT draws its own crops from these)."""
+        return self._base(index)
+
+    def _base(self, index: int) -> VesselSample:
+        if self.scale == 1.0:
+            return self.samples[index]
+        if index in self._scaled:
+            self._scaled.move_to_end(index)
+        else:
+            self._scaled[index] = rescale_sample(self.samples[index], self.scale)
+            if len(self._scaled) > self._cache:
+                self._scaled.popitem(last=False)
+        return self._scaled[index]
+
+    def _box(self, index: int, iteration: int, fov: np.ndarray):
+        rng = np.random.default_rng([self.seed, int(iteration) & 0xFFFFFFFF, int(index), 0xC0])
+        return crop_box(fov, self.crop, rng, min_fov=self.min_fov)
+
+    def get(self, index: int, iteration: int) -> tuple[Hashable, VesselSample]:
+        """(feature-cache key, sample) of image ``index`` at ``iteration`` (the key names the crop)."""
+        base = self._base(index)
+        if self.crop is None:
+            return (index,), base
+        box = self._box(index, iteration, base.fov)
+        return (index, box.y0, box.x0, box.h, box.w), crop_sample(base, box, self.crop)
+
+
+def train_view(cfg: Config, samples: Sequence[VesselSample]) -> TrainView:
+    return TrainView(cfg.data, samples, seed=cfg.run.seed)
+
+
+def inference_for(cfg: Config) -> Inference:
+    """Full-image inference as the config describes: windows of the training crop unless ``eval.window``
+    says otherwise, at ``data.scale``."""
+    from policies.evaluation import Inference
+
+    window = cfg.data.train_crop if cfg.eval.window is None else (cfg.eval.window or None)
+    return Inference(window=window, overlap=cfg.eval.window_overlap, scale=cfg.data.scale)

@@ -18,7 +18,7 @@ from envs.postprocess import postprocess
 from policies.evaluation import evaluate_probs, predict_probs
 from policies.factory import load_policy
 from raysys.config import Config
-from raysys.data import dataset_for_split
+from raysys.data import dataset_for_split, inference_for
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ def evaluate_checkpoint(
     cfg: Config, checkpoint: str | Path | None, out_dir: str | Path, *, split: str = "test"
 ) -> dict[str, Any]:
     """Per-image metrics (``per_image.parquet``), means and a threshold sweep (``metrics.json``), and the
-    probability maps (``probs.npz``, float16) for reports. Scored inside each image's FOV."""
+    probability maps (``probs.npz``, float16, see :func:`load_probs`) for reports. Full images at native
+    resolution (sliding windows and ``data.scale`` as configured), scored inside each image's FOV."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -35,7 +36,7 @@ def evaluate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     policy = load_policy(cfg.policy, checkpoint, seed=cfg.run.seed)
     samples = dataset_for_split(cfg.data, split, load=load_dataset)
-    probs = predict_probs(lambda im, pr: policy.mask_logits(im, pr), samples)
+    probs = predict_probs(lambda im, pr: policy.mask_logits(im, pr), samples, inference_for(cfg))
     ec = cfg.eval
     res = evaluate_probs(probs, samples, threshold=ec.threshold, thresholds=ec.thresholds)
     summary: dict[str, Any] = {
@@ -49,19 +50,13 @@ def evaluate_checkpoint(
     }
     rows = res.per_image
     if ec.postprocess:
-        masks = np.stack(
-            [
-                postprocess(
-                    p,
-                    threshold=ec.threshold,
-                    closing_radius=ec.closing_radius,
-                    min_size=ec.min_size,
-                    fov=s.fov,
-                )
-                for p, s in zip(probs, samples, strict=True)
-            ]
-        )
-        post = evaluate_probs(masks.astype(np.float32), samples, threshold=0.5, thresholds=(0.5,))
+        masks = [
+            postprocess(
+                p, threshold=ec.threshold, closing_radius=ec.closing_radius, min_size=ec.min_size, fov=s.fov
+            ).astype(np.float32)
+            for p, s in zip(probs, samples, strict=True)
+        ]
+        post = evaluate_probs(masks, samples, threshold=0.5, thresholds=(0.5,))
         summary["postprocessed"] = {
             "closing_radius": ec.closing_radius,
             "min_size": ec.min_size,
@@ -73,10 +68,21 @@ def evaluate_checkpoint(
         ]
     pq.write_table(pa.Table.from_pylist(rows), out / "per_image.parquet")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    np.savez_compressed(
-        out / "probs.npz", probs=probs.astype(np.float16), ids=np.array([s.id for s in samples])
-    )
+    save_probs(out / "probs.npz", probs, [s.id for s in samples])
     return summary
+
+
+def save_probs(path: Path, probs: list[np.ndarray], ids: list[str]) -> None:
+    """One float16 array per image (``p0``, ``p1``, ...; sizes may differ) plus ``ids``; no pickles."""
+    arrays = {f"p{i}": p.astype(np.float16) for i, p in enumerate(probs)}
+    np.savez_compressed(path, ids=np.array(ids), **arrays)
+
+
+def load_probs(path: Path) -> tuple[list[np.ndarray], list[str]]:
+    """Probability maps (float32, one per image) and ids written by :func:`save_probs`."""
+    with np.load(path, allow_pickle=False) as data:
+        ids = [str(x) for x in data["ids"]]
+        return [data[f"p{i}"].astype(np.float32) for i in range(len(ids))], ids
 
 
 def export_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:

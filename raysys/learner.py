@@ -24,7 +24,7 @@ from torch import nn
 
 from envs.datasets import load_dataset
 from policies.distributions import pixel_log_probs
-from policies.evaluation import evaluate_probs
+from policies.evaluation import evaluate_probs, predict_probs
 from policies.factory import build_policy
 from policies.losses import (
     entropy_bonus,
@@ -40,8 +40,8 @@ from policies.losses import (
 )
 from raysys.batches import ScoredRollout
 from raysys.config import Config
-from raysys.data import dataset_for_split
-from raysys.rollout import FeatureCache
+from raysys.data import dataset_for_split, inference_for, train_view
+from raysys.rollout import FeatureCache, feature_cache
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class ValueHead(nn.Module):
 @dataclass
 class _Batch:
     indices: list[int]
+    keys: list  # feature-cache keys (image, or image + crop box)
+    samples: list  # VesselSample per row: the image or crop the masks were sampled on
     masks: torch.Tensor  # bool [B,K,H,W]
     rewards: torch.Tensor  # [B,K]
     tile_rewards: torch.Tensor  # [B,K,ty,tx]
@@ -91,14 +93,15 @@ class Learner:
         self.device = torch.device(device)
         self.policy = build_policy(cfg.policy, seed=cfg.run.seed, device=self.device)
         self.forward = self.policy.mask_logits  # replaced by a DDP-wrapped call on multi-worker runs
-        self.samples = dataset_for_split(cfg.data, "train", load=load_dataset)
-        self.features = FeatureCache(self.policy, self.samples)
+        self.train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
+        self.features = feature_cache(self.policy, self.train, cfg.rollout.images_per_iteration)
         self._val: tuple[Sequence, FeatureCache] | None = None
         self._scorer = None  # learned reward net for the validation reward gap, loaded on first use
         self.value_head = None
         params = list(self.policy.trainable_parameters())
         if cfg.learner.algorithm == "ppo":
-            low = self.features.get([0]).low  # value head sizes itself from the frozen features
+            key, first = self.train.get(0, 0)
+            low = self.features.get([key], lambda _: first.image).low  # sized from the frozen features
             self.value_head = ValueHead(low.shape[1]).to(self.device)
             params += list(self.value_head.parameters())
         self.optimizer = torch.optim.Adam(params, lr=cfg.learner.lr)
@@ -141,8 +144,18 @@ class Learner:
                     skipped_learned += 1
                     continue
                 w = rc.learned_weight if learned else 1.0
+                key, sample = self.train.get(s.batch.indices[i], s.batch.iteration)
                 rows.append(
-                    (s.batch.indices[i], masks[i], s.rewards[i], s.tile_rewards[i], s.tile_valid[i], w)
+                    (
+                        s.batch.indices[i],
+                        masks[i],
+                        s.rewards[i],
+                        s.tile_rewards[i],
+                        s.tile_valid[i],
+                        w,
+                        key,
+                        sample,
+                    )
                 )
         counts = {
             "batch/images": float(len(rows)),
@@ -156,11 +169,13 @@ class Learner:
         dev = self.device
         batch = _Batch(
             indices=idx,
+            keys=[r[6] for r in rows],
+            samples=[r[7] for r in rows],
             masks=torch.from_numpy(np.stack([r[1] for r in rows])).to(dev),
             rewards=torch.from_numpy(np.stack([r[2] for r in rows])).float().to(dev),
             tile_rewards=torch.from_numpy(np.stack([r[3] for r in rows])).float().to(dev),
             tile_valid=torch.from_numpy(np.stack([r[4] for r in rows])).to(dev),
-            fov=torch.from_numpy(np.stack([self.samples[i].fov for i in idx])).to(dev),
+            fov=torch.from_numpy(np.stack([r[7].fov for r in rows])).to(dev),
             weight=torch.tensor([r[5] for r in rows], dtype=torch.float32, device=dev),
         )
         return batch, counts
@@ -197,8 +212,7 @@ class Learner:
         return adv * b.weight[:, None, None, None]
 
     def _logits(self, b: _Batch, feats, rows: torch.Tensor | slice, *, forward=None) -> torch.Tensor:
-        idx = b.indices[rows] if isinstance(rows, slice) else [b.indices[i] for i in rows.tolist()]
-        samples = [self.samples[i] for i in idx]
+        samples = b.samples[rows] if isinstance(rows, slice) else [b.samples[i] for i in rows.tolist()]
         sub = feats.index(rows)
         fn = forward or self.forward
         with self._autocast():
@@ -223,7 +237,8 @@ class Learner:
             log.warning("iteration %d: no valid on-policy images; update skipped", iteration)
             metrics["update/skipped"] = 1.0
             return metrics
-        feats = self.features.get(b.indices).to(self.device)
+        by_key = dict(zip(b.keys, b.samples, strict=True))
+        feats = self.features.get(b.keys, lambda key: by_key[key].image).to(self.device)
         n = len(b.indices)
         # 3. old log-probs (the rollout policy = current weights) and reference logits, no grad.
         with torch.no_grad():
@@ -375,17 +390,15 @@ class Learner:
         """Greedy masks on the validation split: metrics at eval.threshold plus a threshold sweep."""
         if self._val is None:
             val = dataset_for_split(self.cfg.data, "val", load=load_dataset)
-            self._val = (val, FeatureCache(self.policy, val))
+            self._val = (val, FeatureCache(self.policy))  # windows are fixed: cached for every validation
         val, cache = self._val
-        probs = []
-        for i in range(0, len(val), 8):
-            idx = list(range(i, min(i + 8, len(val))))
-            feats = cache.get(idx).to(self.device)
-            logits = self.policy.mask_logits(
-                np.stack([val[j].image for j in idx]), [val[j].prompt for j in idx], features=feats
-            )
-            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-        probs = np.concatenate(probs)
+
+        def logits(images: np.ndarray, prompts: list[str], keys: list) -> torch.Tensor:
+            by_key = dict(zip(keys, images, strict=True))
+            feats = cache.get(keys, by_key.__getitem__).to(self.device)
+            return self.policy.mask_logits(images, prompts, features=feats)
+
+        probs = predict_probs(logits, val, inference_for(self.cfg), keyed=True)
         res = evaluate_probs(
             probs, val, threshold=self.cfg.eval.threshold, thresholds=self.cfg.eval.thresholds
         )
@@ -395,7 +408,7 @@ class Learner:
         for t, d in zip(res.sweep["thresholds"], res.sweep["dice"], strict=True):
             out[f"val/dice@{t:g}"] = float(d)
         if self.cfg.reward.reward_net:
-            out.update(self._reward_gap(val, probs >= self.cfg.eval.threshold, res))
+            out.update(self._reward_gap(val, [p >= self.cfg.eval.threshold for p in probs], res))
         return out
 
     def improved(self, val_metrics: dict[str, float]) -> bool:
@@ -476,8 +489,11 @@ def _kl_rows(logits: torch.Tensor, old: torch.Tensor, temperature: float) -> tor
 
 
 def _index(b: _Batch, rows: torch.Tensor) -> _Batch:
+    picked = rows.tolist()
     return _Batch(
-        indices=[b.indices[i] for i in rows.tolist()],
+        indices=[b.indices[i] for i in picked],
+        keys=[b.keys[i] for i in picked],
+        samples=[b.samples[i] for i in picked],
         masks=b.masks[rows],
         rewards=b.rewards[rows],
         tile_rewards=b.tile_rewards[rows],

@@ -171,7 +171,14 @@ def _data(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
         counts[split] = len(samples)
         if split == "train":
             preview_grid([samples[i] for i in range(min(4, len(samples)))], out / "preview.png")
-    summary = {"kind": cfg.data.kind, "size": cfg.data.size, "counts": counts}
+    summary = {
+        "kind": cfg.data.kind,
+        "root": cfg.data.root,
+        "counts": counts,
+        "image_size_hw": list(samples[0].mask.shape) if cfg.data.kind != "synthetic" else [cfg.data.size] * 2,
+        "train_crop": cfg.data.train_crop,
+        "scale": cfg.data.scale,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -183,13 +190,14 @@ def run_sft(cfg: Config, out: Path):
     from envs.datasets import load_dataset
     from policies.sft import train_sft
     from policies.tiny import TinySa2VA
-    from raysys.data import dataset_for_split
+    from raysys.data import dataset_for_split, inference_for, train_view
 
-    train = list(dataset_for_split(cfg.data, "train", load=load_dataset))
-    val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
+    train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
+    val = dataset_for_split(cfg.data, "val", load=load_dataset)
     torch.manual_seed(cfg.run.seed)
     return train_sft(
         TinySa2VA(), train, val, cfg.sft, out_dir=out, seed=cfg.run.seed, threshold=cfg.eval.threshold,
+        crop=cfg.data.train_crop, crop_min_fov=cfg.data.crop_min_fov, inference=inference_for(cfg),
         progress=True,
     )  # fmt: skip
 
@@ -213,21 +221,38 @@ def policy_mask_fn(checkpoint: str | Path):
     return masks
 
 
-def run_reward_net(cfg: Config, out: Path, *, policy_checkpoint: str | Path | None = None):
-    """Train the learned reward net on synthetic images (plus SFT policy masks when given); `raysys
-    reward-net`."""
-    from envs.rewards import MultiObjectiveReward
+def reward_net_images(cfg: Config, split: str, n: int) -> list:
+    """Labelled images the reward net learns from: ``n`` synthetic images of ``split``, or for folder data
+    ``n`` training-view pieces of the split (crops or whole rescaled images, cycling through the images
+    with a new crop each round), so the net sees what RL rollouts score."""
+    from envs.datasets import load_dataset
     from envs.synthetic import SyntheticFundus
+    from raysys.data import dataset_for_split, train_view
+
+    if cfg.data.kind == "synthetic":
+        return list(SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed))
+    view = train_view(cfg, dataset_for_split(cfg.data, split, load=load_dataset))
+    pieces = [view.get(j % len(view), j // len(view))[1] for j in range(n)]
+    unlabelled = [p.id for p in pieces if not p.has_mask]
+    if unlabelled:
+        raise ValueError(
+            f"the reward net needs labelled images; {split} image {unlabelled[0]} of {cfg.data.root} has no mask"
+        )
+    return pieces
+
+
+def run_reward_net(cfg: Config, out: Path, *, policy_checkpoint: str | Path | None = None):
+    """Train the learned reward net on labelled images of the configured data (plus SFT policy masks when
+    given); `raysys reward-net`."""
+    from envs.rewards import MultiObjectiveReward
     from policies.reward_net import build_reward_dataset, train_reward_net
 
-    if cfg.data.kind != "synthetic":
-        raise ValueError("the reward net trains on synthetic images (data.kind: synthetic)")
     rn = cfg.reward_net
     reward_fn = MultiObjectiveReward(cfg.reward) if rn.target == "reward" else None
     masks = policy_mask_fn(policy_checkpoint) if policy_checkpoint else None
     datasets = [
         build_reward_dataset(
-            list(SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed)),
+            reward_net_images(cfg, split, n),
             masks_per_image=rn.masks_per_image, seed=cfg.run.seed + k, target=rn.target, reward_fn=reward_fn,
             policy_masks=masks,
         )

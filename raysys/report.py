@@ -56,7 +56,9 @@ def _overlays(cfg: Config, eval_dir: Path, path: Path, n: int = 3) -> None:
 
     plt = _pyplot()
     test = dataset_for_split(cfg.data, "test", load=load_dataset)
-    probs = {k: np.load(eval_dir / k / "probs.npz")["probs"].astype(np.float32) for k in ("sft", "rl")}
+    from raysys.evaluate import load_probs
+
+    probs = {k: load_probs(eval_dir / k / "probs.npz")[0] for k in ("sft", "rl")}
     n = min(n, len(test))
     fig, axes = plt.subplots(n, 3, figsize=(9.6, 3.3 * n), squeeze=False)
     t = cfg.eval.threshold

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ from envs.datasets import load_dataset
 from envs.rewards import MultiObjectiveReward
 from raysys.batches import RolloutBatch, ScoredRollout
 from raysys.config import Config
-from raysys.data import dataset_for_split
+from raysys.data import dataset_for_split, train_view
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,8 @@ class RewardWorker:
         self.cfg = cfg
         self.reward = MultiObjectiveReward(cfg.reward)
         self.tile = cfg.reward.tile_sizes[0]
-        self.samples = dataset_for_split(cfg.data, "train", load=load_dataset)
-        self._targets: dict[int, object] = {}
+        self.train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
+        self._targets: OrderedDict[object, object] = OrderedDict()  # GT skeletons etc. per image or crop
         self.scorer = None
         if cfg.reward.source != "gt":
             from policies.reward_net import RewardNetScorer
@@ -39,16 +40,17 @@ class RewardWorker:
 
         return placement()
 
-    def _target(self, index: int):
-        if index not in self._targets:
-            s = self.samples[index]
-            self._targets[index] = self.reward.prepare_target(s.mask, s.fov)
-        return self._targets[index]
+    def _target(self, key, sample):
+        if key not in self._targets:
+            self._targets[key] = self.reward.prepare_target(sample.mask, sample.fov)
+            if self.train.cropped and len(self._targets) > 4 * self.cfg.rollout.images_per_iteration:
+                self._targets.popitem(last=False)  # crops change every iteration
+        return self._targets[key]
 
-    def _source(self, index: int) -> str:
+    def _source(self, sample) -> str:
         src = self.cfg.reward.source
         if src == "auto":
-            return "gt" if self.samples[index].has_mask else "learned"
+            return "gt" if sample.has_mask else "learned"
         return src
 
     def score(self, batch: RolloutBatch) -> ScoredRollout:
@@ -63,10 +65,13 @@ class RewardWorker:
         comps: dict[str, np.ndarray] = {}
         sources, valid, errors = [], np.zeros(b, bool), []
         for i, index in enumerate(batch.indices):
-            source = self._source(index)
+            key, sample = self.train.get(index, batch.iteration)
+            source = self._source(sample)
             sources.append(source)
             try:
-                row = self._score_image(index, masks[i], source)
+                if masks.shape[-2:] != sample.mask.shape:
+                    raise ValueError(f"masks are {masks.shape[-2:]} but the image is {sample.mask.shape}")
+                row = self._score_image(key, sample, masks[i], source)
             except (ValueError, FloatingPointError) as exc:  # NaN guards and malformed masks
                 errors.append(f"{batch.ids[i]}: {exc}")
                 continue
@@ -93,13 +98,12 @@ class RewardWorker:
             seconds=time.perf_counter() - t0,
         )
 
-    def _score_image(self, index: int, masks: np.ndarray, source: str):
-        s = self.samples[index]
+    def _score_image(self, key, s, masks: np.ndarray, source: str):
         if source == "gt" and not s.has_mask:
             raise ValueError("no ground-truth mask for a GT reward (use reward.source=auto or learned)")
         comps: dict[str, np.ndarray] = {}
         if s.has_mask:  # GT metrics are logged whenever GT exists (learned-vs-GT gap)
-            target = self._target(index)
+            target = self._target(key, s)
             results = [self.reward.score(m, target) for m in masks]
             gt_total = np.array([r.total for r in results], np.float32)
             for name in results[0].components:
@@ -112,16 +116,17 @@ class RewardWorker:
         tiled = self.reward.score_tiles(masks, target, tile=self.tile)
         return gt_total, tiled.total, tiled.valid, comps
 
-    def score_masks(self, indices: Sequence[int], masks: np.ndarray) -> ScoredRollout:
-        """Score masks [B, K, H, W] that did not come from a rollout worker (benchmarks, tests)."""
+    def score_masks(self, indices: Sequence[int], masks: np.ndarray, *, iteration: int = 0) -> ScoredRollout:
+        """Score masks [B, K, H, W] that did not come from a rollout worker (benchmarks, tests); with crops,
+        they are masks of the crops of ``iteration``."""
         from policies.distributions import pack_masks
 
         batch = RolloutBatch(
             indices=list(indices),
-            ids=[self.samples[i].id for i in indices],
+            ids=[self.train.get(i, iteration)[1].id for i in indices],
             masks=pack_masks(masks),
             version=-1,
-            iteration=-1,
+            iteration=iteration,
             temperature=1.0,
         )
         return self.score(batch)

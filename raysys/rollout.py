@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from policies.distributions import pack_masks
 from policies.factory import build_policy
 from raysys.batches import RolloutBatch
 from raysys.config import Config
-from raysys.data import dataset_for_split
+from raysys.data import TrainView, dataset_for_split, train_view
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +35,36 @@ def pick_device(gpus: float) -> torch.device:
 
 
 class FeatureCache:
-    """Frozen features per dataset index, computed once and reused across iterations and K samples."""
+    """Frozen features per key (an image, or one crop or window of it), computed once and reused across K
+    samples, epochs and, for whole images, iterations. ``max_items`` bounds it when keys change every
+    iteration (training crops)."""
 
-    def __init__(self, policy, samples: Sequence, *, batch_size: int = 8) -> None:
-        self.policy, self.samples, self.batch_size = policy, samples, batch_size
-        self._cache: dict[int, object] = {}
+    def __init__(self, policy, *, batch_size: int = 8, max_items: int | None = None) -> None:
+        self.policy, self.batch_size, self.max_items = policy, batch_size, max_items
+        self._cache: OrderedDict[Hashable, object] = OrderedDict()
 
-    def get(self, indices: Sequence[int]):
-        missing = [i for i in dict.fromkeys(indices) if i not in self._cache]
+    def get(self, keys: Sequence[Hashable], image_of: Callable[[Hashable], np.ndarray]):
+        """Features of ``keys`` concatenated in order; ``image_of(key)`` gives the uint8 image of a miss."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
-            feats = self.policy.frozen_features(np.stack([self.samples[i].image for i in chunk]))
-            for j, i in enumerate(chunk):
-                self._cache[i] = feats.index(slice(j, j + 1))
-        first = self._cache[indices[0]]
-        return type(first).cat([self._cache[i] for i in indices])
+            feats = self.policy.frozen_features(np.stack([image_of(k) for k in chunk]))
+            for j, k in enumerate(chunk):
+                self._cache[k] = feats.index(slice(j, j + 1))
+        out = [self._cache[k] for k in keys]
+        for k in keys:
+            self._cache.move_to_end(k)
+        while self.max_items is not None and len(self._cache) > max(self.max_items, len(set(keys))):
+            self._cache.popitem(last=False)
+        return type(out[0]).cat(out)
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+def feature_cache(policy, view: TrainView, images_per_iteration: int) -> FeatureCache:
+    """Unbounded for whole images (reused every iteration); two iterations' worth for crops."""
+    return FeatureCache(policy, max_items=2 * images_per_iteration if view.cropped else None)
 
 
 class RolloutWorker:
@@ -62,8 +75,8 @@ class RolloutWorker:
         self.index = worker_index
         self.device = pick_device(cfg.rollout.gpus_per_worker)
         self.policy = build_policy(cfg.policy, seed=cfg.run.seed, device=self.device)
-        self.samples = dataset_for_split(cfg.data, "train", load=load_dataset)
-        self.features = FeatureCache(self.policy, self.samples)
+        self.train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
+        self.features = feature_cache(self.policy, self.train, cfg.rollout.images_per_iteration)
         self.version = 0
 
     def ready(self) -> dict[str, object]:
@@ -79,12 +92,14 @@ class RolloutWorker:
 
     @torch.no_grad()
     def sample(self, indices: Sequence[int], *, iteration: int) -> RolloutBatch:
-        """K masks per image [B, K, H, W], sampled from Bernoulli(sigmoid(z / T)) inside the FOV."""
+        """K masks per image [B, K, H, W] (H x W: the training crop or the whole image), sampled from
+        Bernoulli(sigmoid(z / T)) inside the FOV."""
         t0 = time.perf_counter()
         k, temperature = self.cfg.rollout.samples_per_image, self.cfg.rollout.temperature
         indices = [int(i) for i in indices]
-        samples = [self.samples[i] for i in indices]
-        feats = self.features.get(indices)
+        keys, samples = zip(*(self.train.get(i, iteration) for i in indices), strict=True)
+        by_key = dict(zip(keys, samples, strict=True))
+        feats = self.features.get(keys, lambda key: by_key[key].image)
         logits = self.policy.mask_logits(
             np.stack([s.image for s in samples]), [s.prompt for s in samples], features=feats
         ).float()

@@ -505,6 +505,7 @@ def _prompt_seed(cfg: Config, splits, tables, seed: int, out: Path) -> dict[str,
 # ------------------------------------------------------------------------------------------- postproc-rl
 def _probability_maps(cfg: Config, splits) -> dict[str, dict[str, np.ndarray]]:
     from policies.evaluation import predict_probs
+    from raysys.data import inference_for
 
     if cfg.policy.kind == "tiny" and not cfg.policy.checkpoint:
         raise ConfigError(
@@ -514,7 +515,11 @@ def _probability_maps(cfg: Config, splits) -> dict[str, dict[str, np.ndarray]]:
     policy = _segmenter(cfg, None)
     return {
         split: dict(
-            zip([s.id for s in v], predict_probs(lambda im, pr: policy.mask_logits(im, pr), v), strict=True)
+            zip(
+                [s.id for s in v],
+                predict_probs(lambda im, pr: policy.mask_logits(im, pr), v, inference_for(cfg)),
+                strict=True,
+            )
         )
         for split, v in splits.items()
     }

@@ -138,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if world > 1:  # no rank samples before rank 0 has pushed the loaded weights
             torch.distributed.barrier()
         log.info("resumed at iteration %d (policy version %d)", start, learner.version)
-    n_train = len(learner.samples)
+    n_train = len(learner.train)
     for it in range(start, cfg.learner.iterations):
         t_iter = time.perf_counter()
         last = it + 1 == cfg.learner.iterations

@@ -15,6 +15,7 @@ from policies.checkpoint import load_base_model, save_base_model, save_trainable
 from policies.config import PolicyConfig
 from policies.factory import load_policy
 from policies.tiny import TinySa2VA
+from raysys.evaluate import load_probs
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -49,8 +50,8 @@ def test_eval_writes_per_image_parquet_summary_and_probs(checkpoints, tmp_path) 
     )
     assert len(summary["sweep"]["dice"]) == len(summary["sweep"]["thresholds"])
     assert "postprocessed" in summary
-    probs = np.load(tmp_path / "ev" / "probs.npz")["probs"]
-    assert probs.shape == (3, 64, 64) and probs.min() >= 0 and probs.max() <= 1
+    probs, ids = load_probs(tmp_path / "ev" / "probs.npz")
+    assert len(ids) == 3 and all(p.shape == (64, 64) and p.min() >= 0 and p.max() <= 1 for p in probs)
 
 
 def test_export_round_trips_adapter_and_merged_model(checkpoints, tmp_path) -> None:
