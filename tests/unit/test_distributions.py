@@ -117,7 +117,7 @@ def test_kl_non_negative_on_random_logits_and_grads_vanish_at_reference() -> Non
     torch.testing.assert_close(kl_bernoulli(z, zr), ref, atol=1e-5, rtol=1e-4)
     zz = zr.clone().requires_grad_(True)
     kl_bernoulli(zz, zr).sum().backward()
-    assert zz.grad.abs().max() < 1e-6
+    assert torch.equal(zz.grad, torch.zeros_like(zz.grad))  # exactly: float noise here becomes Adam steps
 
 
 def test_stable_at_large_logits() -> None:

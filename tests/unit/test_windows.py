@@ -1,0 +1,157 @@
+"""Training crops, rescaling, sliding windows and full-image inference at any image size."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from envs.synthetic import generate_fundus
+from envs.types import VesselSample
+from envs.windows import (
+    Box,
+    crop_box,
+    crop_sample,
+    rescale_probs,
+    rescale_sample,
+    stitch,
+    window_boxes,
+)
+from policies.evaluation import Inference, predict_probs
+from raysys.config import load_config
+from raysys.data import TrainView
+
+
+def _sample(h: int = 150, w: int = 131) -> VesselSample:
+    s = generate_fundus(3, max(h, w))
+    return crop_sample(s, Box(0, 0, h, w))
+
+
+def test_crop_box_holds_enough_fov_and_is_seeded() -> None:
+    fov = np.zeros((300, 300), bool)
+    fov[100:300, 100:300] = True
+    boxes = [crop_box(fov, 100, np.random.default_rng(i), min_fov=0.9) for i in range(20)]
+    assert all(fov[b.slices].mean() >= 0.9 and (b.h, b.w) == (100, 100) for b in boxes)
+    again = crop_box(fov, 100, np.random.default_rng(7), min_fov=0.9)
+    assert again == boxes[7]
+    # No position satisfies the bar: the draw with the most FOV comes back instead of an error.
+    corner = np.zeros((300, 300), bool)
+    corner[:120, :120] = True
+    fracs = [
+        corner[crop_box(corner, 100, np.random.default_rng(1), min_fov=1.1, tries=k).slices].mean()
+        for k in (1, 4, 16, 64)
+    ]
+    assert fracs == sorted(fracs) and fracs[-1] > fracs[0]
+
+
+def test_crop_sample_pads_small_images_to_the_crop() -> None:
+    s = _sample(50, 70)
+    c = crop_sample(s, Box(0, 0, 50, 64), size=64)
+    assert c.image.shape == (64, 64, 3) and c.mask.shape == (64, 64)
+    assert not c.fov[50:].any() and not c.mask[50:].any() and (c.image[50:] == 0).all()
+    assert np.array_equal(c.mask[:50], s.mask[:, :64]) and c.id == f"{s.id}@0,0"
+
+
+def test_window_boxes_cover_every_pixel_with_the_overlap() -> None:
+    boxes = window_boxes(584, 565, 256, overlap=0.25)
+    cover = np.zeros((584, 565), int)
+    for b in boxes:
+        cover[b.slices] += 1
+        assert (b.h, b.w) == (256, 256)
+    assert cover.min() >= 1
+    ys = sorted({b.y0 for b in boxes})
+    assert all(b - a <= 256 - 64 for a, b in itertools.pairwise(ys))  # >= 25% shared
+    assert window_boxes(100, 80, 256) == [Box(0, 0, 100, 80)]  # smaller than a window: one window
+    fov = np.zeros((584, 565), bool)
+    fov[:100, :100] = True
+    assert all(fov[b.slices].any() for b in window_boxes(584, 565, 128, fov=fov))
+    with pytest.raises(ValueError, match="overlap"):
+        window_boxes(10, 10, 4, overlap=1.0)
+
+
+def test_stitching_a_constant_gives_the_constant_everywhere() -> None:
+    boxes = window_boxes(97, 203, 64, overlap=0.5)
+    out = stitch([np.full((b.h, b.w), 0.3, np.float32) for b in boxes], boxes, 97, 203)
+    np.testing.assert_allclose(out, 0.3, rtol=1e-5)
+
+
+def test_rescale_keeps_shapes_and_maps_probabilities_back() -> None:
+    s = _sample(150, 131)
+    half = rescale_sample(s, 0.5)
+    assert half.image.shape == (75, 66, 3) and half.mask.shape == (75, 66) and half.fov.shape == (75, 66)
+    # Vessels keep roughly their share of the image (1-px capillaries fall under the 0.5 area threshold).
+    assert 0.6 * s.mask.mean() < half.mask.mean() < 1.2 * s.mask.mean()
+    assert rescale_sample(s, 1.0) is s
+    assert rescale_probs(np.ones((75, 66), np.float32), 150, 131).shape == (150, 131)
+
+
+def _pixelwise(images: np.ndarray, prompts: list[str]) -> torch.Tensor:
+    """A 'model' whose logit depends on each pixel alone: windows must reproduce it exactly."""
+    return torch.from_numpy(images[..., 1].astype(np.float32) / 32.0 - 4.0)
+
+
+@pytest.mark.parametrize("window", [None, 48, 64])
+def test_windowed_inference_equals_whole_image_for_a_pixelwise_model(window) -> None:
+    samples = [_sample(150, 131), _sample(99, 77)]
+    whole = predict_probs(_pixelwise, samples)
+    windowed = predict_probs(_pixelwise, samples, Inference(window=window, overlap=0.25, batch_size=3))
+    for s, a, b in zip(samples, whole, windowed, strict=True):
+        assert b.shape == s.mask.shape
+        np.testing.assert_allclose(a, b, atol=1e-6)
+        assert (b[~s.fov] == 0).all()
+
+
+def test_keyed_inference_passes_stable_window_keys() -> None:
+    seen: list[tuple] = []
+
+    def fn(images, prompts, keys):
+        seen.extend(keys)
+        return _pixelwise(images, prompts)
+
+    samples = [_sample(150, 131)]
+    predict_probs(fn, samples, Inference(window=64), keyed=True)
+    first = list(seen)
+    predict_probs(fn, samples, Inference(window=64), keyed=True)
+    assert seen[len(first) :] == first and len(set(first)) == len(first)
+
+
+def test_scaled_inference_reports_at_native_resolution() -> None:
+    s = _sample(150, 131)
+    probs = predict_probs(_pixelwise, [s], Inference(scale=0.5))[0]
+    assert probs.shape == (150, 131)
+    whole = predict_probs(_pixelwise, [s])[0]
+    inside = s.fov & np.roll(s.fov, 2, 0) & np.roll(s.fov, -2, 1)
+    assert np.abs(probs - whole)[inside].mean() < 0.05
+
+
+def test_train_view_crops_agree_across_views_and_change_per_iteration() -> None:
+    cfg = load_config(None, ["data.kind=drive", "data.root=x", "data.crop=64", "run.seed=3"])
+    samples = [_sample(150, 131), _sample(120, 140)]
+    a, b = TrainView(cfg.data, samples, seed=3), TrainView(cfg.data, samples, seed=3)
+    key_a, crop_a = a.get(1, 5)
+    key_b, crop_b = b.get(1, 5)
+    assert key_a == key_b and np.array_equal(crop_a.image, crop_b.image)
+    assert crop_a.image.shape == (64, 64, 3) and crop_a.fov.mean() >= 0.5
+    assert len({a.get(1, it)[0] for it in range(10)}) > 1
+    whole = TrainView(load_config(None, ["data.crop=0"]).data, samples, seed=3)
+    assert whole.get(0, 5) == ((0,), samples[0]) and not whole.cropped
+    assert load_config(None, ["data.kind=drive", "data.root=x"]).data.train_crop == 256
+    assert load_config(None, []).data.train_crop is None  # synthetic: whole images
+
+
+@pytest.mark.parametrize("size", [(67, 93), (130, 128), (101, 101)])
+def test_tiny_policy_returns_logits_at_any_image_size(size) -> None:
+    from policies.tiny import TinySa2VA
+
+    torch.manual_seed(0)
+    model = TinySa2VA().eval()
+    h, w = size
+    images = np.random.default_rng(0).integers(0, 255, (2, h, w, 3), dtype=np.uint8)
+    with torch.no_grad():
+        logits = model(images, ["vessels", "vessels"])
+        feats = model.encode(images)
+        again = model(images, ["vessels", "vessels"], features=feats)
+    assert logits.shape == (2, h, w) and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, again)
