@@ -98,7 +98,8 @@ class DataConfig:
     crop: int | None = None
     """Side of the random square crops that SFT, reward-net data and RL rollouts train on (seeded per image
     and iteration). null: whole images for synthetic data, 256 for folder datasets (the best Dice per
-    CPU-minute measured in benchmarks/crop_quality.py); 0: always whole images."""
+    CPU-minute measured in benchmarks/crop_quality.py) with the tiny policy; whole images for a real Sa2VA
+    checkpoint (trained on whole images); 0: always whole images."""
     crop_min_fov: float = 0.5
     """A training crop holds at least this fraction of FOV pixels (best of 16 draws otherwise)."""
     scale: float = 1.0
@@ -121,13 +122,6 @@ class DataConfig:
             "must be null for kind 'synthetic' (set data.kind to a folder dataset to use a root)",
         )
         _check(self.kind == "synthetic" or bool(self.root), "data.root", f"kind '{self.kind}' needs a root")
-
-    @property
-    def train_crop(self) -> int | None:
-        """The crop side in effect (None: whole images)."""
-        if self.crop is None:
-            return None if self.kind == "synthetic" else FOLDER_CROP
-        return self.crop or None
 
 
 @dataclass(frozen=True)
@@ -472,6 +466,16 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward_net: RewardNetConfig = field(default_factory=RewardNetConfig)
     rllib: RLlibConfig = field(default_factory=RLlibConfig)
+
+    @property
+    def train_crop(self) -> int | None:
+        """The training crop in effect (None: whole images): ``data.crop``, or when null 256 for the tiny policy
+        on folder data and whole images for synthetic data and real Sa2VA checkpoints (which resize every
+        input to 1024 px and were trained on whole images)."""
+        if self.data.crop is None:
+            tiny_on_folder = self.data.kind != "synthetic" and self.policy.kind == "tiny"
+            return FOLDER_CROP if tiny_on_folder else None
+        return self.data.crop or None
 
     @property
     def run_dir(self) -> Path:

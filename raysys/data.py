@@ -57,9 +57,17 @@ class TrainView(Sequence[VesselSample]):
     every crop without sending pixels; SFT draws its crops through the same view.
     """
 
-    def __init__(self, cfg: DataConfig, samples: Sequence[VesselSample], *, seed: int, cache: int = 32):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        samples: Sequence[VesselSample],
+        *,
+        crop: int | None,
+        seed: int,
+        cache: int = 32,
+    ) -> None:
         self.samples, self.seed = samples, int(seed)
-        self.crop, self.scale, self.min_fov = cfg.train_crop, cfg.scale, cfg.crop_min_fov
+        self.crop, self.scale, self.min_fov = crop, cfg.scale, cfg.crop_min_fov
         self._scaled: OrderedDict[int, VesselSample] = OrderedDict()
         self._cache = cache
 
@@ -99,7 +107,7 @@ class TrainView(Sequence[VesselSample]):
 
 
 def train_view(cfg: Config, samples: Sequence[VesselSample]) -> TrainView:
-    return TrainView(cfg.data, samples, seed=cfg.run.seed)
+    return TrainView(cfg.data, samples, crop=cfg.train_crop, seed=cfg.run.seed)
 
 
 def inference_for(cfg: Config) -> Inference:
@@ -107,5 +115,5 @@ def inference_for(cfg: Config) -> Inference:
     says otherwise, at ``data.scale``."""
     from policies.evaluation import Inference
 
-    window = cfg.data.train_crop if cfg.eval.window is None else (cfg.eval.window or None)
+    window = cfg.train_crop if cfg.eval.window is None else (cfg.eval.window or None)
     return Inference(window=window, overlap=cfg.eval.window_overlap, scale=cfg.data.scale)

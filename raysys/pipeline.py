@@ -176,7 +176,7 @@ def _data(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
         "root": cfg.data.root,
         "counts": counts,
         "image_size_hw": list(samples[0].mask.shape) if cfg.data.kind != "synthetic" else [cfg.data.size] * 2,
-        "train_crop": cfg.data.train_crop,
+        "train_crop": cfg.train_crop,
         "scale": cfg.data.scale,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -197,7 +197,7 @@ def run_sft(cfg: Config, out: Path):
     torch.manual_seed(cfg.run.seed)
     return train_sft(
         TinySa2VA(), train, val, cfg.sft, out_dir=out, seed=cfg.run.seed, threshold=cfg.eval.threshold,
-        crop=cfg.data.train_crop, crop_min_fov=cfg.data.crop_min_fov, inference=inference_for(cfg),
+        crop=cfg.train_crop, crop_min_fov=cfg.data.crop_min_fov, inference=inference_for(cfg),
         progress=True,
     )  # fmt: skip
 

@@ -129,16 +129,20 @@ def test_scaled_inference_reports_at_native_resolution() -> None:
 def test_train_view_crops_agree_across_views_and_change_per_iteration() -> None:
     cfg = load_config(None, ["data.kind=drive", "data.root=x", "data.crop=64", "run.seed=3"])
     samples = [_sample(150, 131), _sample(120, 140)]
-    a, b = TrainView(cfg.data, samples, seed=3), TrainView(cfg.data, samples, seed=3)
+    a, b = TrainView(cfg.data, samples, crop=64, seed=3), TrainView(cfg.data, samples, crop=64, seed=3)
     key_a, crop_a = a.get(1, 5)
     key_b, crop_b = b.get(1, 5)
     assert key_a == key_b and np.array_equal(crop_a.image, crop_b.image)
     assert crop_a.image.shape == (64, 64, 3) and crop_a.fov.mean() >= 0.5
     assert len({a.get(1, it)[0] for it in range(10)}) > 1
-    whole = TrainView(load_config(None, ["data.crop=0"]).data, samples, seed=3)
+    whole = TrainView(cfg.data, samples, crop=None, seed=3)
     assert whole.get(0, 5) == ((0,), samples[0]) and not whole.cropped
-    assert load_config(None, ["data.kind=drive", "data.root=x"]).data.train_crop == 256
-    assert load_config(None, []).data.train_crop is None  # synthetic: whole images
+    folder = ["data.kind=drive", "data.root=x"]
+    assert load_config(None, folder).train_crop == 256
+    assert load_config(None, [*folder, "data.crop=0"]).train_crop is None
+    assert load_config(None, []).train_crop is None  # synthetic: whole images
+    sa2va = [*folder, "policy.kind=sa2va", "policy.checkpoint=x"]
+    assert load_config(None, sa2va).train_crop is None  # Sa2VA sees whole images, as it was trained
 
 
 @pytest.mark.parametrize("size", [(67, 93), (130, 128), (101, 101)])
