@@ -32,7 +32,7 @@ from envs.rewards import RewardConfig as ObjectiveConfig
 from envs.types import DEFAULT_PROMPT
 from policies.config import PolicyConfig, RewardNetConfig, SFTConfig
 
-FOLDER_CROP = 256
+FOLDER_CROP = 128
 """Training crop of folder datasets when ``data.crop`` is null (see benchmarks/crop_quality.py)."""
 
 
@@ -97,7 +97,7 @@ class DataConfig:
     """Prompt used when a dataset carries none."""
     crop: int | None = None
     """Side of the random square crops that SFT, reward-net data and RL rollouts train on (seeded per image
-    and iteration). null: whole images for synthetic data, 256 for folder datasets (the best Dice per
+    and iteration). null: whole images for synthetic data, 128 for folder datasets (the best Dice per
     CPU-minute measured in benchmarks/crop_quality.py) with the tiny policy; whole images for a real Sa2VA
     checkpoint (trained on whole images); 0: always whole images."""
     crop_min_fov: float = 0.5
@@ -469,7 +469,7 @@ class Config:
 
     @property
     def train_crop(self) -> int | None:
-        """The training crop in effect (None: whole images): ``data.crop``, or when null 256 for the tiny policy
+        """The training crop in effect (None: whole images): ``data.crop``, or when null 128 for the tiny policy
         on folder data and whole images for synthetic data and real Sa2VA checkpoints (which resize every
         input to 1024 px and were trained on whole images)."""
         if self.data.crop is None:

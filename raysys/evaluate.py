@@ -103,6 +103,7 @@ def export_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path) 
         return result
     samples = dataset_for_split(cfg.data, "val", load=load_dataset)
     probe = [samples[i] for i in range(min(2, len(samples)))]
+    probe = [s for s in probe if s.mask.shape == probe[0].mask.shape]  # one batch: one size
     images, prompts = np.stack([s.image for s in probe]), [s.prompt for s in probe]
     with torch.no_grad():
         expected = policy.mask_logits(images, prompts)

@@ -69,16 +69,12 @@ def test_whole_pipeline_on_a_drive_folder(folders, tmp_path) -> None:
 def test_train_and_eval_on_a_chase_folder(folders, tmp_path) -> None:
     _, chase = folders
     data = ["data.kind=chase_db1", f"data.root={chase}", "data.val_fraction=0.34"]
-    sft = _run("sft", f"run.output_dir={tmp_path}", "run.name=chase", *data, *FAST, "sft.steps=2",
-               "sft.eval_every=2", "sft.batch_size=2")  # fmt: skip
-    assert sft.returncode == 0, sft.stderr[-3000:]
-    model = tmp_path / "chase" / "sft" / "model"
     train = _run("train", f"run.output_dir={tmp_path}", "run.name=chase_rl", *data, *FAST,
-                 f"policy.checkpoint={model}", "learner.iterations=1", "eval.every=1")  # fmt: skip
+                 "learner.iterations=1", "eval.every=1")  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     assert [r["iteration"] for r in metric_rows(tmp_path / "chase_rl" / "metrics.jsonl")] == [0]
     ev = _run("eval", f"run.output_dir={tmp_path}", "run.name=chase_rl", *data, *FAST,
-              f"policy.checkpoint={model}", "--checkpoint", str(tmp_path / "chase_rl" / "checkpoints" / "best"),
+              "--checkpoint", str(tmp_path / "chase_rl" / "checkpoints" / "best"),
               "--out", str(tmp_path / "ev"))  # fmt: skip
     assert ev.returncode == 0, ev.stderr[-3000:]
     table = pq.read_table(tmp_path / "ev" / "per_image.parquet").to_pylist()

@@ -138,7 +138,7 @@ def test_train_view_crops_agree_across_views_and_change_per_iteration() -> None:
     whole = TrainView(cfg.data, samples, crop=None, seed=3)
     assert whole.get(0, 5) == ((0,), samples[0]) and not whole.cropped
     folder = ["data.kind=drive", "data.root=x"]
-    assert load_config(None, folder).train_crop == 256
+    assert load_config(None, folder).train_crop == 128
     assert load_config(None, [*folder, "data.crop=0"]).train_crop is None
     assert load_config(None, []).train_crop is None  # synthetic: whole images
     sa2va = [*folder, "policy.kind=sa2va", "policy.checkpoint=x"]
