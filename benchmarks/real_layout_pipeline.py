@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--work", default=str(ROOT / "runs/real_layout_bench"))
     args = parser.parse_args()
 
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     if work.exists():
         raise SystemExit(f"{work} exists; pass another --work (nothing there is overwritten)")
     folder = work / "DRIVE_synth"

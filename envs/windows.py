@@ -82,10 +82,20 @@ def crop_sample(sample: VesselSample, box: Box, size: int | None = None) -> Vess
     )
 
 
-def _resize_bool(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Area-weighted resampling, then >= 0.5: a vessel keeps its width in proportion to the scale."""
+def _resize_bool(mask: np.ndarray, height: int, width: int, *, level: float) -> np.ndarray:
+    """Area-weighted resampling, then ``>= level``."""
     img = Image.fromarray(mask.astype(np.float32), mode="F")
-    return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR)) >= 0.5
+    return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR)) >= level
+
+
+def _skeleton_on(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The skeleton of ``mask`` drawn on a ``height`` x ``width`` grid (nearest cell of each pixel)."""
+    from skimage.morphology import skeletonize
+
+    out = np.zeros((height, width), bool)
+    ys, xs = np.nonzero(skeletonize(mask))
+    out[(ys * height) // mask.shape[0], (xs * width) // mask.shape[1]] = True
+    return out
 
 
 def scaled_shape(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -93,7 +103,10 @@ def scaled_shape(height: int, width: int, scale: float) -> tuple[int, int]:
 
 
 def rescale_sample(sample: VesselSample, scale: float) -> VesselSample:
-    """``sample`` resampled by ``scale`` (antialiased image; masks by area, then thresholded)."""
+    """``sample`` resampled by ``scale``: antialiased image; FOV and vessels by area at 0.5, plus for the
+    vessels their skeleton's pixels mapped to the new grid, so a 1-px capillary survives downscaling as a
+    1-px line (by area alone it would vanish) and the tree stays connected for topology rewards, while wide
+    vessels keep their width in proportion."""
     if scale == 1.0:
         return sample
     height, width = scaled_shape(*sample.mask.shape, scale)
@@ -101,8 +114,8 @@ def rescale_sample(sample: VesselSample, scale: float) -> VesselSample:
     return dataclasses.replace(
         sample,
         image=np.ascontiguousarray(image),
-        mask=_resize_bool(sample.mask, height, width),
-        fov=_resize_bool(sample.fov, height, width),
+        mask=_resize_bool(sample.mask, height, width, level=0.5) | _skeleton_on(sample.mask, height, width),
+        fov=_resize_bool(sample.fov, height, width, level=0.5),
     )
 
 

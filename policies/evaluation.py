@@ -65,49 +65,50 @@ def predict_probs(
     """
     from envs.windows import rescale_probs, rescale_sample, stitch, window_boxes
 
-    jobs = []  # (sample index, scaled sample, box) in order
-    scaled = []
-    for i in range(len(samples)):
-        s = rescale_sample(samples[i], inference.scale)
-        scaled.append(s)
-        h, w = s.mask.shape
-        boxes = (
-            window_boxes(h, w, inference.window, overlap=inference.overlap, fov=s.fov)
-            if inference.window
-            else [Box(0, 0, h, w)]
-        )
-        jobs.extend((i, box) for box in boxes or [Box(0, 0, h, w)])
-    pieces: dict[int, list] = {i: [] for i in range(len(samples))}
-    start = 0
-    while start < len(jobs):  # consecutive windows of one shape share a forward pass
-        shape = (jobs[start][1].h, jobs[start][1].w)
-        end = start
-        while (
-            end < len(jobs)
-            and end - start < inference.batch_size
-            and (jobs[end][1].h, jobs[end][1].w) == shape
-        ):
-            end += 1
-        chunk = jobs[start:end]
-        images = np.stack([scaled[i].image[box.slices] for i, box in chunk])
-        prompts = [scaled[i].prompt for i, _ in chunk]
+    out: list[np.ndarray | None] = [None] * len(samples)
+    live: dict[int, tuple[VesselSample, VesselSample, list[Box], list[np.ndarray]]] = {}
+    pending: list[tuple[int, Box]] = []  # windows waiting for a forward pass, in image order
+
+    def run_pending() -> None:
+        images = np.stack([live[i][1].image[box.slices] for i, box in pending])
+        prompts = [live[i][1].prompt for i, _ in pending]
         if keyed:
-            keys = [(i, box.y0, box.x0, box.h, box.w) for i, box in chunk]
+            keys = [(i, box.y0, box.x0, box.h, box.w) for i, box in pending]
             logits = logits_fn(images, prompts, keys)
         else:
             logits = logits_fn(images, prompts)
-        probs = torch.sigmoid(logits.float()).cpu().numpy()
-        for (i, box), p in zip(chunk, probs, strict=True):
-            pieces[i].append((p, box))
-        start = end
-    out = []
-    for i, s in enumerate(scaled):
-        h, w = s.mask.shape
-        prob = stitch([p for p, _ in pieces[i]], [b for _, b in pieces[i]], h, w)
+        for (i, _), p in zip(pending, torch.sigmoid(logits.float()).cpu().numpy(), strict=True):
+            live[i][3].append(p)
+        pending.clear()
+        for i in [i for i, (_, _, boxes, pieces) in live.items() if len(pieces) == len(boxes)]:
+            native, scaled, boxes, pieces = live.pop(i)  # stitched as soon as complete: memory stays flat
+            prob = rescale_probs(stitch(pieces, boxes, *scaled.mask.shape), *native.mask.shape)
+            out[i] = np.where(native.fov, prob, 0.0).astype(np.float32)
+
+    for i in range(len(samples)):
         native = samples[i]
-        prob = rescale_probs(prob, *native.mask.shape)
-        out.append(np.where(native.fov, prob, 0.0).astype(np.float32))
-    return out
+        scaled = rescale_sample(native, inference.scale)
+        h, w = scaled.mask.shape
+        if inference.window:
+            boxes = window_boxes(h, w, inference.window, overlap=inference.overlap, fov=scaled.fov)
+        else:
+            boxes = [Box(0, 0, h, w)]
+        if not boxes:  # no FOV pixel at all
+            out[i] = np.zeros(native.mask.shape, np.float32)
+            continue
+        live[i] = (native, scaled, boxes, [])
+        for box in boxes:  # consecutive windows of one shape share a forward pass
+            if pending and (
+                len(pending) == inference.batch_size or (pending[0][1].h, pending[0][1].w) != (box.h, box.w)
+            ):
+                run_pending()
+            pending.append((i, box))
+    if pending:
+        run_pending()
+    missing = [samples[i].id for i, p in enumerate(out) if p is None]
+    if missing:
+        raise RuntimeError(f"no probabilities were produced for {missing}")
+    return out  # type: ignore[return-value]
 
 
 @dataclass

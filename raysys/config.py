@@ -92,7 +92,7 @@ class DataConfig:
     """Synthetic data seed; splits use disjoint seed ranges."""
     val_fraction: float = 0.0
     """For folder datasets without a validation split: fraction of train carved out as ``val`` (the last
-    images by sorted id; the test split is never touched)."""
+    images by sorted id, or in file order for polygon_json/parquet; the test split is never touched)."""
     prompt: str = DEFAULT_PROMPT
     """Prompt used when a dataset carries none."""
     crop: int | None = None
@@ -109,7 +109,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.size >= 64, "data.size", f"{self.size} is too small; use >= 64")
         _check(
-            self.crop is None or self.crop == 0 or self.crop >= 32, "data.crop", "must be null, 0 or >= 32"
+            self.crop is None or self.crop == 0 or self.crop >= 64,
+            "data.crop",
+            "must be null, 0 or >= 64 (the learned reward net needs 64 px)",
         )
         _check(0.0 <= self.crop_min_fov <= 1.0, "data.crop_min_fov", "must be in [0, 1]")
         _check(0.0 < self.scale <= 4.0 and math.isfinite(self.scale), "data.scale", "must be in (0, 4]")
@@ -437,9 +439,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.window is None or self.window == 0 or self.window >= 32,
+            self.window is None or self.window == 0 or self.window >= 64,
             "eval.window",
-            "must be null, 0 or >= 32",
+            "must be null, 0 or >= 64",
         )
         _check(0.0 <= self.window_overlap < 1.0, "eval.window_overlap", "must be in [0, 1)")
         _check(0 < self.threshold < 1, "eval.threshold", "must be in (0, 1)")

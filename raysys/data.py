@@ -54,7 +54,8 @@ class TrainView(Sequence[VesselSample]):
     per image and iteration that holds at least ``data.crop_min_fov`` FOV.
 
     The rollout actors, the reward actors and the learner each build one from the same config and agree on
-    every crop without sending pixels; SFT draws its crops through the same view.
+    every crop without sending pixels (a crop's id names its box, and the reward actor and learner check
+    it). SFT trains on the view's whole (rescaled) images and draws its own crops.
     """
 
     def __init__(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,16 @@ def save_probs(path: Path, probs: list[np.ndarray], ids: list[str]) -> None:
     np.savez_compressed(path, ids=np.array(ids), **arrays)
 
 
-def load_probs(path: Path) -> tuple[list[np.ndarray], list[str]]:
-    """Probability maps (float32, one per image) and ids written by :func:`save_probs`."""
+def load_probs(path: Path, indices: Sequence[int] | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """Probability maps (float32) and ids written by :func:`save_probs` (or the single ``probs`` array of
+    earlier versions); only ``indices`` when given."""
     with np.load(path, allow_pickle=False) as data:
         ids = [str(x) for x in data["ids"]]
-        return [data[f"p{i}"].astype(np.float32) for i in range(len(ids))], ids
+        picked = range(len(ids)) if indices is None else indices
+        if "probs" in data.files:
+            stacked = data["probs"]
+            return [stacked[i].astype(np.float32) for i in picked], [ids[i] for i in picked]
+        return [data[f"p{i}"].astype(np.float32) for i in picked], [ids[i] for i in picked]
 
 
 def export_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:

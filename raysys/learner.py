@@ -145,6 +145,12 @@ class Learner:
                     continue
                 w = rc.learned_weight if learned else 1.0
                 key, sample = self.train.get(s.batch.indices[i], s.batch.iteration)
+                if sample.id != s.batch.ids[i]:  # the crop ids name the box: actors must agree on it
+                    log.warning(
+                        "rollout sampled %s but the learner derives %s; skipped", s.batch.ids[i], sample.id
+                    )
+                    invalid += 1
+                    continue
                 rows.append(
                     (
                         s.batch.indices[i],
@@ -390,7 +396,9 @@ class Learner:
         """Greedy masks on the validation split: metrics at eval.threshold plus a threshold sweep."""
         if self._val is None:
             val = dataset_for_split(self.cfg.data, "val", load=load_dataset)
-            self._val = (val, FeatureCache(self.policy))  # windows are fixed: cached for every validation
+            # Windows are fixed, so their features serve every validation, up to 1 GiB (FIVES-sized
+            # validation sets recompute the rest).
+            self._val = (val, FeatureCache(self.policy, max_bytes=1 << 30))
         val, cache = self._val
 
         def logits(images: np.ndarray, prompts: list[str], keys: list) -> torch.Tensor:

@@ -165,17 +165,18 @@ def _data(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     from raysys.data import dataset_for_split
     from raysys.viz import preview_grid
 
-    counts = {}
+    counts, size = {}, None
     for split in ("train", "val", "test"):
         samples = dataset_for_split(cfg.data, split, load=load_dataset)
         counts[split] = len(samples)
         if split == "train":
             preview_grid([samples[i] for i in range(min(4, len(samples)))], out / "preview.png")
+            size = list(samples[0].mask.shape)
     summary = {
         "kind": cfg.data.kind,
         "root": cfg.data.root,
         "counts": counts,
-        "image_size_hw": list(samples[0].mask.shape) if cfg.data.kind != "synthetic" else [cfg.data.size] * 2,
+        "image_size_hw": size,
         "train_crop": cfg.train_crop,
         "scale": cfg.data.scale,
     }
@@ -223,8 +224,10 @@ def policy_mask_fn(checkpoint: str | Path):
 
 def reward_net_images(cfg: Config, split: str, n: int) -> list:
     """Labelled images the reward net learns from: ``n`` synthetic images of ``split``, or for folder data
-    ``n`` training-view pieces of the split (crops or whole rescaled images, cycling through the images
-    with a new crop each round), so the net sees what RL rollouts score."""
+    ``n`` training-view pieces of the split (crops or whole rescaled images, in a seeded order; with crops,
+    each round over the images draws new crops), so the net sees what RL rollouts score."""
+    import numpy as np
+
     from envs.datasets import load_dataset
     from envs.synthetic import SyntheticFundus
     from raysys.data import dataset_for_split, train_view
@@ -232,7 +235,13 @@ def reward_net_images(cfg: Config, split: str, n: int) -> list:
     if cfg.data.kind == "synthetic":
         return list(SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed))
     view = train_view(cfg, dataset_for_split(cfg.data, split, load=load_dataset))
-    pieces = [view.get(j % len(view), j // len(view))[1] for j in range(n)]
+    if len(view) == 0:
+        raise ValueError(
+            f"the {split} split of {cfg.data.root} is empty; the reward net needs labelled images"
+        )
+    # A seeded order, so n < len(view) still spans the whole split (FIVES lists its categories in turn).
+    order = np.random.default_rng([cfg.run.seed, 0x5E]).permutation(len(view))
+    pieces = [view.get(int(order[j % len(view)]), j // len(view))[1] for j in range(n)]
     unlabelled = [p.id for p in pieces if not p.has_mask]
     if unlabelled:
         raise ValueError(

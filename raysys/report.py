@@ -58,8 +58,8 @@ def _overlays(cfg: Config, eval_dir: Path, path: Path, n: int = 3) -> None:
     test = dataset_for_split(cfg.data, "test", load=load_dataset)
     from raysys.evaluate import load_probs
 
-    probs = {k: load_probs(eval_dir / k / "probs.npz")[0] for k in ("sft", "rl")}
     n = min(n, len(test))
+    probs = {k: load_probs(eval_dir / k / "probs.npz", range(n))[0] for k in ("sft", "rl")}
     fig, axes = plt.subplots(n, 3, figsize=(9.6, 3.3 * n), squeeze=False)
     t = cfg.eval.threshold
     for i in range(n):

@@ -69,6 +69,10 @@ class RewardWorker:
             source = self._source(sample)
             sources.append(source)
             try:
+                if sample.id != batch.ids[i]:  # the crop ids name the box: actors must agree on it
+                    raise ValueError(
+                        f"rollout sampled {batch.ids[i]} but the reward actor derives {sample.id}"
+                    )
                 if masks.shape[-2:] != sample.mask.shape:
                     raise ValueError(f"masks are {masks.shape[-2:]} but the image is {sample.mask.shape}")
                 row = self._score_image(key, sample, masks[i], source)

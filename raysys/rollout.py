@@ -34,14 +34,22 @@ def pick_device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
+def _nbytes(features: object) -> int:
+    return sum(t.numel() * t.element_size() for t in vars(features).values() if torch.is_tensor(t))
+
+
 class FeatureCache:
     """Frozen features per key (an image, or one crop or window of it), computed once and reused across K
-    samples, epochs and, for whole images, iterations. ``max_items`` bounds it when keys change every
-    iteration (training crops)."""
+    samples, epochs and, for whole images, iterations. Least recently used entries go first once there are
+    more than ``max_items`` or they take more than ``max_bytes`` (the keys of the current call stay)."""
 
-    def __init__(self, policy, *, batch_size: int = 8, max_items: int | None = None) -> None:
-        self.policy, self.batch_size, self.max_items = policy, batch_size, max_items
+    def __init__(
+        self, policy, *, batch_size: int = 8, max_items: int | None = None, max_bytes: int | None = None
+    ) -> None:
+        self.policy, self.batch_size = policy, batch_size
+        self.max_items, self.max_bytes = max_items, max_bytes
         self._cache: OrderedDict[Hashable, object] = OrderedDict()
+        self.nbytes = 0
 
     def get(self, keys: Sequence[Hashable], image_of: Callable[[Hashable], np.ndarray]):
         """Features of ``keys`` concatenated in order; ``image_of(key)`` gives the uint8 image of a miss."""
@@ -50,21 +58,34 @@ class FeatureCache:
             chunk = missing[start : start + self.batch_size]
             feats = self.policy.frozen_features(np.stack([image_of(k) for k in chunk]))
             for j, k in enumerate(chunk):
-                self._cache[k] = feats.index(slice(j, j + 1))
+                one = type(feats).cat([feats.index(slice(j, j + 1))])  # a copy: the batch can be freed
+                self._cache[k] = one
+                self.nbytes += _nbytes(one)
         out = [self._cache[k] for k in keys]
         for k in keys:
             self._cache.move_to_end(k)
-        while self.max_items is not None and len(self._cache) > max(self.max_items, len(set(keys))):
-            self._cache.popitem(last=False)
+        keep = len(set(keys))
+        while len(self._cache) > keep and (
+            (self.max_items is not None and len(self._cache) > self.max_items)
+            or (self.max_bytes is not None and self.nbytes > self.max_bytes)
+        ):
+            self.nbytes -= _nbytes(self._cache.popitem(last=False)[1])
         return type(out[0]).cat(out)
 
     def __len__(self) -> int:
         return len(self._cache)
 
 
+WHOLE_IMAGE_CACHE_BYTES = 2 << 30
+"""Frozen features of whole training images kept per actor (tiny policy: ~110 B per pixel, so all of DRIVE's
+training set; FIVES-sized sets are recomputed as needed)."""
+
+
 def feature_cache(policy, view: TrainView, images_per_iteration: int) -> FeatureCache:
-    """Unbounded for whole images (reused every iteration); two iterations' worth for crops."""
-    return FeatureCache(policy, max_items=2 * images_per_iteration if view.cropped else None)
+    """Two iterations' worth for crops (new every iteration); up to 2 GiB of whole images (reused)."""
+    if view.cropped:
+        return FeatureCache(policy, max_items=2 * images_per_iteration)
+    return FeatureCache(policy, max_bytes=WHOLE_IMAGE_CACHE_BYTES)
 
 
 class RolloutWorker:
@@ -98,6 +119,12 @@ class RolloutWorker:
         k, temperature = self.cfg.rollout.samples_per_image, self.cfg.rollout.temperature
         indices = [int(i) for i in indices]
         keys, samples = zip(*(self.train.get(i, iteration) for i in indices), strict=True)
+        if len({smp.mask.shape for smp in samples}) > 1:
+            sizes = sorted({smp.mask.shape for smp in samples})
+            raise ValueError(
+                f"training images of different sizes {sizes} cannot share a rollout batch; train on crops "
+                "(data.crop, e.g. 128)"
+            )
         by_key = dict(zip(keys, samples, strict=True))
         feats = self.features.get(keys, lambda key: by_key[key].image)
         logits = self.policy.mask_logits(
