@@ -193,6 +193,9 @@ def test_drive_val_is_carved_from_the_tail_of_train(tmp_path: Path) -> None:
     assert _ids(val) == ["37_training", "38_training", "39_training", "40_training"]
     assert len(train) == 16 and not set(_ids(train)) & set(_ids(val))
     assert len(load_dataset("drive", root, "all", val_fraction=0.2)) == 40
+    # The test split is never touched by val_fraction (it is listed alone, without train).
+    test = load_dataset("drive", root, "test", val_fraction=0.2)
+    assert _ids(test) == _ids(load_dataset("drive", root, "test")) and len(test) == 20
     with pytest.raises(DatasetError, match="val_fraction"):
         load_dataset("drive", root, "val")
     with pytest.raises(DatasetError, match="leaving none"):
