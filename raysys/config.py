@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -67,7 +68,12 @@ class RunConfig:
     a shared filesystem path or an object-store URI (``s3://bucket/raysys``) that every node can reach."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
+        _check(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) is not None,
+            "run.name",
+            f"{self.name!r} is not a plain name: use letters, digits, '.', '_' and '-', starting with a letter "
+            "or digit (a run lives in run.output_dir/<name>, never outside it)",
+        )
         _check(self.num_cpus is None or self.num_cpus > 0, "run.num_cpus", "must be > 0 or null")
         _check(self.num_gpus is None or self.num_gpus >= 0, "run.num_gpus", "must be >= 0 or null")
 
@@ -712,6 +718,21 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """Dotted key -> value of every leaf (``{"learner.lr": 3e-4, ...}``), e.g. to list what two configs change."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(to_dict(cfg), "")
+    return out
 
 
 def config_hash(node: Any) -> str:

@@ -4,7 +4,9 @@ Each stage writes ``runs/<name>/<stage>/`` with a ``manifest.json``: the hash of
 the stage, the output digests of its inputs, its own output digests, timings and a summary. A stage is
 skipped only when that manifest matches (a changed config key or a changed upstream output reruns it, and
 therefore everything downstream whose inputs changed). Stages write into ``<stage>.tmp`` and are renamed
-into place when finished, so an interrupted stage leaves nothing half-written behind.
+into place when finished, so an interrupted stage leaves nothing half-written behind. An interrupted rl
+stage continues from its last checkpoint when the same command runs again (same config keys and inputs);
+other stages start over.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("data", "sft", "reward_net", "rl", "eval", "export", "report")
 MANIFEST = "manifest.json"
+STARTED = ".started.json"
+"""Written into <stage>.tmp when a stage starts: the config keys and inputs it runs with."""
 
 
 class PipelineError(RuntimeError):
@@ -39,6 +43,9 @@ class Stage:
     """(config, input stage dirs, output dir) -> summary; writes its files into the output dir."""
     outputs: tuple[str, ...]
     """Files (relative to the stage dir) whose bytes define the stage's result for downstream stages."""
+    resumable: bool = False
+    """An interrupted run (same config keys and inputs) continues in its ``<stage>.tmp`` instead of
+    starting over; the stage finds its own checkpoints there."""
 
 
 def stage_keys(cfg: Config, name: str) -> dict[str, Any]:
@@ -72,7 +79,10 @@ def _file_digest(path: Path) -> str:
 
 
 def _read_manifest(stage_dir: Path) -> dict[str, Any] | None:
-    path = stage_dir / MANIFEST
+    return _read_json(stage_dir / MANIFEST)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
@@ -129,10 +139,15 @@ class Pipeline:
         if missing:
             raise PipelineError(f"stage '{name}' needs {missing} first; run without --from/--until limits")
         final, tmp = self.root / name, self.root / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         exp = self.expected(name)
-        log.info("stage %s: running", name)
+        started = json.loads(json.dumps(exp, default=str))
+        if stage.resumable and _read_json(tmp / STARTED) == started:
+            log.info("stage %s: continuing the interrupted run in %s", name, tmp)
+        else:  # a stale or foreign partial result: inside this run's directory, safe to clear
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            (tmp / STARTED).write_text(json.dumps(started))
+            log.info("stage %s: running", name)
         t0 = time.perf_counter()
         try:
             summary = stage.run(self.cfg, {up: self.root / up for up in stage.inputs}, tmp)
@@ -290,14 +305,17 @@ def _reward_net(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, An
 
 
 def _rl(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    from raysys.train import run_training
+    from raysys.train import absolute_paths, run_training, storage_exists, train_storage
 
     overrides = [f"run.output_dir={out.parent}", f"run.name={out.name}"]
     base = _base_checkpoint(cfg, inputs)
     if base:
         overrides.append(f"policy.checkpoint={base}")
     overrides.append(f"reward.reward_net={inputs['reward_net'] / 'best_reward_net.pth'}")
-    res = run_training(replace(cfg, overrides), progress=True)
+    run_cfg = absolute_paths(replace(cfg, overrides))
+    # Checkpoints left by an interrupted run of this same stage: continue from the last one.
+    resume = storage_exists(f"{train_storage(run_cfg)}/{run_cfg.run.name}")
+    res = run_training(run_cfg, progress=True, resume=resume)
     keep = ("rollout/reward_mean", "val/dice", "val/recall", "val/precision", "val/cldice")
     return {"seconds": res.seconds, "last": {k: res.metrics.get(k) for k in keep}}
 
@@ -346,7 +364,9 @@ def _stages() -> dict[str, Stage]:
             Stage("data", (), _data, ("summary.json",)),
             Stage("sft", ("data",), _sft, ("model/model.safetensors", "summary.json")),
             Stage("reward_net", ("sft",), _reward_net, ("best_reward_net.pth",)),
-            Stage("rl", ("sft", "reward_net"), _rl, ("checkpoints/best/trainable.safetensors",)),
+            Stage(
+                "rl", ("sft", "reward_net"), _rl, ("checkpoints/best/trainable.safetensors",), resumable=True
+            ),
             Stage("eval", ("sft", "rl"), _eval, ("comparison.json",)),
             Stage("export", ("sft", "rl"), _export, ("adapter/adapter_model.safetensors",)),
             Stage("report", ("data", "sft", "reward_net", "rl", "eval"), _report, ("report.html",)),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysys.config import Config, save_config
+from raysys.config import Config, ConfigError, save_config
 
 log = logging.getLogger(__name__)
 
@@ -295,14 +295,18 @@ def run_training(
     run_dir = cfg.run_dir.resolve()
     storage = train_storage(cfg)
     name = train_name or cfg.run.name
-    if storage_exists(f"{storage}/{name}") and not resume:
+    fresh_segment = initial_checkpoint is not None or train_name is not None  # a PBT clone in its trial dir
+    if not resume and not fresh_segment and (storage_exists(f"{storage}/{name}") or holds_results(run_dir)):
         raise FileExistsError(
-            f"run directory {run_dir} already holds a run (checkpoints in {storage}/{name}); pass --resume to "
-            f"continue it, or choose another run.name (or delete the folder)"
+            f"run directory {run_dir} already holds a run (metrics or checkpoints); pass --resume to continue "
+            f"it, or choose another run.name (nothing there is overwritten)"
         )
     if resume and not storage_exists(f"{storage}/{name}"):
         raise FileNotFoundError(f"nothing to resume in {storage}/{name}: no checkpoints from an earlier run")
-    save_config(cfg, run_dir / "config.yaml")
+    if resume:
+        check_resumable_config(cfg, run_dir / "config.yaml")
+    else:
+        save_config(cfg, run_dir / "config.yaml")
     started = init_ray(cfg)
     try:
         check_resources(cfg)
@@ -379,6 +383,38 @@ def absolute_paths(cfg: Config, base: str | os.PathLike[str] | None = None) -> C
         elif Path(value).exists():
             overrides.append(f"{key}={Path(value).resolve()}")
     return replace(cfg, overrides) if overrides else cfg
+
+
+def holds_results(run_dir: Path) -> bool:
+    """True when a run directory has metrics or checkpoints of an earlier run (whatever its storage_path)."""
+    metrics = run_dir / "metrics.jsonl"
+    has_rows = metrics.is_file() and metrics.stat().st_size > 0
+    checkpoints = run_dir / "checkpoints"
+    return has_rows or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+
+
+RESUME_MAY_CHANGE = frozenset(
+    {"run.ray_address", "run.num_cpus", "run.num_gpus", "run.log_level", "learner.iterations"}
+)
+"""Keys a resumed run may change: where it runs, how it logs, and how long it goes on."""
+
+
+def check_resumable_config(cfg: Config, saved: Path) -> None:
+    """Refuse to resume with settings other than the run's own (``config.yaml`` stays as the run began)."""
+    from raysys.config import flatten, load_config
+
+    if not saved.is_file():
+        raise FileNotFoundError(f"nothing to resume: {saved} does not exist")
+    before, now = flatten(load_config(saved)), flatten(cfg)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    if refused:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in refused[:5])
+        raise ConfigError(
+            f"--resume with a changed config ({shown}{', ...' if len(refused) > 5 else ''}); a resumed run "
+            f"keeps the settings it started with ({saved}). Start a new run.name for new settings; only "
+            f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume"
+        )
 
 
 def train_storage(cfg: Config) -> str:
