@@ -81,10 +81,23 @@ def load_base_model(directory: str | Path) -> TinySa2VA:
 
 
 def trainable_meta(policy, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Metadata stored next to trainable tensors: the LoRA spec they belong to, plus ``extra``."""
+    """Metadata stored next to trainable tensors: the LoRA spec they belong to, the base model they sit on
+    (``policies.factory.base_identity``), plus ``extra``."""
     lora = dict(vars(policy.spec))
     lora["trainable"] = list(policy.spec.trainable)
-    return {"lora": lora, **(extra or {})}
+    base = getattr(policy, "base_identity", None)
+    return {"lora": lora, **({"base": base} if base else {}), **(extra or {})}
+
+
+def read_trainable_meta(directory: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a trainable checkpoint folder (clear errors for a file or a missing folder)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"checkpoint {directory} is not a folder; give the folder that holds {TRAINABLE_WEIGHTS} "
+            "(e.g. runs/<name>/checkpoints/best)"
+        )
+    return _read_json(directory / TRAINABLE_META)
 
 
 def write_trainable(state: dict[str, torch.Tensor], meta: dict[str, Any], directory: str | Path) -> Path:
