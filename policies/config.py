@@ -39,6 +39,7 @@ class PolicyConfig:
         _check(not bad, "policy.trainable", f"unknown part(s) {bad}; allowed: {list(TRAINABLE_PARTS)}")
         _check(len(self.trainable) > 0, "policy.trainable", f"choose at least one of {list(TRAINABLE_PARTS)}")
         _check(self.lora_r > 0, "policy.lora_r", "must be > 0")
+        _check(self.lora_alpha > 0, "policy.lora_alpha", "must be > 0 (scale = alpha / r)")
         _check(0.0 <= self.lora_dropout < 1.0, "policy.lora_dropout", "must be in [0, 1)")
         _check(
             self.kind != "sa2va" or bool(self.checkpoint),
@@ -68,6 +69,12 @@ class SFTConfig:
         _check(self.steps >= 1, "sft.steps", "must be >= 1")
         _check(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
         _check(self.lr > 0, "sft.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "sft.weight_decay", "must be >= 0")
+        _check(
+            self.bce_weight >= 0 and self.dice_weight >= 0 and self.bce_weight + self.dice_weight > 0,
+            "sft.bce_weight/dice_weight",
+            "must be >= 0 and not both 0 (a negative loss weight rewards wrong masks)",
+        )
         _check(self.eval_every >= 1, "sft.eval_every", "must be >= 1")
 
 

@@ -158,6 +158,11 @@ class RewardConfig(ObjectiveConfig):
             f"source '{self.source}' needs the path of a trained reward net",
         )
         _check(0.0 <= self.learned_weight <= 1.0, "reward.learned_weight", "must be in [0, 1]")
+        _check(
+            self.source == "learned" or sum(self.weights.as_dict().values()) > 0,
+            "reward.weights",
+            "are all 0: every mask would get the same reward and nothing is learned; give a term a weight",
+        )
         _check(self.num_actors >= 1, "reward.num_actors", "must be >= 1")
         _check(self.cpus_per_actor > 0, "reward.cpus_per_actor", "must be > 0")
 
@@ -475,6 +480,15 @@ class Config:
     reward_net: RewardNetConfig = field(default_factory=RewardNetConfig)
     rllib: RLlibConfig = field(default_factory=RLlibConfig)
 
+    def __post_init__(self) -> None:
+        side = self.train_crop or (self.data.size if self.data.kind == "synthetic" else None)
+        tile = max(self.reward.tile_sizes)
+        _check(
+            side is None or tile <= side,
+            "reward.tile_sizes",
+            f"tile {tile} is larger than the {side}-px images the rewards score (data.crop / data.size)",
+        )
+
     @property
     def train_crop(self) -> int | None:
         """The training crop in effect (None: whole images): ``data.crop``, or when null 128 for the tiny policy
@@ -585,13 +599,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise bad
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        if not math.isfinite(number):  # inf learning rates save NaN models; inf KL skips every update
+            raise ConfigError(f"invalid value for '{key}': {value!r}; must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -695,6 +713,21 @@ def _apply_override(merged: dict[str, Any], text: str) -> None:
         node, cls = node[part], tp
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (the second would silently win)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file (overrides only) <- dotted CLI overrides, validated into a :class:`Config`."""
     merged = to_dict(Config())
@@ -703,7 +736,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         _merge(merged, data, Config, "", str(path))

@@ -138,3 +138,29 @@ def test_replace_and_hash_change() -> None:
     assert other.reward.weights.dice == 0.9 and cfg.reward.weights.dice == 0.5
     assert config_hash(other.reward) != config_hash(cfg.reward)
     assert config_hash(other.data) == config_hash(cfg.data)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sft.lr=inf", "'sft.lr'.*finite"),
+        ("learner.kl_coef=inf", "'learner.kl_coef'.*finite"),
+        ("learner.lr=nan", "'learner.lr'.*finite"),
+        ("rollout.temperature=inf", "'rollout.temperature'.*finite"),
+        ("run.num_cpus=inf", "'run.num_cpus'.*finite"),
+        ("policy.lora_alpha=0", "'policy.lora_alpha'"),
+        ("sft.bce_weight=-1", "sft.bce_weight/dice_weight"),
+        ("reward.weights={dice: 0, recall: 0, topology: 0, length: 0}", "'reward.weights'.*all 0"),
+        ("reward.tile_sizes=[512]", "tile 512 is larger than the 256-px images"),
+    ],
+)
+def test_non_finite_and_degenerate_values_are_refused(override, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("learner:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lr'"):
+        load_config(path)
