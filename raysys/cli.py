@@ -26,6 +26,8 @@ def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
     bad = [x for x in items if "=" not in x]
     if bad:
         raise ConfigError(f"expected key=value overrides after the config file, got {bad}")
+    if path is not None and not Path(path).exists() and not path.endswith((".yaml", ".yml")) and "." in path:
+        raise ConfigError(f"{path!r} is neither a config file nor an override; did you mean {path}=VALUE?")
     return path, items
 
 
@@ -120,10 +122,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, FileExistsError, FileNotFoundError):
         raise
     except Exception as exc:
+        from raysys.train import storage_exists, train_storage
+
         log.exception("training failed")
+        resumable = storage_exists(f"{train_storage(cfg)}/{cfg.run.name}")
+        hint = (
+            f"checkpoints so far are in {cfg.run_dir}; after fixing the cause, continue with: raysys train ... --resume"
+            if resumable
+            else "no checkpoint was written; after fixing the cause, run the same command again"
+        )
         print(
-            f"raysys: error: training of run '{cfg.run.name}' failed: {type(exc).__name__}: {exc}\n"
-            f"  checkpoints so far are in {cfg.run_dir}; continue with: raysys train ... --resume",
+            f"raysys: error: training of run '{cfg.run.name}' failed: {type(exc).__name__}: {exc}\n  {hint}",
             file=sys.stderr,
         )
         return 1
@@ -405,6 +414,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PipelineError) as exc:
         print(f"raysys: error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:
+        print(
+            f"raysys: error: no permission to write {exc.filename}: choose a writable run.output_dir",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "raysys: interrupted; finished outputs and checkpoints are kept. Continue with the same command "
+            "(raysys pipeline skips finished stages; raysys train and tune take --resume)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

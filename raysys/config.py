@@ -33,6 +33,14 @@ from envs.rewards import RewardConfig as ObjectiveConfig
 from envs.types import DEFAULT_PROMPT
 from policies.config import PolicyConfig, RewardNetConfig, SFTConfig
 
+VAL_METRICS = tuple(
+    f"val/{k}"
+    for k in (
+        "dice", "iou", "precision", "recall", "specificity", "accuracy", "cldice", "betti0_err", "betti1_err",
+        "best_threshold_dice", "learned_score", "reward_gap", "reward_gap_abs",
+    )
+)  # fmt: skip
+"""Metrics validation reports (``Learner.validate``), so a typo in ``eval.select_metric`` stops at once."""
 FOLDER_CROP = 128
 """Training crop of folder datasets when ``data.crop`` is null (see benchmarks/crop_quality.py)."""
 
@@ -459,8 +467,13 @@ class EvalConfig:
         _check(
             all(0 < t < 1 for t in self.thresholds), "eval.thresholds", "every threshold must be in (0, 1)"
         )
+        _check(len(self.thresholds) > 0, "eval.thresholds", "give at least one threshold, e.g. [0.3, 0.5]")
         _check(self.every >= 1, "eval.every", "must be >= 1")
-        _check(self.select_metric.startswith("val/"), "eval.select_metric", "must be a val/... metric")
+        _check(
+            self.select_metric in VAL_METRICS or self.select_metric.startswith("val/dice@"),
+            "eval.select_metric",
+            f"{self.select_metric!r} is not a validation metric; allowed: {', '.join(VAL_METRICS)}",
+        )
         _check(
             self.closing_radius >= 0 and self.min_size >= 0, "eval.closing_radius/min_size", "must be >= 0"
         )

@@ -119,19 +119,22 @@ class Pipeline:
         for s in (*force, start, until):
             if s is not None and s not in STAGES:
                 raise ValueError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+        from raysys.train import run_lock
+
         self.root.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.root / "config.yaml")
-        first = STAGES.index(start) if start else len(STAGES)
-        last = STAGES.index(until) if until else len(STAGES) - 1
-        rows = []
-        for i, name in enumerate(STAGES[: last + 1]):
-            forced = name in force or i >= first
-            if not forced and self.up_to_date(name):
-                rows.append({"stage": name, "status": "skipped (up to date)", "seconds": 0.0})
-                log.info("stage %s: up to date, skipped", name)
-                continue
-            rows.append(self._run_stage(name))
-        return rows
+        with run_lock(self.root):
+            save_config(self.cfg, self.root / "config.yaml")
+            first = STAGES.index(start) if start else len(STAGES)
+            last = STAGES.index(until) if until else len(STAGES) - 1
+            rows = []
+            for i, name in enumerate(STAGES[: last + 1]):
+                forced = name in force or i >= first
+                if not forced and self.up_to_date(name):
+                    rows.append({"stage": name, "status": "skipped (up to date)", "seconds": 0.0})
+                    log.info("stage %s: up to date, skipped", name)
+                    continue
+                rows.append(self._run_stage(name))
+            return rows
 
     def _run_stage(self, name: str) -> dict[str, Any]:
         stage = self.stages[name]

@@ -9,15 +9,17 @@ the actor handles through ``train_loop_config``. Each iteration reads as timed s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import platform
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,70 +297,78 @@ def run_training(
     run_dir = cfg.run_dir.resolve()
     storage = train_storage(cfg)
     name = train_name or cfg.run.name
-    fresh_segment = initial_checkpoint is not None or train_name is not None  # a PBT clone in its trial dir
-    if not resume and not fresh_segment and (storage_exists(f"{storage}/{name}") or holds_results(run_dir)):
-        raise FileExistsError(
-            f"run directory {run_dir} already holds a run (metrics or checkpoints); pass --resume to continue "
-            f"it, or choose another run.name (nothing there is overwritten)"
-        )
-    if resume and not storage_exists(f"{storage}/{name}"):
-        raise FileNotFoundError(f"nothing to resume in {storage}/{name}: no checkpoints from an earlier run")
-    if resume:
-        check_resumable_config(cfg, run_dir / "config.yaml")
-    else:
-        save_config(cfg, run_dir / "config.yaml")
-    started = init_ray(cfg)
-    try:
-        check_resources(cfg)
-        rollout, reward, sink_cls = _launch_actors(cfg)
-        start_iteration = _latest_iteration(f"{storage}/{name}") + 1 if resume else 0
-        if initial_checkpoint is not None and not resume:
-            with initial_checkpoint.as_directory() as d:
-                start_iteration = _checkpoint_iteration(Path(d)) + 1
-        sink = sink_cls.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False
+    with run_lock(run_dir):  # a second process on the same run stops here, before touching anything
+        # A PBT clone starts a new Train run in its trial directory, next to the earlier segments.
+        fresh_segment = initial_checkpoint is not None or train_name is not None
+        if (
+            not resume
+            and not fresh_segment
+            and (storage_exists(f"{storage}/{name}") or holds_results(run_dir))
+        ):
+            raise FileExistsError(
+                f"run directory {run_dir} already holds a run (metrics or checkpoints); pass --resume to continue "
+                f"it, or choose another run.name (nothing there is overwritten)"
             )
-        ).remote(str(run_dir), start_iteration=start_iteration)
-        ready = ray.get([h.ready.remote() for h in rollout + reward])
-        ray.get(sink.record_placement.remote("rollout", ready[: len(rollout)]))
-        ray.get(sink.record_placement.remote("reward", ready[len(rollout) :]))
-        lc = cfg.learner
-        resources = {"CPU": lc.cpus_per_worker, **({"GPU": 1} if lc.use_gpu else {})}
-        backend = None if lc.dist_backend == "auto" else TorchConfig(backend=lc.dist_backend)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "cfg": cfg,
-                "rollout": rollout,
-                "reward": reward,
-                "sink": sink,
-                "objective": objective,
-                "initial_checkpoint": initial_checkpoint,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=resources
-            ),
-            torch_config=backend,
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage,
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                callbacks=list(callbacks),
-            ),
-        )
-        result = _fit_with_progress(trainer, sink, cfg, start_iteration, progress)
-        metrics = ray.get(sink.progress.remote())
-        ray.get(sink.close.remote())
-        ckpt = result.checkpoint.path if result.checkpoint is not None else None
-        if ckpt:
-            _export_latest(result.checkpoint, run_dir / "checkpoints" / "latest")
-        return TrainResult(
-            run_dir=run_dir, metrics=metrics, checkpoint=ckpt, seconds=time.perf_counter() - t0
-        )
-    finally:
-        if started:
-            ray.shutdown()
+        if resume and not storage_exists(f"{storage}/{name}"):
+            raise FileNotFoundError(
+                f"nothing to resume in {storage}/{name}: no checkpoints from an earlier run"
+            )
+        if resume:
+            check_resumable_config(cfg, run_dir / "config.yaml")
+        else:
+            save_config(cfg, run_dir / "config.yaml")
+        started = init_ray(cfg)
+        try:
+            check_resources(cfg)
+            rollout, reward, sink_cls = _launch_actors(cfg)
+            start_iteration = _latest_iteration(f"{storage}/{name}") + 1 if resume else 0
+            if initial_checkpoint is not None and not resume:
+                with initial_checkpoint.as_directory() as d:
+                    start_iteration = _checkpoint_iteration(Path(d)) + 1
+            sink = sink_cls.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    ray.get_runtime_context().get_node_id(), soft=False
+                )
+            ).remote(str(run_dir), start_iteration=start_iteration)
+            ready = ray.get([h.ready.remote() for h in rollout + reward])
+            ray.get(sink.record_placement.remote("rollout", ready[: len(rollout)]))
+            ray.get(sink.record_placement.remote("reward", ready[len(rollout) :]))
+            lc = cfg.learner
+            resources = {"CPU": lc.cpus_per_worker, **({"GPU": 1} if lc.use_gpu else {})}
+            backend = None if lc.dist_backend == "auto" else TorchConfig(backend=lc.dist_backend)
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={
+                    "cfg": cfg,
+                    "rollout": rollout,
+                    "reward": reward,
+                    "sink": sink,
+                    "objective": objective,
+                    "initial_checkpoint": initial_checkpoint,
+                },
+                scaling_config=ScalingConfig(
+                    num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=resources
+                ),
+                torch_config=backend,
+                run_config=RunConfig(
+                    name=name,
+                    storage_path=storage,
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    callbacks=list(callbacks),
+                ),
+            )
+            result = _fit_with_progress(trainer, sink, cfg, start_iteration, progress)
+            metrics = ray.get(sink.progress.remote())
+            ray.get(sink.close.remote())
+            ckpt = result.checkpoint.path if result.checkpoint is not None else None
+            if ckpt:
+                _export_latest(result.checkpoint, run_dir / "checkpoints" / "latest")
+            return TrainResult(
+                run_dir=run_dir, metrics=metrics, checkpoint=ckpt, seconds=time.perf_counter() - t0
+            )
+        finally:
+            if started:
+                ray.shutdown()
 
 
 PATH_KEYS = ("policy.checkpoint", "data.root", "reward.reward_net", "run.output_dir", "run.storage_path")
@@ -383,6 +393,32 @@ def absolute_paths(cfg: Config, base: str | os.PathLike[str] | None = None) -> C
         elif Path(value).exists():
             overrides.append(f"{key}={Path(value).resolve()}")
     return replace(cfg, overrides) if overrides else cfg
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run dir>/.lock`` (an OS file lock, released if the process dies) for as long as a run writes
+    there; a second run of the same name fails at once instead of interleaving with the first."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise FileExistsError(
+                f"run directory {run_dir} is in use by another raysys process ({handle.read().strip()}); "
+                "wait for it, or choose another run.name"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def holds_results(run_dir: Path) -> bool:

@@ -36,11 +36,15 @@ def _finished_run(tmp_path: Path) -> tuple[list[str], Path]:
 
 def test_a_finished_run_is_never_overwritten_whatever_its_storage(tmp_path) -> None:
     overrides, run = _finished_run(tmp_path)  # its Ray storage folder is gone (or elsewhere)
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    def files() -> dict:
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
     for extra in ([], [f"run.storage_path={tmp_path / 'elsewhere'}"]):
         with pytest.raises(FileExistsError, match="already holds a run"):
             run_training(load_config(None, [*overrides, *extra]), progress=False)
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert files() == before
 
 
 def test_resume_refuses_a_changed_config_and_keeps_the_saved_one(tmp_path) -> None:
@@ -110,3 +114,36 @@ def test_a_changed_config_does_not_continue_a_stale_partial_stage(tmp_path, monk
     assert (tmp_path / "p" / "rl" / "result.txt").read_text() == "x"  # started over with the new settings
     started = json.loads((tmp_path / "p" / "rl" / ".started.json").read_text())
     assert started == Pipeline(changed, progress=False).expected("rl")
+
+
+def test_a_second_process_on_the_same_run_is_refused_at_once(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from raysys.train import run_lock
+
+    run = tmp_path / "busy"
+    with run_lock(run):
+        probe = (
+            "from pathlib import Path; from raysys.train import run_lock\n"
+            f"with run_lock(Path({str(run)!r})): pass"
+        )
+        other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0 and "in use by another raysys process (pid" in other.stderr
+    with run_lock(run):  # released when the first run ends
+        pass
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["config", "learner.lr"], "did you mean learner.lr=VALUE"),
+        (["config", "eval.thresholds=[]"], "give at least one threshold"),
+        (["config", "eval.select_metric=val/dcie"], "'val/dcie' is not a validation metric"),
+    ],
+)
+def test_cli_errors_name_the_fix(args, message, capsys) -> None:
+    from raysys.cli import main
+
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
