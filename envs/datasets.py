@@ -567,7 +567,18 @@ def _parse_polygons(raw: Any, where: str) -> tuple[np.ndarray, ...]:
     return tuple(polys)
 
 
-def _list_polygon_json(root: Path, parts: Sequence[str]) -> list[_Entry]:
+def _contained(base: Path, path: Path, where: str, allow: bool) -> Path:
+    """``path`` if it lies inside ``base`` (links resolved); a manifest is data, and data must not make the
+    loader open ``/etc/passwd`` or ``../../`` anything unless the user trusts it (``allow_outside_root``)."""
+    if not allow and not path.resolve().is_relative_to(base.resolve()):
+        raise DatasetError(
+            f"{where}: {path} is outside the dataset folder {base}; refused. If you trust this manifest, "
+            "pass allow_outside_root=True (config: data.allow_outside_root: true)"
+        )
+    return path
+
+
+def _list_polygon_json(root: Path, parts: Sequence[str], *, allow_outside_root: bool = False) -> list[_Entry]:
     path = root if root.is_file() else root / "annotations.json"
     if not path.is_file():
         raise DatasetError(f"no annotations.json in {root}; expected layout:\n{_POLYGON_LAYOUT}")
@@ -592,12 +603,14 @@ def _list_polygon_json(root: Path, parts: Sequence[str]) -> list[_Entry]:
         image = next((p for p in tried if p.is_file()), None)
         if image is None:
             raise DatasetError(f"{where}: image not found at {tried[0]} or {tried[1]}")
+        image = _contained(base, image, where, allow_outside_root)
         raw = item.get("mask")
         mask, polys = None, None
         if isinstance(raw, str):  # a mask file instead of polygons
             mask = next((p for p in (base / raw, base / "images" / raw) if p.is_file()), None)
             if mask is None:
                 raise DatasetError(f"{where}: mask file not found at {base / raw}")
+            mask = _contained(base, mask, where, allow_outside_root)
         elif raw is not None:
             polys = _parse_polygons(raw, where)
         entries.append(
@@ -613,7 +626,7 @@ def _list_polygon_json(root: Path, parts: Sequence[str]) -> list[_Entry]:
     return entries
 
 
-def _list_parquet(root: Path, parts: Sequence[str]) -> list[_Entry]:
+def _list_parquet(root: Path, parts: Sequence[str], *, allow_outside_root: bool = False) -> list[_Entry]:
     # pyarrow is only needed for this kind; importing it lazily keeps `import envs.datasets` cheap.
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -651,7 +664,7 @@ def _list_parquet(root: Path, parts: Sequence[str]) -> list[_Entry]:
         p = Path(paths[i]) if Path(paths[i]).is_absolute() else base / paths[i]
         if not p.is_file():
             raise DatasetError(f"{path}: row {i} {kind}_path {paths[i]!r} does not exist (looked for {p})")
-        return p
+        return _contained(base, p, f"{path}: row {i} {kind}_path", allow_outside_root)
 
     ids, splits, prompts = column("id"), column("split"), column("prompt")
     paths = {k: column(f"{k}_path") for k in ("image", "mask", "fov")}
@@ -758,7 +771,8 @@ def load_dataset(
         cache_size: decoded samples kept in the LRU cache (file-based kinds; default 8, 0 disables).
         prompts: prompts for samples whose source has none (default ``(DEFAULT_PROMPT,)``).
         **kwargs: kind-specific options: ``annotator`` for stare ("ah" | "vk") and chase_db1
-            ("1stHO" | "2ndHO"); ``n``, ``size``, ``seed`` for synthetic.
+            ("1stHO" | "2ndHO"); ``n``, ``size``, ``seed`` for synthetic; ``allow_outside_root`` for
+            polygon_json and parquet (manifest paths may then leave the dataset folder).
 
     Raises:
         DatasetError: unknown kind or split, missing/empty folder, image without mask, malformed

@@ -109,6 +109,8 @@ class DataConfig:
     images by sorted id, or in file order for polygon_json/parquet; the test split is never touched)."""
     prompt: str = DEFAULT_PROMPT
     """Prompt used when a dataset carries none."""
+    allow_outside_root: bool = False
+    """polygon_json / parquet: let manifest paths point outside the dataset folder (absolute or ``../``)."""
     crop: int | None = None
     """Side of the random square crops that SFT, reward-net data and RL rollouts train on (seeded per image
     and iteration). null: whole images for synthetic data, 128 for folder datasets (the best Dice per

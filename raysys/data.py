@@ -45,6 +45,8 @@ def dataset_for_split(
         kwargs = {"n": n, "size": cfg.size, "seed": cfg.seed}
     else:
         kwargs = {"val_fraction": cfg.val_fraction} if cfg.val_fraction > 0 else {}
+        if cfg.kind in ("polygon_json", "parquet") and cfg.allow_outside_root:
+            kwargs["allow_outside_root"] = True
     samples = load(cfg.kind, cfg.root, split=split, **kwargs)
     return samples if cfg.prompt == DEFAULT_PROMPT else _WithPrompt(samples, cfg.prompt)
 

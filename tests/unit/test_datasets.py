@@ -385,6 +385,22 @@ def test_polygon_json_missing_image_names_both_places_looked(tmp_path: Path) -> 
         load_dataset("polygon_json", root)
 
 
+@pytest.mark.parametrize("escape", ["../outside.png", "ABSOLUTE"])
+def test_manifest_paths_outside_the_dataset_folder_are_refused(tmp_path: Path, escape: str) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    _save_rgb(tmp_path / "outside.png", 0)
+    name = str(tmp_path / "outside.png") if escape == "ABSOLUTE" else escape
+    root = _write_json(tmp_path / "ds", [{"image": name, "mask": []}])
+    with pytest.raises(DatasetError, match="outside the dataset folder"):
+        load_dataset("polygon_json", root)
+    assert load_dataset("polygon_json", root, allow_outside_root=True)[0].image.shape[-1] == 3
+    pq.write_table(pa.table({"image_path": [name]}), root / "manifest.parquet")
+    with pytest.raises(DatasetError, match="outside the dataset folder"):
+        load_dataset("parquet", root)
+    assert len(load_dataset("parquet", root, allow_outside_root=True)) == 1
+
+
 # --------------------------------------------------------------------------- parquet
 
 

@@ -147,3 +147,20 @@ def test_cli_errors_name_the_fix(args, message, capsys) -> None:
 
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_edited_dataset_file_reruns_the_data_stage(tmp_path) -> None:
+    from raysys.pipeline import dataset_fingerprint, stage_keys
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "annotations.json").write_text("[]")
+    cfg = load_config(None, ["data.kind=polygon_json", f"data.root={root}"])
+    before = stage_keys(cfg, "data")
+    assert before["files"] == dataset_fingerprint(str(root)) is not None
+    (root / "annotations.json").write_text('[{"image": "a.png"}]')  # edited
+    edited = stage_keys(cfg, "data")
+    assert edited != before
+    (root / "b.png").write_bytes(b"x")  # added
+    assert stage_keys(cfg, "data") != edited
+    assert stage_keys(load_config(None, []), "data")["files"] is None  # synthetic: no files
