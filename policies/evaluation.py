@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +12,8 @@ import torch
 from envs.metrics import segmentation_metrics, threshold_sweep
 from envs.types import VesselSample
 from envs.windows import Box
+
+log = logging.getLogger(__name__)
 
 LogitsFn = Callable[[np.ndarray, list[str]], torch.Tensor]
 """(images uint8 [B,H,W,3], prompts) -> logits [B,H,W]."""
@@ -117,8 +120,10 @@ class EvalResult:
 
     threshold: float
     mean: dict[str, float]
-    per_image: list[dict[str, float | str]]
+    per_image: list[dict[str, float | str | bool]]
     sweep: dict[str, list[float]] = field(default_factory=dict)
+    n_without_vessels: int = 0
+    """Labelled images with no vessel pixel in their FOV: in ``per_image``, not in ``mean`` or ``sweep``."""
 
     @property
     def best_threshold(self) -> float:
@@ -134,23 +139,55 @@ def evaluate_probs(
     threshold: float = 0.5,
     thresholds: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
 ) -> EvalResult:
-    """Score probability maps (one [H,W] per sample) against the samples' masks inside their FOVs."""
+    """Score probability maps (one [H,W] per sample) against the samples' masks inside their FOVs.
+
+    Images whose ground truth has no vessel pixel inside the FOV get a per-image row (``has_vessels``
+    False) but stay out of the means and the sweep, as vessel benchmarks do: an empty mask would score
+    Dice 1.0 for predicting nothing. A loud warning names them; if no image has vessels, it is an error.
+    """
     labelled = [i for i, s in enumerate(samples) if s.has_mask]
     if not labelled:
         raise ValueError("evaluation needs samples with ground-truth masks")
-    rows: list[dict[str, float | str]] = []
+    rows: list[dict[str, float | str | bool]] = []
     sweeps = []
     for i in labelled:
         s = samples[i]
-        row: dict[str, float | str] = {"id": s.id}
+        has_vessels = bool((s.mask & s.fov).any())
+        row: dict[str, float | str | bool] = {"id": s.id, "has_vessels": has_vessels}
         row.update(segmentation_metrics(probs[i] >= threshold, s.mask, s.fov))
         rows.append(row)
-        sweeps.append(threshold_sweep(probs[i], s.mask, np.asarray(thresholds), s.fov))
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_KEYS}
+        if has_vessels:
+            sweeps.append(threshold_sweep(probs[i], s.mask, np.asarray(thresholds), s.fov))
+    scored = [r for r in rows if r["has_vessels"]]
+    empty = [str(r["id"]) for r in rows if not r["has_vessels"]]
+    if not scored:
+        raise ValueError(
+            f"none of the {len(rows)} labelled images has a vessel pixel inside its FOV (e.g. {empty[0]}); "
+            "check the masks (empty or misread annotations) and the FOV masks"
+        )
+    if empty:
+        log.warning(
+            "%d of %d labelled images have no vessel pixel inside their FOV (%s): reported per image, "
+            "left out of the means",
+            len(empty),
+            len(rows),
+            ", ".join(empty[:5]),
+        )
+    full = [str(r["id"]) for r, i in zip(rows, labelled, strict=True) if _mostly_vessel(samples[i])]
+    if full:
+        log.warning("the ground truth of %s covers most of its FOV: an inverted mask?", ", ".join(full[:5]))
+    mean = {k: float(np.mean([r[k] for r in scored])) for k in METRIC_KEYS}
     sweep = {"thresholds": [float(t) for t in thresholds]}
     for k in ("dice", "precision", "recall"):
         sweep[k] = np.mean([sw[k] for sw in sweeps], axis=0).tolist()
-    return EvalResult(threshold=threshold, mean=mean, per_image=rows, sweep=sweep)
+    return EvalResult(
+        threshold=threshold, mean=mean, per_image=rows, sweep=sweep, n_without_vessels=len(empty)
+    )
+
+
+def _mostly_vessel(s: VesselSample) -> bool:
+    """Vessels fill 8-14 % of a fundus FOV; more than half is a misread or inverted annotation."""
+    return bool(s.fov.any() and s.mask[s.fov].mean() > 0.5)
 
 
 def evaluate(

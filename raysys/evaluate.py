@@ -44,6 +44,7 @@ def evaluate_checkpoint(
         "split": split,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "n_images": len(res.per_image),
+        "n_without_vessels": res.n_without_vessels,
         "threshold": ec.threshold,
         "mean": res.mean,
         "sweep": res.sweep,

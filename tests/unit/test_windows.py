@@ -178,3 +178,17 @@ def test_tiny_policy_returns_logits_at_any_image_size(size) -> None:
     with torch.no_grad():
         by_hand = model(padded, ["vessels", "vessels"])[:, :h, :w]
     torch.testing.assert_close(logits, by_hand)
+
+
+def test_images_without_vessels_are_reported_apart_not_averaged(caplog) -> None:
+    from policies.evaluation import evaluate_probs
+
+    s = _sample(64, 64)
+    empty = dataclasses.replace(s, id="empty", mask=np.zeros_like(s.mask))
+    probs = [np.where(s.mask, 0.9, 0.1).astype(np.float32), np.zeros(s.mask.shape, np.float32)]
+    res = evaluate_probs(probs, [s, empty])
+    assert res.n_without_vessels == 1 and [r["has_vessels"] for r in res.per_image] == [True, False]
+    assert res.mean["dice"] == pytest.approx(res.per_image[0]["dice"])  # not averaged with the empty 1.0
+    assert "no vessel pixel" in caplog.text and "empty" in caplog.text
+    with pytest.raises(ValueError, match="none of the 1 labelled images has a vessel pixel"):
+        evaluate_probs(probs[1:], [empty])
