@@ -313,6 +313,7 @@ def run_training(
             raise FileNotFoundError(
                 f"nothing to resume in {storage}/{name}: no checkpoints from an earlier run"
             )
+        preflight(cfg)
         if resume:
             check_resumable_config(cfg, run_dir / "config.yaml")
         else:
@@ -419,6 +420,25 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def preflight(cfg: Config) -> None:
+    """Load, once and here, the checkpoints every actor will load: a missing, corrupt or malicious file (refused
+    by ``weights_only``/safetensors) stops with its name and key instead of an ActorDiedError from Ray."""
+    checks = []
+    if cfg.reward.reward_net:
+        from policies.reward_net import load_reward_net
+
+        checks.append(("reward.reward_net", lambda: load_reward_net(cfg.reward.reward_net)))
+    if cfg.policy.kind == "tiny" and cfg.policy.checkpoint:
+        from policies.checkpoint import load_base_model
+
+        checks.append(("policy.checkpoint", lambda: load_base_model(cfg.policy.checkpoint)))
+    for key, load in checks:
+        try:
+            load()
+        except (ValueError, OSError) as exc:  # same type (callers match on it), the key in front
+            raise type(exc)(f"{key}: {exc}") from exc
 
 
 def holds_results(run_dir: Path) -> bool:

@@ -164,3 +164,25 @@ def test_an_edited_dataset_file_reruns_the_data_stage(tmp_path) -> None:
     (root / "b.png").write_bytes(b"x")  # added
     assert stage_keys(cfg, "data") != edited
     assert stage_keys(load_config(None, []), "data")["files"] is None  # synthetic: no files
+
+
+def test_a_malicious_or_missing_checkpoint_stops_before_ray_naming_the_key(tmp_path) -> None:
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"model_state_dict": Boom()}))
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=a", f"reward.reward_net={evil}"])
+    with pytest.raises(
+        ValueError, match=r"reward\.reward_net: reward net checkpoint .*evil\.pth could not be read"
+    ):
+        run_training(cfg, progress=False)
+    missing = load_config(
+        None, [f"run.output_dir={tmp_path}", "run.name=b", f"policy.checkpoint={tmp_path}/no"]
+    )
+    with pytest.raises(ValueError, match=r"policy\.checkpoint: .*config\.json does not exist"):
+        run_training(missing, progress=False)
+    assert not (tmp_path / "a" / "config.yaml").exists()  # nothing written for a run that cannot start
