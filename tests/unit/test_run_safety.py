@@ -83,13 +83,20 @@ def _fake_stages(calls: list[str], interrupt: dict[str, bool]) -> dict[str, Stag
     }
 
 
-def test_an_interrupted_rl_stage_continues_and_other_stages_start_over(tmp_path, monkeypatch) -> None:
+@pytest.fixture
+def interrupted(tmp_path, monkeypatch):
+    """A pipeline of stand-in stages whose rl stage was interrupted (Ctrl-C) after doing some work."""
     calls: list[str] = []
     interrupt = {"rl": True}
     monkeypatch.setattr(pipeline_mod, "_stages", lambda: _fake_stages(calls, interrupt))
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=p"])
     with pytest.raises(KeyboardInterrupt):
         Pipeline(cfg, progress=False).run()
+    return cfg, calls, interrupt
+
+
+def test_an_interrupted_rl_stage_continues_and_other_stages_start_over(tmp_path, interrupted) -> None:
+    cfg, calls, interrupt = interrupted
     assert (tmp_path / "p" / "rl.tmp" / "progress.txt").read_text() == "x"
     Pipeline(cfg, progress=False).run()
     assert (tmp_path / "p" / "rl" / "result.txt").read_text() == "xx"  # the kept partial work went on
@@ -102,13 +109,7 @@ def test_an_interrupted_rl_stage_continues_and_other_stages_start_over(tmp_path,
     assert (tmp_path / "p" / "eval" / "result.txt").read_text() == "x"
 
 
-def test_a_changed_config_does_not_continue_a_stale_partial_stage(tmp_path, monkeypatch) -> None:
-    calls: list[str] = []
-    interrupt = {"rl": True}
-    monkeypatch.setattr(pipeline_mod, "_stages", lambda: _fake_stages(calls, interrupt))
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=p"])
-    with pytest.raises(KeyboardInterrupt):
-        Pipeline(cfg, progress=False).run()
+def test_a_changed_config_does_not_continue_a_stale_partial_stage(tmp_path, interrupted) -> None:
     changed = load_config(None, [f"run.output_dir={tmp_path}", "run.name=p", "learner.lr=1e-3"])
     Pipeline(changed, progress=False).run()
     assert (tmp_path / "p" / "rl" / "result.txt").read_text() == "x"  # started over with the new settings
