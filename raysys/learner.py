@@ -101,7 +101,7 @@ class Learner:
         params = list(self.policy.trainable_parameters())
         if cfg.learner.algorithm == "ppo":
             key, first = self.train.get(0, 0)
-            low = self.features.get([key], lambda _: first.image).low  # sized from the frozen features
+            low = self.features.get([key], [first.image]).low  # sized from the frozen features
             self.value_head = ValueHead(low.shape[1]).to(self.device)
             params += list(self.value_head.parameters())
         self.optimizer = torch.optim.Adam(params, lr=cfg.learner.lr)
@@ -243,8 +243,7 @@ class Learner:
             log.warning("iteration %d: no valid on-policy images; update skipped", iteration)
             metrics["update/skipped"] = 1.0
             return metrics
-        by_key = dict(zip(b.keys, b.samples, strict=True))
-        feats = self.features.get(b.keys, lambda key: by_key[key].image).to(self.device)
+        feats = self.features.get(b.keys, [s.image for s in b.samples]).to(self.device)
         n = len(b.indices)
         # 3. old log-probs (the rollout policy = current weights) and reference logits, no grad.
         with torch.no_grad():
@@ -402,8 +401,7 @@ class Learner:
         val, cache = self._val
 
         def logits(images: np.ndarray, prompts: list[str], keys: list) -> torch.Tensor:
-            by_key = dict(zip(keys, images, strict=True))
-            feats = cache.get(keys, by_key.__getitem__).to(self.device)
+            feats = cache.get(keys, images).to(self.device)
             return self.policy.mask_logits(images, prompts, features=feats)
 
         probs = predict_probs(logits, val, inference_for(self.cfg), keyed=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -51,12 +51,13 @@ class FeatureCache:
         self._cache: OrderedDict[Hashable, object] = OrderedDict()
         self.nbytes = 0
 
-    def get(self, keys: Sequence[Hashable], image_of: Callable[[Hashable], np.ndarray]):
-        """Features of ``keys`` concatenated in order; ``image_of(key)`` gives the uint8 image of a miss."""
-        missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
+    def get(self, keys: Sequence[Hashable], images: Sequence[np.ndarray]):
+        """Features of ``keys`` concatenated in order; ``images`` (uint8, one per key) feed the misses."""
+        image_of = dict(zip(keys, images, strict=True))
+        missing = [k for k in image_of if k not in self._cache]
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
-            feats = self.policy.frozen_features(np.stack([image_of(k) for k in chunk]))
+            feats = self.policy.frozen_features(np.stack([image_of[k] for k in chunk]))
             for j, k in enumerate(chunk):
                 one = type(feats).cat([feats.index(slice(j, j + 1))])  # a copy: the batch can be freed
                 self._cache[k] = one
@@ -125,8 +126,7 @@ class RolloutWorker:
                 f"training images of different sizes {sizes} cannot share a rollout batch; train on crops "
                 "(data.crop, e.g. 128)"
             )
-        by_key = dict(zip(keys, samples, strict=True))
-        feats = self.features.get(keys, lambda key: by_key[key].image)
+        feats = self.features.get(keys, [s.image for s in samples])
         logits = self.policy.mask_logits(
             np.stack([s.image for s in samples]), [s.prompt for s in samples], features=feats
         ).float()

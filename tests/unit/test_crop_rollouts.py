@@ -67,13 +67,13 @@ def test_feature_cache_reuses_and_stays_within_its_bounds() -> None:
     policy = _CountingPolicy()
     cache = FeatureCache(policy, max_bytes=3 * 4 * 1024)  # three images' worth (4 tensors of 1 KiB each)
     image = np.zeros((8, 8, 3), np.uint8)
-    cache.get([0, 1], lambda k: image)
-    cache.get([0, 1], lambda k: image)
+    cache.get([0, 1], [image] * 2)
+    cache.get([0, 1], [image] * 2)
     assert policy.calls == 1 and len(cache) == 2
-    cache.get([2, 3, 4], lambda k: image)
+    cache.get([2, 3, 4], [image] * 3)
     assert len(cache) == 3 and cache.nbytes <= 3 * 4 * 1024  # the oldest went first
     by_items = FeatureCache(policy, max_items=2)
-    feats = by_items.get([5, 6, 7], lambda k: image)
+    feats = by_items.get([5, 6, 7], [image] * 3)
     assert len(feats) == 3 and len(by_items) == 3  # the keys of the current call always stay
-    by_items.get([8], lambda k: image)
+    by_items.get([8], [image])
     assert len(by_items) == 2
