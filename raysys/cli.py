@@ -119,8 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     try:
         res = run_training(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, FileExistsError, FileNotFoundError):
-        raise
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError):
+        raise  # bad config, data or checkpoint, found before training started: main() names it (exit 2)
     except Exception as exc:
         from raysys.train import storage_exists, train_storage
 
@@ -417,6 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PermissionError as exc:
         print(
             f"raysys: error: no permission to write {exc.filename}: choose a writable run.output_dir",
+            file=sys.stderr,
+        )
+        return 2
+    except NotADirectoryError as exc:
+        print(
+            f"raysys: error: {exc.filename} needs a folder where a file is; choose another path",
             file=sys.stderr,
         )
         return 2

@@ -655,7 +655,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     except (TypeError, ValueError) as exc:  # validation in a package-owned node
         if str(exc).startswith("invalid value for"):
             raise ConfigError(str(exc)) from exc
-        raise ConfigError(f"invalid value in '{prefix or 'config'}': {exc}") from exc
+        # Package-owned nodes name their fields as ``RewardConfig.tile_sizes``; the user knows ``reward.tile_sizes``.
+        text = str(exc).replace(f"{cls.__name__}.", f"{prefix}." if prefix else "")
+        raise ConfigError(f"invalid value in '{prefix or 'config'}': {text}") from exc
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -751,9 +753,13 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from exc
         _merge(merged, data, Config, "", str(path))
     for text in overrides:
         _apply_override(merged, text)

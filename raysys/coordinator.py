@@ -85,8 +85,14 @@ class RayCoordinator:
         import ray
 
         ref = ray.put(state_dict)  # one copy in the object store, read by every worker
-        ray.get([w.set_weights.remote(ref, version) for w in self.rollout])
         self._weights = (ref, version)
+        pending = [(w, w.set_weights.remote(ref, version)) for w in self.rollout]
+        for w, done in pending:
+            try:
+                ray.get(done)
+            except ray.exceptions.RayActorError:  # died before or while loading: restarted, sent again
+                log.warning("a rollout actor died while receiving weights version %d; retrying", version)
+                self._recover(w, rollout=True)
         return state_bytes(state_dict)
 
     def _recover(self, handle, *, rollout: bool) -> None:

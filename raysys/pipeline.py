@@ -135,6 +135,10 @@ class Pipeline:
         for s in (*force, start, until):
             if s is not None and s not in STAGES:
                 raise ValueError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+        if start and until and STAGES.index(until) < STAGES.index(start):
+            raise ValueError(
+                f"--until {until} comes before --from {start}; stages run in order {', '.join(STAGES)}"
+            )
         from raysys.train import run_lock
 
         self.root.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,17 @@ class MetricsSink:
         """On resume, drop rows of iterations the checkpoint does not contain (they will be redone)."""
         if not self.path.exists():
             return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("iteration", -1) < start_iteration
-        ]
-        self.path.write_text("".join(f"{line}\n" for line in keep))
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a row torn by a killed process; its iteration is redone
+                continue
+            if isinstance(row, dict) and row.get("iteration", -1) < start_iteration:
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in keep))
+        tmp.replace(self.path)  # a crash while rewriting leaves the old file, never half of it
 
     def log(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:

@@ -106,6 +106,9 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(ray_local) -> Non
     assert all(s.batch.version == 1 for s in scored)
     after = ray_local.get(workers[0].ready.remote())
     assert after["pid"] != pid and after["version"] == 1  # restarted and re-synced
+    os.kill(after["pid"], signal.SIGKILL)  # dies before the next weights arrive
+    co.push_weights(sd, 2)
+    assert ray_local.get(workers[0].ready.remote())["version"] == 2
     # The retried shard holds the same masks an uninterrupted worker would have drawn.
     local_worker = RolloutWorker(cfg, 0)
     local_worker.set_weights(sd, 1)

@@ -1,0 +1,265 @@
+"""Reliability: the fault matrix (every bad input through the CLI) and faults during real Ray training runs.
+
+1. Every case of ``tests/fault_cases.py`` runs through ``raysys.cli.main`` in this process and is classified:
+   ``clear`` (expected exit code and message), ``silent`` (exit 0 where an error was due, or an unclear
+   message) or ``data_loss`` (a file that existed before the command changed or vanished).
+2. Faults during ``raysys train`` (a small run in its own process): a rollout actor, the reward actor and the
+   learner (Ray Train worker) are SIGKILLed mid-run, the driver is SIGKILLed, and the driver gets Ctrl-C
+   (SIGINT). A run that stops is continued with the same command plus ``--resume``. A fault is survived when
+   the run then completes and ``metrics.jsonl`` holds every iteration exactly once, in order. Two
+   uninterrupted runs check that one config and seed give the same weights, and each fault run is compared
+   with them.
+
+    python benchmarks/reliability.py            # writes benchmarks/results/reliability.json (~6 min, 2 CPUs)
+    python benchmarks/reliability.py --no-runs  # the matrix only (~15 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from fault_cases import CASES, World, classify, run_case  # noqa: E402
+from rl_small import SMALL_RL, metric_rows  # noqa: E402
+
+ITERATIONS = 8
+
+
+def run_matrix() -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        assets = Path(tmp) / "assets"
+        assets.mkdir()
+        for i, case in enumerate(CASES):
+            t0 = time.perf_counter()
+            outcome = run_case(case, World(Path(tmp) / f"case{i}", assets))
+            rows.append(
+                {
+                    "id": case.id,
+                    "category": case.category,
+                    "verdict": classify(case, outcome),
+                    "exit": outcome.code,
+                    "expected_exit": case.code,
+                    "changed": outcome.changed,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+            )
+    verdicts = Counter(r["verdict"] for r in rows)
+    by_category: dict[str, Counter] = {}
+    for r in rows:
+        by_category.setdefault(r["category"], Counter())[r["verdict"]] += 1
+    return {
+        "cases": len(rows),
+        "clear": verdicts["clear"],
+        "silent": verdicts["silent"],
+        "data_loss": verdicts["data_loss"],
+        "by_category": {k: dict(v) for k, v in sorted(by_category.items())},
+        "not_clear": [r for r in rows if r["verdict"] != "clear"],
+        "seconds": round(sum(r["seconds"] for r in rows), 1),
+    }
+
+
+def _pids(title: str, session: int) -> list[int]:
+    """PIDs of this run's processes whose title starts with ``title`` (Ray names actors ray::<Class>)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, sid, args = line.strip().split(None, 2)
+        if int(sid) == session and args.startswith(title):
+            pids.append(int(pid))
+    return pids
+
+
+def _session_alive(session: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == session]
+
+
+def _wait_for_rows(metrics: Path, n: int, proc: subprocess.Popen, timeout: float = 400) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if len(metric_rows(metrics)) >= n:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _tail(path: Path, n: int = 12) -> list[str]:
+    lines = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and "Checkpoint successfully" not in line
+    ]
+    return [line[:300] for line in lines[-n:]]
+
+
+FAULTS = {
+    "rollout_actor_sigkill": ("ray::RolloutWorker", signal.SIGKILL),
+    "reward_actor_sigkill": ("ray::RewardWorker", signal.SIGKILL),
+    "learner_sigkill": ("ray::RayTrainWorker", signal.SIGKILL),
+    "driver_sigkill": ("driver", signal.SIGKILL),
+    "driver_ctrl_c": ("driver", signal.SIGINT),
+}
+
+
+def _train_args(out: Path, name: str, base: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "raysys", "train", f"run.output_dir={out}", f"run.name={name}", *SMALL_RL,
+        f"policy.checkpoint={base}", f"learner.iterations={ITERATIONS}", "learner.checkpoint_every=1",
+        "eval.every=4", "run.num_cpus=4", "--no-progress",
+    ]  # fmt: skip
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / "latest" / "trainable.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    if a.keys() != b.keys():
+        return float("inf")
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def run_reference(out: Path, base: Path) -> dict:
+    """Two uninterrupted runs of one config in two processes: same seed, same weights, bit for bit?"""
+    t0 = time.perf_counter()
+    for name in ("reference", "reference_again"):
+        subprocess.run(_train_args(out, name, base), capture_output=True, cwd=ROOT, timeout=900, check=True)
+    a, b = _weights(out / "reference"), _weights(out / "reference_again")
+    rows = [metric_rows(out / n / "metrics.jsonl") for n in ("reference", "reference_again")]
+    same_rewards = [r["rollout/reward_mean"] for r in rows[0]] == [r["rollout/reward_mean"] for r in rows[1]]
+    return {
+        "bitwise_identical_weights": all(a[k].equal(b[k]) for k in a) and a.keys() == b.keys(),
+        "max_abs_weight_diff": max_abs_diff(a, b),
+        "identical_reward_curves": same_rewards,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _base_model(path: Path) -> Path:
+    """A tiny base model checkpoint (what SFT writes): RL from a checkpoint must be reproducible too."""
+    from policies.checkpoint import save_base_model
+    from policies.config import PolicyConfig
+    from policies.factory import build_base_model
+
+    return save_base_model(build_base_model(PolicyConfig(), seed=5), path)
+
+
+def run_fault(name: str, out: Path, base: Path) -> dict:
+    """One training run with one fault injected after 2 iterations, then ``--resume`` if it stopped."""
+    title, sig = FAULTS[name]
+    args = _train_args(out, name, base)
+    t0 = time.perf_counter()
+    log = (out / f"{name}.log").open("w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    metrics = out / name / "metrics.jsonl"
+    injected, orphans = False, None
+    if _wait_for_rows(metrics, 2, proc):
+        targets = [proc.pid] if title == "driver" else _pids(title, proc.pid)[:1]
+        for pid in targets:
+            os.kill(pid, sig)
+            injected = True
+    first_rc = proc.wait(timeout=600)
+    if title == "driver" and sig == signal.SIGKILL:
+        time.sleep(10)  # Ray's own processes should notice their driver is gone
+        orphans = len(_session_alive(proc.pid))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of this run's Ray
+    resumed_rc = None
+    if first_rc != 0:
+        again = subprocess.run(
+            [*args, "--resume"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=900
+        )
+        resumed_rc = again.returncode
+    log.close()
+    iterations = [r["iteration"] for r in metric_rows(metrics)]
+    retries = sum(r.get("fault/retries", 0) for r in metric_rows(metrics))
+    final_rc = resumed_rc if resumed_rc is not None else first_rc
+    survived = (
+        injected
+        and final_rc == 0
+        and iterations == list(range(ITERATIONS))
+        and (out / name / "checkpoints" / "latest").is_dir()
+    )
+    diff = max_abs_diff(_weights(out / name), _weights(out / "reference")) if survived else None
+    return {
+        "fault": name,
+        "injected": injected,
+        "first_exit": first_rc,
+        "resumed": resumed_rc is not None,
+        "resume_exit": resumed_rc,
+        "iterations_logged": iterations,
+        "shard_retries": retries,
+        "orphan_processes_after_10s": orphans,
+        "survived": survived,
+        "max_abs_weight_diff_vs_uninterrupted": diff,
+        "seconds": round(time.perf_counter() - t0, 1),
+        # Why the run stopped (or failed to come back): the log's last lines.
+        "log_tail": None if survived and first_rc == 0 else _tail(out / f"{name}.log"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-runs", action="store_true", help="the fault matrix only")
+    ap.add_argument("--faults", nargs="+", choices=sorted(FAULTS), default=list(FAULTS))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.json"))
+    args = ap.parse_args()
+    matrix = run_matrix()
+    print(f"matrix: {matrix['cases']} cases, {matrix['clear']} clear, {matrix['silent']} silent, "
+          f"{matrix['data_loss']} data loss ({matrix['seconds']} s)")  # fmt: skip
+    faults, reference = [], None
+    if not args.no_runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = _base_model(Path(tmp) / "base")
+            reference = run_reference(Path(tmp), base)
+            print(f"reference: {reference}")
+            for name in args.faults:
+                res = run_fault(name, Path(tmp), base)
+                print(f"{name}: survived={res['survived']} first exit {res['first_exit']} "
+                      f"resume exit {res['resume_exit']} iterations {res['iterations_logged']} ({res['seconds']} s)")  # fmt: skip
+                faults.append(res)
+    result = {
+        "benchmark": "reliability",
+        "cases": matrix["cases"],
+        "clear": matrix["clear"],
+        "silent": matrix["silent"],
+        "data_loss": matrix["data_loss"],
+        "faults_tried": len(faults),
+        "faults_survived": sum(f["survived"] for f in faults),
+        "reproducibility": reference,
+        "matrix": matrix,
+        "faults": faults,
+        "run_iterations": ITERATIONS,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
