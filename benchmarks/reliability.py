@@ -170,6 +170,7 @@ def _base_model(path: Path) -> Path:
 def run_fault(name: str, out: Path, base: Path) -> dict:
     """One training run with one fault injected after 2 iterations, then ``--resume`` if it stopped."""
     title, sig = FAULTS[name]
+    out.mkdir(parents=True)
     args = _train_args(out, name, base)
     t0 = time.perf_counter()
     log = (out / f"{name}.log").open("w")
@@ -203,7 +204,12 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
         and iterations == list(range(ITERATIONS))
         and (out / name / "checkpoints" / "latest").is_dir()
     )
-    diff = max_abs_diff(_weights(out / name), _weights(out / "reference")) if survived else None
+    has_reference = (out / "reference" / "checkpoints" / "latest").is_dir()
+    diff = (
+        max_abs_diff(_weights(out / name), _weights(out / "reference"))
+        if survived and has_reference
+        else None
+    )
     return {
         "fault": name,
         "injected": injected,
@@ -225,6 +231,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-runs", action="store_true", help="the fault matrix only")
     ap.add_argument("--faults", nargs="+", choices=sorted(FAULTS), default=list(FAULTS))
+    ap.add_argument("--no-reference", action="store_true", help="skip the two uninterrupted runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.json"))
     args = ap.parse_args()
     matrix = run_matrix()
@@ -234,10 +241,11 @@ def main() -> None:
     if not args.no_runs:
         with tempfile.TemporaryDirectory() as tmp:
             base = _base_model(Path(tmp) / "base")
-            reference = run_reference(Path(tmp), base)
-            print(f"reference: {reference}")
-            for name in args.faults:
-                res = run_fault(name, Path(tmp), base)
+            if not args.no_reference:
+                reference = run_reference(Path(tmp), base)
+                print(f"reference: {reference}")
+            for i, name in enumerate(args.faults):
+                res = run_fault(name, Path(tmp) / f"try{i}", base)
                 print(f"{name}: survived={res['survived']} first exit {res['first_exit']} "
                       f"resume exit {res['resume_exit']} iterations {res['iterations_logged']} ({res['seconds']} s)")  # fmt: skip
                 faults.append(res)

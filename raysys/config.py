@@ -251,6 +251,9 @@ class LearnerConfig:
     """Mixed precision on GPU (ignored on CPU)."""
     checkpoint_every: int = 10
     """Report a Ray Train checkpoint every N iterations."""
+    max_failures: int = 1
+    """Times Ray Train restarts a failed learner worker group from its latest checkpoint within one run
+    (-1: no limit; 0: the run fails, continue it with ``--resume``)."""
     torch_threads: int = 0
     """torch intra-op threads per Train worker (0: torch's default)."""
 
@@ -274,6 +277,7 @@ class LearnerConfig:
             "the PPO value head runs outside the DeepSpeed engine; use algorithm grpo or rce_grpo with deepspeed",
         )
         _check(self.checkpoint_every >= 1, "learner.checkpoint_every", "must be >= 1")
+        _check(self.max_failures >= -1, "learner.max_failures", "must be >= -1 (-1: no limit)")
 
 
 SEARCH_SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")

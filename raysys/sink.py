@@ -21,6 +21,8 @@ class MetricsSink:
         self._tb_dir = str(Path(run_dir) / "tensorboard")
         self.last: dict[str, Any] = {}
         self.rows = 0
+        self.start_iteration = start_iteration
+        self.stop_at: int | None = None
 
     def _truncate(self, start_iteration: int) -> None:
         """On resume, drop rows of iterations the checkpoint does not contain (they will be redone)."""
@@ -37,6 +39,23 @@ class MetricsSink:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(f"{line}\n" for line in keep))
         tmp.replace(self.path)  # a crash while rewriting leaves the old file, never half of it
+
+    def rewind(self, start_iteration: int) -> None:
+        """The learner (re)starts at ``start_iteration``: rows of later iterations will be logged again."""
+        self._truncate(start_iteration)
+        self.start_iteration = start_iteration
+        self.last = {}
+
+    def request_stop(self) -> int:
+        """Ctrl-C: every learner rank stops before the returned iteration. Rank 0 logs iteration L before
+        the report barrier, so no rank has started L + 2 yet: all ranks stop at the same iteration."""
+        if self.stop_at is None:
+            logged = int(self.last["iteration"]) if self.last else self.start_iteration - 1
+            self.stop_at = logged + 2
+        return self.stop_at
+
+    def stop_iteration(self) -> int | None:
+        return self.stop_at
 
     def log(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:

@@ -135,13 +135,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if initial is not None:
         with initial.as_directory() as d:
             start = learner.load(d)
-        if rank == 0:
-            coordinator.push_weights(learner.trainable_state_dict(), learner.version)
-        if world > 1:  # no rank samples before rank 0 has pushed the loaded weights
-            torch.distributed.barrier()
         log.info("resumed at iteration %d (policy version %d)", start, learner.version)
+    if rank == 0:
+        # Also after Train restarted a failed learner (learner.max_failures): the rollout actors may hold
+        # newer weights than the checkpoint, and the sink rows of the iterations about to be redone go.
+        coordinator.push_weights(learner.trainable_state_dict(), learner.version)
+        ray.get(sink.rewind.remote(start))
+    if world > 1:  # no rank samples before rank 0 has pushed the loaded weights
+        torch.distributed.barrier()
     n_train = len(learner.train)
     for it in range(start, cfg.learner.iterations):
+        stop_at = ray.get(sink.stop_iteration.remote())
+        if stop_at is not None and it >= stop_at:
+            log.info("stopping before iteration %d (Ctrl-C on the driver)", it)
+            break
         t_iter = time.perf_counter()
         last = it + 1 == cfg.learner.iterations
         # 1. collect: rollout actors sample, reward actors score (this rank's share of the images)
@@ -288,7 +295,7 @@ def run_training(
     and for PBT a donor's ``initial_checkpoint`` started under a new Train run name (``train_name``).
     """
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -355,6 +362,7 @@ def run_training(
                     name=name,
                     storage_path=storage,
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    failure_config=FailureConfig(max_failures=lc.max_failures),
                     callbacks=list(callbacks),
                 ),
             )
@@ -450,7 +458,14 @@ def holds_results(run_dir: Path) -> bool:
 
 
 RESUME_MAY_CHANGE = frozenset(
-    {"run.ray_address", "run.num_cpus", "run.num_gpus", "run.log_level", "learner.iterations"}
+    {
+        "run.ray_address",
+        "run.num_cpus",
+        "run.num_gpus",
+        "run.log_level",
+        "learner.iterations",
+        "learner.max_failures",
+    }
 )
 """Keys a resumed run may change: where it runs, how it logs, and how long it goes on."""
 
@@ -548,21 +563,33 @@ def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool):
 
         bar = tqdm(total=cfg.learner.iterations, initial=start, desc=f"train {cfg.run.name}", unit="it")
     done = start
-    while thread.is_alive():
-        thread.join(timeout=1.0)
+    try:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            if bar is not None:
+                last = ray.get(sink.progress.remote())
+                if last and last["iteration"] + 1 > done:
+                    bar.update(last["iteration"] + 1 - done)
+                    done = last["iteration"] + 1
+                    post = {
+                        k.split("/")[-1]: f"{last[k]:.3f}"
+                        for k in ("rollout/reward_mean", "val/dice")
+                        if k in last
+                    }
+                    bar.set_postfix(post)
+    except KeyboardInterrupt:
+        # Let the learner finish its iteration and Train end before Ray shuts down: shutting Ray down under a
+        # running fit() can crash the process. A second Ctrl-C stops at once.
+        stop_at = ray.get(sink.request_stop.remote())
+        log.warning(
+            "Ctrl-C: stopping before iteration %d; checkpoints are kept (Ctrl-C again to stop at once)",
+            stop_at,
+        )
+        thread.join()
+        raise
+    finally:
         if bar is not None:
-            last = ray.get(sink.progress.remote())
-            if last and last["iteration"] + 1 > done:
-                bar.update(last["iteration"] + 1 - done)
-                done = last["iteration"] + 1
-                post = {
-                    k.split("/")[-1]: f"{last[k]:.3f}"
-                    for k in ("rollout/reward_mean", "val/dice")
-                    if k in last
-                }
-                bar.set_postfix(post)
-    if bar is not None:
-        bar.close()
+            bar.close()
     if "error" in box:
         raise box["error"]
     return box["result"]

@@ -546,6 +546,7 @@ CASES: list[Case] = [
         2,
         r"learner\.lrr",
     ),
+    Case("config-max-failures", "config", _cfg("learner.max_failures=-2"), 2, r"learner\.max_failures"),
     Case("config-sft-steps-negative", "config", _cfg("sft.steps=-1"), 2, r"sft\.steps"),
     Case("config-valid-prints", "config", _cfg("learner.lr=1e-3"), 0, r"lr: 0\.001"),
     # ---- data: clear errors naming the file, loud warnings for degenerate ground truth

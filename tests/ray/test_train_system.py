@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +24,11 @@ from raysys.train import ResourceError, check_resources, run_training
 
 def _rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rows_or_none(run_dir) -> list[str]:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().splitlines() if path.is_file() else []
 
 
 def test_two_iteration_run_writes_metrics_checkpoints_and_events(ray_local, tmp_path) -> None:
@@ -135,6 +142,36 @@ def test_resume_matches_an_uninterrupted_run(ray_local, tmp_path) -> None:
     assert [r["iteration"] for r in rows_resumed] == [0, 1, 2, 3]
     for rf, rr in zip(rows_full, rows_resumed, strict=True):
         assert rf["rollout/reward_mean"] == pytest.approx(rr["rollout/reward_mean"], rel=1e-5)
+
+    # The learner killed once iteration 1 is logged: Ray Train restarts it from its latest checkpoint within the
+    # run (learner.max_failures); the iterations after it are redone, each logged once, and the weights are
+    # the uninterrupted run's.
+    killed = load_config(None, [*common, "run.name=killed", "learner.iterations=4"])
+    done = threading.Event()
+    kills: list[int] = []
+
+    def kill_the_learner() -> None:
+        run = killed.run_dir
+        while not done.is_set():
+            if len(_rows_or_none(run)) >= 2:
+                pid = json.loads((run / "placement.json").read_text())["learner"][0]["pid"]
+                os.kill(pid, signal.SIGKILL)
+                kills.append(pid)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_the_learner)
+    thread.start()
+    try:
+        restarted = run_training(killed, progress=False)
+    finally:
+        done.set()
+        thread.join()
+    assert kills, "the run ended before the learner could be killed"
+    assert [r["iteration"] for r in _rows(restarted.run_dir)] == [0, 1, 2, 3]
+    c = load_file(str(restarted.run_dir / "checkpoints/latest/trainable.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6)
 
 
 def test_asking_for_more_gpus_than_the_cluster_has_fails_fast(ray_local) -> None:

@@ -145,6 +145,20 @@ def test_resume_drops_a_metrics_row_torn_by_a_killed_process(tmp_path) -> None:
     assert [json.loads(line)["iteration"] for line in kept] == [0, 1, 2]
 
 
+def test_ctrl_c_stops_every_learner_rank_at_the_same_iteration(tmp_path) -> None:
+    from raysys.sink import MetricsSink
+
+    sink = MetricsSink(str(tmp_path / "a"), start_iteration=3)
+    assert sink.stop_iteration() is None
+    assert sink.request_stop() == 4  # nothing logged yet: iteration 3 may already run, 4 has not started
+    sink = MetricsSink(str(tmp_path / "b"))
+    for i in range(3):
+        sink.log({"iteration": i})
+    assert sink.request_stop() == 4 and sink.stop_iteration() == 4
+    sink.log({"iteration": 3})
+    assert sink.request_stop() == 4  # a second Ctrl-C does not move it
+
+
 def test_an_edited_dataset_file_reruns_the_data_stage(tmp_path) -> None:
     from raysys.pipeline import dataset_fingerprint, stage_keys
 
