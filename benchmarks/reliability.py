@@ -204,12 +204,9 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
         and iterations == list(range(ITERATIONS))
         and (out / name / "checkpoints" / "latest").is_dir()
     )
-    has_reference = (out / "reference" / "checkpoints" / "latest").is_dir()
-    diff = (
-        max_abs_diff(_weights(out / name), _weights(out / "reference"))
-        if survived and has_reference
-        else None
-    )
+    reference = out.parent / "reference"  # run_reference's run, next to the fault runs
+    has_reference = (reference / "checkpoints" / "latest").is_dir()
+    diff = max_abs_diff(_weights(out / name), _weights(reference)) if survived and has_reference else None
     return {
         "fault": name,
         "injected": injected,
