@@ -125,53 +125,53 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(ray_local) -> Non
         np.testing.assert_allclose(a.rewards, b.rewards)
 
 
-def test_resume_matches_an_uninterrupted_run(ray_local, tmp_path) -> None:
+def _run_killing_the_learner(cfg, after_rows: int):
+    """``run_training(cfg)`` while a thread SIGKILLs the learner (rank 0's Train worker) once ``after_rows``
+    iterations are logged; returns the result and the killed PIDs."""
+    done, kills = threading.Event(), []
+
+    def kill() -> None:
+        while not done.is_set():
+            if len(_rows_or_none(cfg.run_dir)) >= after_rows:
+                pid = json.loads((cfg.run_dir / "placement.json").read_text())["learner"][0]["pid"]
+                os.kill(pid, signal.SIGKILL)
+                kills.append(pid)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    try:
+        return run_training(cfg, progress=False), kills
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_a_restarted_learner_and_a_resumed_run_both_match_one_run(ray_local, tmp_path) -> None:
     common = [*SMALL, f"run.output_dir={tmp_path}", "eval.every=100", "learner.checkpoint_every=2"]
-    full = run_training(load_config(None, [*common, "run.name=full", "learner.iterations=4"]), progress=False)
+    # 1. The learner is killed once iteration 1 is logged: Ray Train restarts it from its latest checkpoint
+    # within the run (learner.max_failures) and the iterations after it are redone, each logged once.
+    full, kills = _run_killing_the_learner(
+        load_config(None, [*common, "run.name=full", "learner.iterations=4"]), after_rows=2
+    )
+    assert kills, "the run ended before the learner could be killed"
+    # 2. A run stopped after 2 iterations and resumed to 4.
     part = load_config(None, [*common, "run.name=part", "learner.iterations=2"])
     run_training(part, progress=False)
     resumed = run_training(
         load_config(None, [*common, "run.name=part", "learner.iterations=4"]), resume=True, progress=False
     )
+    # Both are the same deterministic run: same weights, same reward curve, every iteration once.
     a = load_file(str(full.run_dir / "checkpoints/latest/trainable.safetensors"))
     b = load_file(str(resumed.run_dir / "checkpoints/latest/trainable.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     rows_full, rows_resumed = _rows(full.run_dir), _rows(resumed.run_dir)
-    assert [r["iteration"] for r in rows_resumed] == [0, 1, 2, 3]
+    assert [r["iteration"] for r in rows_full] == [r["iteration"] for r in rows_resumed] == [0, 1, 2, 3]
     for rf, rr in zip(rows_full, rows_resumed, strict=True):
         assert rf["rollout/reward_mean"] == pytest.approx(rr["rollout/reward_mean"], rel=1e-5)
-
-    # The learner killed once iteration 1 is logged: Ray Train restarts it from its latest checkpoint within the
-    # run (learner.max_failures); the iterations after it are redone, each logged once, and the weights are
-    # the uninterrupted run's.
-    killed = load_config(None, [*common, "run.name=killed", "learner.iterations=4"])
-    done = threading.Event()
-    kills: list[int] = []
-
-    def kill_the_learner() -> None:
-        run = killed.run_dir
-        while not done.is_set():
-            if len(_rows_or_none(run)) >= 2:
-                pid = json.loads((run / "placement.json").read_text())["learner"][0]["pid"]
-                os.kill(pid, signal.SIGKILL)
-                kills.append(pid)
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=kill_the_learner)
-    thread.start()
-    try:
-        restarted = run_training(killed, progress=False)
-    finally:
-        done.set()
-        thread.join()
-    assert kills, "the run ended before the learner could be killed"
-    assert [r["iteration"] for r in _rows(restarted.run_dir)] == [0, 1, 2, 3]
-    c = load_file(str(restarted.run_dir / "checkpoints/latest/trainable.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6)
 
 
 def test_asking_for_more_gpus_than_the_cluster_has_fails_fast(ray_local) -> None:
