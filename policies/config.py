@@ -33,6 +33,9 @@ class PolicyConfig:
     """LoRA dropout; 0 keeps log-probs of old and new policy comparable."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype of the frozen backbone (bfloat16 for real Sa2VA on GPU)."""
+    trust_remote_code: bool = False
+    """Let a Sa2VA checkpoint's own Python files (its modeling code, which every Sa2VA release ships and needs)
+    run when it loads. They run with your permissions: enable it only for checkpoints from a source you trust."""
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
@@ -45,6 +48,12 @@ class PolicyConfig:
             self.kind != "sa2va" or bool(self.checkpoint),
             "policy.checkpoint",
             "kind 'sa2va' needs a checkpoint folder or hub id",
+        )
+        _check(
+            self.kind != "sa2va" or self.trust_remote_code,
+            "policy.trust_remote_code",
+            f"a Sa2VA checkpoint loads with the Python modeling code shipped inside it ({self.checkpoint}), "
+            "and that code runs with your permissions; if you trust its source, set policy.trust_remote_code=true",
         )
 
 

@@ -40,7 +40,7 @@ def build_base_model(cfg: PolicyConfig, *, seed: int = 0) -> torch.nn.Module:
         return TinySa2VA()
     from policies.sa2va import load_sa2va
 
-    return load_sa2va(cfg.checkpoint, dtype=cfg.dtype)
+    return load_sa2va(cfg.checkpoint, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
 
 
 def base_identity(cfg: PolicyConfig, model: torch.nn.Module, *, seed: int) -> dict[str, Any]:

@@ -708,11 +708,16 @@ def _no_hub(checkpoint: str, reason: str) -> Sa2VALoadError:
 
 
 def load_sa2va(
-    checkpoint: str, *, dtype: str = "bfloat16", device: torch.device | str | None = None
+    checkpoint: str,
+    *,
+    dtype: str = "bfloat16",
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
 ) -> Sa2VAModel:
     """Load a Sa2VA HF checkpoint (a local folder; hub ids only where a hub is reachable) with its remote code.
 
     ``dtype``: bfloat16 (what Sa2VA runs in), float16 or float32. ``device``: moved there if given.
+    ``trust_remote_code``: must be True; the checkpoint's Python files run on load (refused otherwise).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -724,6 +729,13 @@ def load_sa2va(
         if not (path / "config.json").is_file():
             raise _no_hub(checkpoint, f"{path} has no config.json (not a Hugging Face checkpoint folder)")
     source = str(path) if local else checkpoint
+    if not trust_remote_code:
+        shipped = sorted(p.name for p in path.glob("*.py")) if local else []
+        raise Sa2VALoadError(
+            f"{checkpoint} loads with the Python modeling code shipped inside it"
+            f"{' (' + ', '.join(shipped) + ')' if shipped else ''}, which runs with your permissions; if you trust "
+            "its source, pass trust_remote_code=True (config: policy.trust_remote_code: true)"
+        )
 
     import transformers
     from packaging.version import Version
@@ -733,7 +745,7 @@ def load_sa2va(
     try:
         remote = AutoModel.from_pretrained(
             source, trust_remote_code=True, low_cpu_mem_usage=True, **{dtype_key: _DTYPES[dtype]}
-        )
+        )  # trust_remote_code: the caller opted in above
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
         flavour = _flavour(remote)
         processor = (

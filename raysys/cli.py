@@ -426,6 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except OSError as exc:  # e.g. a Sa2VA checkpoint that cannot be loaded: the message names it
+        log.debug("raysys failed", exc_info=True)
+        print(f"raysys: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "raysys: interrupted; finished outputs and checkpoints are kept. Continue with the same command "

@@ -383,6 +383,19 @@ def _failed_with_checkpoints(w: World) -> list[str]:
     return argv
 
 
+def _booby_trapped(w: World) -> Path:
+    """A Sa2VA-looking folder whose modeling code would overwrite a file outside it if it ever ran."""
+    folder = w.root / "sa2va"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"auto_map": {"AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"}})
+    )
+    (folder / "modeling_sa2va_chat.py").write_text(
+        f"open({str(w.root / 'outside.txt')!r}, 'w').write('pwned')\n"
+    )
+    return folder
+
+
 def _bad_manifest(w: World, text: str) -> list[str]:
     argv = _manifest([])(w)
     (w.root / "poly" / "annotations.json").write_text(text)
@@ -948,7 +961,12 @@ CASES: list[Case] = [
     Case(
         "run-sft-sa2va",
         "run",
-        lambda w: ["sft", *w.run("policy.kind=sa2va", "policy.checkpoint=OpenGVLab/Sa2VA-4B")],
+        lambda w: [
+            "sft",
+            *w.run(
+                "policy.kind=sa2va", "policy.checkpoint=OpenGVLab/Sa2VA-4B", "policy.trust_remote_code=true"
+            ),
+        ],
         2,
         r"tiny policy",
     ),
@@ -979,6 +997,25 @@ CASES: list[Case] = [
         r"raysys pipeline skips finished stages",
     ),
     # ---- security
+    Case(
+        "security-sa2va-remote-code-opt-in",
+        "security",
+        lambda w: ["eval", *w.run("policy.kind=sa2va", f"policy.checkpoint={_booby_trapped(w)}")],
+        2,
+        r"policy\.trust_remote_code.*runs with your permissions",
+    ),
+    Case(
+        "security-sa2va-missing-folder",
+        "checkpoint",
+        lambda w: [
+            "eval",
+            *w.run(
+                "policy.kind=sa2va", f"policy.checkpoint={w.root / 'sa2va'}", "policy.trust_remote_code=true"
+            ),
+        ],
+        2,
+        r"sa2va.*no model-hub access",
+    ),
     Case(
         "security-yaml-python-tag",
         "security",

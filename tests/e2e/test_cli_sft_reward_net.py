@@ -62,5 +62,11 @@ def test_sft_then_reward_net_with_policy_masks(tmp_path) -> None:
 
 
 def test_sft_rejects_a_sa2va_policy(tmp_path) -> None:
-    out = _run("sft", f"run.output_dir={tmp_path}", "policy.kind=sa2va", "policy.checkpoint=/nowhere")
+    out = _run(
+        "sft",
+        f"run.output_dir={tmp_path}",
+        "policy.kind=sa2va",
+        "policy.checkpoint=/nowhere",
+        "policy.trust_remote_code=true",
+    )
     assert out.returncode == 2 and "tiny policy" in out.stderr

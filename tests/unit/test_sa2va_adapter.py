@@ -415,6 +415,23 @@ def test_load_missing_local_checkpoint_names_the_path(tmp_path, monkeypatch) -> 
         load_sa2va(str(empty), dtype="int8")
 
 
+def test_remote_code_runs_only_when_the_user_opts_in(tmp_path, monkeypatch) -> None:
+    import transformers
+
+    from policies.config import PolicyConfig
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("from_pretrained must not run a checkpoint's code without trust_remote_code")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_call)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "modeling_sa2va_chat.py").write_text("raise SystemExit('ran')\n")
+    with pytest.raises(Sa2VALoadError, match=r"modeling_sa2va_chat\.py.*trust_remote_code=True"):
+        load_sa2va(str(tmp_path), dtype="float32")
+    with pytest.raises(ValueError, match=r"policy\.trust_remote_code"):
+        PolicyConfig(kind="sa2va", checkpoint=str(tmp_path))
+
+
 def test_load_unreachable_hub_id_says_there_is_no_hub_access(monkeypatch) -> None:
     import transformers
 
@@ -423,7 +440,7 @@ def test_load_unreachable_hub_id_says_there_is_no_hub_access(monkeypatch) -> Non
 
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", offline)
     with pytest.raises(Sa2VALoadError, match="ByteDance/Sa2VA-1B") as err:
-        load_sa2va("ByteDance/Sa2VA-1B")
+        load_sa2va("ByteDance/Sa2VA-1B", trust_remote_code=True)
     assert "no model-hub access" in str(err.value) and "couldn't connect" in str(err.value)
 
 
@@ -454,7 +471,9 @@ def test_load_calls_from_pretrained_with_remote_code_and_builds_the_policy(
     monkeypatch.setattr(
         transformers.AutoProcessor, "from_pretrained", fake_loader("processor", *processor or [None])
     )
-    policy = build_policy(PolicyConfig(kind="sa2va", checkpoint=str(tmp_path), dtype="float32"))
+    policy = build_policy(
+        PolicyConfig(kind="sa2va", checkpoint=str(tmp_path), dtype="float32", trust_remote_code=True)
+    )
     assert calls["model"]["path"] == str(tmp_path) and calls["model"]["trust_remote_code"] is True
     assert calls["model"]["low_cpu_mem_usage"] is True
     assert calls["model"].get("dtype", calls["model"].get("torch_dtype")) is torch.float32

@@ -154,7 +154,7 @@ def test_train_view_crops_agree_across_views_and_change_per_iteration() -> None:
     assert load_config(None, folder).train_crop == 128
     assert load_config(None, [*folder, "data.crop=0"]).train_crop is None
     assert load_config(None, []).train_crop is None  # synthetic: whole images
-    sa2va = [*folder, "policy.kind=sa2va", "policy.checkpoint=x"]
+    sa2va = [*folder, "policy.kind=sa2va", "policy.checkpoint=x", "policy.trust_remote_code=true"]
     assert load_config(None, sa2va).train_crop is None  # Sa2VA sees whole images, as it was trained
 
 
