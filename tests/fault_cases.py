@@ -448,6 +448,19 @@ def _pickle_base(w: World) -> list[str]:
     return ["train", *w.run(f"policy.checkpoint={base}")]
 
 
+def _over_finished_run(*, other_storage: bool = False, keep_checkpoints: bool = True) -> Callable:
+    """``raysys train`` under the name of a finished run (no --resume)."""
+
+    def argv(w: World) -> list[str]:
+        run = w.finished_run()
+        if not keep_checkpoints:
+            shutil.rmtree(run / "checkpoints")
+        storage = [f"run.storage_path={w.root / 'elsewhere'}"] if other_storage else []
+        return ["train", *w.run("run.name=done", *storage)]
+
+    return argv
+
+
 def _resume_changed(w: World) -> list[str]:
     run = w.finished_run()
     (run / "ray" / "done").mkdir(parents=True)  # its Ray Train checkpoints
@@ -891,26 +904,18 @@ CASES: list[Case] = [
         r"reward\.reward_net.*rn\.safetensors",
     ),
     # ---- runs: nothing finished is overwritten, nothing outside the run is touched
-    Case(
-        "run-finished-not-overwritten",
-        "run",
-        lambda w: (w.finished_run(), ["train", *w.run("run.name=done")])[1],
-        2,
-        r"already holds a run.*--resume",
-    ),
+    Case("run-finished-not-overwritten", "run", _over_finished_run(), 2, r"already holds a run.*--resume"),
     Case(
         "run-finished-other-storage",
         "run",
-        lambda w: (w.finished_run(), ["train", *w.run("run.name=done", f"run.storage_path={w.root / 'st'}")])[
-            1
-        ],
+        _over_finished_run(other_storage=True),
         2,
         r"already holds a run",
     ),
     Case(
-        "run-finished-ray-folder-deleted",
+        "run-finished-metrics-only",  # its checkpoints (and Ray storage) are gone: metrics alone are kept
         "run",
-        lambda w: (shutil.rmtree(w.finished_run() / "checkpoints"), ["train", *w.run("run.name=done")])[1],
+        _over_finished_run(keep_checkpoints=False),
         2,
         r"already holds a run",
     ),
