@@ -1,6 +1,6 @@
 """Seeded synthetic colour-fundus images with exact vessel ground truth.
 
-The generator follows the recipe in ``shared/research/vessels.md`` §4:
+The generator's recipe:
 
 1. Layout: a left or right eye, optic disc ~0.23 W from the centre, fovea near the centre.
 2. Geometry: an artery tree and a vein tree rooted in the disc. Each starts from explicit trunks

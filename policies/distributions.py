@@ -2,7 +2,7 @@
 
 The policy's mask logits z [B,H,W] define one independent Bernoulli per pixel,
 m_ij ~ Bernoulli(sigmoid(z_ij / T)), so a whole mask's log-probability is the sum of its
-pixels' log-probabilities (DESIGN.md, "The RL problem, precisely"). Every function that
+pixels' log-probabilities (docs/design.md, "The RL problem"). Every function that
 works in log space uses `logsigmoid` / `softplus` so that |z| = 100 stays finite.
 
 Shapes: B images, K sampled masks per image, H x W pixels.

@@ -120,7 +120,7 @@ def tile_advantages(
 ) -> torch.Tensor:
     """Per-tile group advantages: each tile is normalised across the K samples on its own.
 
-    Spatial credit assignment (DESIGN.md): with one reward per image every pixel's advantage carries
+    Spatial credit assignment (docs/design.md): with one reward per image every pixel's advantage carries
     the noise of all other pixels; scoring each tile separately gives each region its own signal.
 
     Args:

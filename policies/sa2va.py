@@ -2,7 +2,7 @@
 
 Sa2VA's own code has no differentiable path to mask logits (``generate`` is no_grad, SAM2's video propagation
 is inference_mode, masks come back binarised). This module re-implements Sa2VA's *training* forward against
-the remote-code objects (research/sa2va.md §1.4), as one teacher-forced pass:
+the remote-code objects (docs/sa2va_adapter.md), as one teacher-forced pass:
 
     image ─┬─ DirectResize(S) ─ grounding_encoder.preprocess_image ─ sam2.image_encoder ─▶ FPN levels  (cached)
            ├─ InternVL: dynamic 448² tiles + thumbnail ─ extract_feature (ViT, pixel shuffle, mlp1) ─┐ (cached)
@@ -755,8 +755,8 @@ def load_sa2va(
         raise _no_hub(checkpoint, f"{type(exc).__name__}: {exc}") from exc
     except ImportError as exc:
         raise Sa2VALoadError(
-            f"the remote code of {checkpoint!r} needs a missing package ({exc}); see research/sa2va.md §5 for "
-            "the transformers / peft versions each Sa2VA family was released with"
+            f"the remote code of {checkpoint!r} needs a missing package ({exc}); install the "
+            "transformers and peft versions the checkpoint was released with (docs/sa2va_adapter.md)"
         ) from exc
     model = Sa2VAModel(remote, tokenizer, processor)
     if dtype != "float32":

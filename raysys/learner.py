@@ -1,7 +1,7 @@
 """The learner: advantages and PPO/GRPO/RCE updates of the trainable (LoRA + head) weights.
 
 ``Learner`` is plain torch so the same update runs in a Ray Train worker (``raysys.train``) and in one
-process (``benchmarks/ray_overhead.py``). One update, as DESIGN.md describes:
+process (``benchmarks/ray_overhead.py``). One update (docs/design.md, "The RL problem"):
 
     1. keep valid, on-policy images (stale versions and NaN rewards are dropped and counted)
     2. advantages: whole-image GRPO (or value baseline) mixed with per-tile advantages

@@ -1,4 +1,4 @@
-"""A CPU-tiny structural fake of Sa2VA's HF remote code (research/sa2va.md §1.1-1.4, §2).
+"""A CPU-tiny structural fake of Sa2VA's HF remote code (docs/sa2va_adapter.md).
 
 The objects built here have the same attribute paths, call signatures and output shapes as what
 ``AutoModel.from_pretrained("ByteDance/Sa2VA-*", trust_remote_code=True)`` returns, at toy sizes with random

@@ -12,7 +12,7 @@ from raysys.config import Config, ConfigError, config_hash, load_config, replace
 def test_defaults_are_the_design_starting_point() -> None:
     cfg = load_config()
     assert cfg == Config()
-    # DESIGN.md: lr 3e-4, K = 8, 16x16 tiles, KL 0.05, clip 0.2, 2 epochs; reward weights 0.5/0.2/0.2/0.1.
+    # The documented defaults: lr 3e-4, K = 8, 16x16 tiles, KL 0.05, clip 0.2, 2 epochs; reward weights 0.5/0.2/0.2/0.1.
     assert (cfg.learner.lr, cfg.rollout.samples_per_image, cfg.reward.tile_sizes) == (3e-4, 8, (16,))
     assert (cfg.learner.kl_coef, cfg.learner.clip, cfg.learner.epochs) == (0.05, 0.2, 2)
     w = cfg.reward.weights

@@ -1,4 +1,4 @@
-"""envs and policies must import on a machine without Ray (DESIGN.md import rules)."""
+"""envs and policies must import on a machine without Ray (docs/design.md import rules)."""
 
 from __future__ import annotations
 
