@@ -1,5 +1,5 @@
-"""`raysys tune` through the CLI, each call with its own private Ray: a 2-trial, 2-iteration sweep over a reward
-weight (table, plot, best YAML); a failing trial reported as failed; an interrupted sweep resumed."""
+"""`raysys tune` through the CLI, each call with its own private Ray: a failing trial reported as failed; a 2-trial
+sweep over a reward weight interrupted, resumed and finished (table, plot, best YAML); a PBT exploit."""
 
 from __future__ import annotations
 
@@ -32,30 +32,6 @@ def _cmd(tmp_path, name: str, *extra: str) -> list[str]:
     ]
 
 
-def test_two_trial_sweep_writes_table_plot_and_best_yaml(tmp_path) -> None:
-    proc = subprocess.run(
-        _cmd(tmp_path, "s", "tune.search_space.reward.weights.dice={grid: [0.4, 0.8]}", "tune.max_concurrent_trials=2"),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "s" / "tune"
-    table = pd.read_parquet(out / "results.parquet")
-    assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
-    assert sorted(table["reward.weights.dice"]) == [0.4, 0.8]
-    assert (table["iterations"] == 2).all() and table["best val/dice"].between(0, 1).all()
-    assert len(pd.read_csv(out / "results.csv")) == 2
-    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    # every trial is a complete run with its own folder and per-iteration metrics
-    for trial_id in table["trial_id"]:
-        rows = metric_rows(out / "trials" / trial_id / "metrics.jsonl")
-        assert [r["iteration"] for r in rows] == [0, 1] and all("tune/objective" in r for r in rows)
-    best = table.loc[table["best val/dice"].idxmax()]
-    best_cfg = load_config(out / "best_config.yaml")
-    assert best_cfg.reward.weights.dice == best["reward.weights.dice"]
-    assert best_cfg.run.name == "s-best" and best_cfg.tune.search_space == {}
-    assert f"best trial {best['trial_id']}" in proc.stdout and "raysys train" in proc.stdout
-
-
 def test_a_failing_trial_is_reported_as_failed(tmp_path) -> None:
     proc = subprocess.run(
         _cmd(tmp_path, "f", f"tune.search_space.policy.checkpoint={{grid: [{tmp_path / 'missing'}]}}"),
@@ -68,7 +44,7 @@ def test_a_failing_trial_is_reported_as_failed(tmp_path) -> None:
     assert not (tmp_path / "f" / "tune" / "best_config.yaml").exists()
 
 
-def test_interrupted_sweep_resumes(tmp_path) -> None:
+def test_interrupted_sweep_resumes_and_writes_table_plot_and_best_yaml(tmp_path) -> None:
     extra = ["tune.search_space.reward.weights.dice={grid: [0.4, 0.8]}", "tune.scheduler=fifo",
              "tune.max_concurrent_trials=1", "learner.iterations=3", "learner.checkpoint_every=1"]  # fmt: skip
     trials = tmp_path / "r" / "tune" / "trials"
@@ -91,10 +67,23 @@ def test_interrupted_sweep_resumes(tmp_path) -> None:
         [*_cmd(tmp_path, "r", *extra), "--resume"], capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    table = pd.read_parquet(tmp_path / "r" / "tune" / "results.parquet")
+    out = tmp_path / "r" / "tune"
+    table = pd.read_parquet(out / "results.parquet")
     assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
-    for trial_id in table["trial_id"]:  # resumed runs continue from their checkpoint: no iteration twice
-        assert [r["iteration"] for r in metric_rows(trials / trial_id / "metrics.jsonl")] == [0, 1, 2]
+    assert sorted(table["reward.weights.dice"]) == [0.4, 0.8]
+    assert (table["iterations"] == 3).all() and table["best val/dice"].between(0, 1).all()
+    assert len(pd.read_csv(out / "results.csv")) == 2
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # Every trial is a complete run with its own folder and per-iteration metrics; resumed trials continue
+    # from their checkpoint, so no iteration appears twice.
+    for trial_id in table["trial_id"]:
+        rows = metric_rows(trials / trial_id / "metrics.jsonl")
+        assert [r["iteration"] for r in rows] == [0, 1, 2] and all("tune/objective" in r for r in rows)
+    best = table.loc[table["best val/dice"].idxmax()]
+    best_cfg = load_config(out / "best_config.yaml")
+    assert best_cfg.reward.weights.dice == best["reward.weights.dice"]
+    assert best_cfg.run.name == "r-best" and best_cfg.tune.search_space == {}
+    assert f"best trial {best['trial_id']}" in resumed.stdout and "raysys train" in resumed.stdout
 
 
 def test_pbt_exploit_restarts_a_trial_from_its_donor(tmp_path) -> None:
