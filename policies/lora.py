@@ -73,6 +73,9 @@ class LoRASpec:
 def apply_lora(model: nn.Module, spec: LoRASpec):
     """Wrap ``model`` with PEFT: LoRA on the LLM (always injected so ``reference()`` is uniform; frozen when
     ``llm_lora`` is not trainable), heads as modules_to_save (or decoder LoRA). Returns the PeftModel."""
+    from policies.compat import cpu_torchvision
+
+    cpu_torchvision()  # before PEFT imports transformers
     from peft import LoraConfig, get_peft_model
 
     target = llm_target_regex(spec.backbone)

@@ -140,6 +140,9 @@ class AdapterPolicy:
 
     def load_adapter(self, path: str) -> None:
         """Load a PEFT adapter folder written by :meth:`save_adapter` (safetensors, no pickles)."""
+        from policies.compat import cpu_torchvision
+
+        cpu_torchvision()  # before PEFT imports transformers
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 

@@ -737,6 +737,9 @@ def load_sa2va(
             "its source, pass trust_remote_code=True (config: policy.trust_remote_code: true)"
         )
 
+    from policies.compat import prepare
+
+    prepare(source)  # before transformers' processors import torchvision
     import transformers
     from packaging.version import Version
     from transformers import AutoModel, AutoProcessor, AutoTokenizer

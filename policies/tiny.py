@@ -72,6 +72,10 @@ def build_tokenizer():
     Character level keeps every prompt distinct without a trained vocabulary.
     """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    from policies.compat import cpu_torchvision
+
+    cpu_torchvision()  # before transformers imports it
     from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
@@ -238,6 +242,9 @@ class TinySa2VA(nn.Module):
 
     def __init__(self, cfg: TinySa2VAConfig | None = None) -> None:
         super().__init__()
+        from policies.compat import cpu_torchvision
+
+        cpu_torchvision()  # before transformers imports it
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         self.cfg = cfg or TinySa2VAConfig()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_FOLDER_MARKERS = {"unit": "unit", "ray": "ray", "e2e": "e2e", "gpu": "gpu"}
+_FOLDER_MARKERS = {"unit": "unit", "ray": "ray", "e2e": "e2e", "gpu": "gpu", "remote": "remote"}
 
 # Tests never attach to a user's cluster by accident.
 os.environ.pop("RAY_ADDRESS", None)
