@@ -758,8 +758,9 @@ def load_sa2va(
         raise _no_hub(checkpoint, f"{type(exc).__name__}: {exc}") from exc
     except ImportError as exc:
         raise Sa2VALoadError(
-            f"the remote code of {checkpoint!r} needs a missing package ({exc}); install the "
-            "transformers and peft versions the checkpoint was released with (docs/sa2va_adapter.md)"
+            f"the remote code of {checkpoint!r} needs a missing package ({exc}); install raysys's sa2va extra "
+            "(pip install -e '.[sa2va]': torchvision, timm, einops), and if it still fails, the transformers "
+            "version the checkpoint was released with (docs/sa2va_adapter.md)"
         ) from exc
     model = Sa2VAModel(remote, tokenizer, processor)
     if dtype != "float32":

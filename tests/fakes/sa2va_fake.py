@@ -31,7 +31,15 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from policies.compat import cpu_torchvision
+
+cpu_torchvision()  # before transformers imports a CUDA-only torchvision on a CPU machine
+from transformers.modeling_outputs import (  # noqa: E402
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+)
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",

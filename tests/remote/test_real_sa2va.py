@@ -77,16 +77,16 @@ def _tokenizer(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from transformers import AutoConfig, AutoModel
-
     from policies.compat import prepare
 
     folder = tmp_path_factory.mktemp("sa2va_random")
     for f in REMOTE.glob("*.py"):
         shutil.copy(f, folder)
     (folder / "config.json").write_text(json.dumps(CONFIG))
+    prepare(folder)  # before the first transformers import
+    from transformers import AutoConfig, AutoModel
+
     _tokenizer(folder)
-    prepare(folder)
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     model = AutoModel.from_config(config, trust_remote_code=True)
