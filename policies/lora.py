@@ -1,8 +1,9 @@
 """LoRA on the language model only, plus explicitly trainable heads (PEFT).
 
 Targets are regexes over fully qualified module names rooted at the language model, so SAM2's and the
-vision tower's q/k/v/gate/up/down projections never match (PEFT's plain suffix matching would wrap them). Heads (``text_hidden_fcs``, the mask decoder) are PEFT ``modules_to_save``: PEFT keeps
-their original weights, so ``disable_adapter()`` is the reference policy without a second model copy.
+vision tower's q/k/v/gate/up/down projections never match (PEFT's plain suffix matching would wrap them).
+Heads (``text_hidden_fcs``, the mask decoder) are PEFT ``modules_to_save``: PEFT keeps their original
+weights, so ``disable_adapter()`` is the reference policy without a second model copy.
 """
 
 from __future__ import annotations
