@@ -77,20 +77,16 @@ def run_matrix() -> dict:
     }
 
 
-def _pids(title: str, session: int) -> list[int]:
-    """PIDs of this run's processes whose title starts with ``title`` (Ray names actors ray::<Class>)."""
+def _pids(session: int, title: str = "") -> list[int]:
+    """PIDs of the processes in ``session`` (this run's) whose title starts with ``title`` (Ray names actor
+    processes ray::<Class>)."""
     out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
     pids = []
     for line in out.splitlines():
-        pid, sid, args = line.strip().split(None, 2)
-        if int(sid) == session and args.startswith(title):
+        pid, sid, *args = line.strip().split(None, 2)
+        if int(sid) == session and (args[0] if args else "").startswith(title):
             pids.append(int(pid))
     return pids
-
-
-def _session_alive(session: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == session]
 
 
 def _wait_for_rows(metrics: Path, n: int, proc: subprocess.Popen, timeout: float = 400) -> bool:
@@ -178,14 +174,14 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
     metrics = out / name / "metrics.jsonl"
     injected, orphans = False, None
     if _wait_for_rows(metrics, 2, proc):
-        targets = [proc.pid] if title == "driver" else _pids(title, proc.pid)[:1]
+        targets = [proc.pid] if title == "driver" else _pids(proc.pid, title)[:1]
         for pid in targets:
             os.kill(pid, sig)
             injected = True
     first_rc = proc.wait(timeout=600)
     if title == "driver" and sig == signal.SIGKILL:
         time.sleep(10)  # Ray's own processes should notice their driver is gone
-        orphans = len(_session_alive(proc.pid))
+        orphans = len(_pids(proc.pid))
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of this run's Ray
     resumed_rc = None
