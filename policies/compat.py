@@ -15,19 +15,33 @@ Each one is applied only when the thing it replaces is missing or broken, and ea
 * ``post_init``: transformers 5's ``from_pretrained`` needs attributes that ``PreTrainedModel.post_init()``
   sets, and ``Sa2VAChatModel.__init__`` never calls it. The remote class is wrapped to call it when it was
   not called.
+* ``composite_config``: transformers 4.57 renamed ``PretrainedConfig.is_composition`` to
+  ``has_no_defaults_at_init``. ``Sa2VAChatConfig`` sets the old name, so 4.57 builds it without arguments to
+  find its defaults and fails (``KeyError: 'architectures'``). The new name is set from the old one.
+
+Two context managers serve checks against the remote inference code (``compare_with_remote``):
+``remote_inference_on`` redirects its hard-coded CUDA device to the model's device on CPU machines, and
+``forced_generation`` forces the tokens a generation emits (a random-init model never emits [SEG]).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
 import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 REMOTE_MODEL = "modeling_sa2va_chat.Sa2VAChatModel"
+REMOTE_CONFIG = "configuration_sa2va_chat.Sa2VAChatConfig"
 
 
 def cpu_torchvision() -> bool:
@@ -90,6 +104,82 @@ def post_init(cls: type) -> bool:
     return True
 
 
+def composite_config(cls: type) -> bool:
+    """Carry ``is_composition`` over to ``has_no_defaults_at_init`` where transformers has the new name."""
+    from transformers import PretrainedConfig
+
+    if not hasattr(PretrainedConfig, "has_no_defaults_at_init") or "is_composition" not in cls.__dict__:
+        return False
+    if cls.__dict__.get("has_no_defaults_at_init") == cls.is_composition:
+        return False
+    cls.has_no_defaults_at_init = cls.is_composition
+    return True
+
+
+@contextlib.contextmanager
+def remote_inference_on(remote: Any, device: torch.device | str) -> Iterator[None]:
+    """Within: Sa2VA's remote inference code (``predict_forward``) runs on ``device`` when that is not a CUDA
+    device. It hard-codes CUDA twice: ``Tensor.cuda()`` calls, redirected to ``device``, and SAM2's video
+    inference state (``init_state``), whose devices are set to ``device``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        yield
+        return
+    sam2 = remote.grounding_encoder.sam2_model
+    init_state = sam2.init_state
+
+    def _init_state(*args: Any, **kwargs: Any) -> dict:
+        state = init_state(*args, **kwargs)
+        state["device"] = state["storage_device"] = device
+        return state
+
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(device)
+    sam2.init_state = _init_state
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = cuda
+        del sam2.init_state  # the instance attribute; the class method shows through again
+
+
+@contextlib.contextmanager
+def forced_generation(lm: Any, token_ids: Sequence[int]) -> Iterator[None]:
+    """Within: ``lm.generate`` emits ``token_ids`` (then its end token), whatever the logits say. The model
+    still runs every step (cache, hidden states); only the choice of token is forced."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    ids = [int(t) for t in token_ids]
+
+    class _Force(LogitsProcessor):
+        def __init__(self) -> None:
+            self.start: int | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.start is None:
+                self.start = input_ids.shape[1]
+            step = input_ids.shape[1] - self.start
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, ids[min(step, len(ids) - 1)]] = 0.0
+            return forced
+
+    generate = lm.generate
+
+    def _generate(*args: Any, **kwargs: Any) -> Any:
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(_Force())
+        return generate(*args, logits_processor=processors, **kwargs)
+
+    lm.generate = _generate
+    try:
+        yield
+    finally:
+        del lm.generate  # the instance attribute; the class method shows through again
+
+
 def prepare(source: str | Path) -> list[str]:
     """Apply every shim this environment needs before loading the checkpoint ``source`` (a folder with
     Sa2VA's remote code, or a hub id); returns the names of the shims applied."""
@@ -109,6 +199,11 @@ def prepare(source: str | Path) -> list[str]:
 
         if post_init(get_class_from_dynamic_module(REMOTE_MODEL, str(source))):
             applied.append("post_init")
+    if (Path(source) / "configuration_sa2va_chat.py").is_file():
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        if composite_config(get_class_from_dynamic_module(REMOTE_CONFIG, str(source))):
+            applied.append("composite_config")
     if applied:
         log.info("Sa2VA remote code: compatibility shims %s", ", ".join(applied))
     return applied

@@ -265,6 +265,24 @@ def _param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def use_sdpa(lm: nn.Module) -> str:
+    """Switch a transformers LLM from eager attention to SDPA; returns the implementation now in use.
+
+    Without flash-attn, the remote ``__init__`` sets ``llm_config._attn_implementation = "eager"``, which
+    materialises every [tokens x tokens] attention matrix (a 1024-px image gives about 2,600 tokens). SDPA
+    computes the same attention (tested to 1e-5) with fused kernels. Remote-code LLMs (InternLM2, Phi-3 here)
+    that do not declare SDPA support are left as they are."""
+    config = getattr(lm, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current != "eager" or not getattr(lm, "_supports_sdpa", False):
+        return str(current)
+    if hasattr(lm, "set_attn_implementation"):  # transformers >= 4.56
+        lm.set_attn_implementation("sdpa")
+    else:
+        config._attn_implementation = "sdpa"
+    return str(config._attn_implementation)
+
+
 def _pooled_image_embeddings(out: Any) -> torch.Tensor:
     """``get_image_features`` returns split embeddings (transformers 4.5x) or an output with ``pooler_output``."""
     emb = getattr(out, "pooler_output", out)
@@ -314,6 +332,7 @@ class Sa2VAModel(nn.Module):
             self._deepstack = bool(getattr(vision_config, "deepstack_visual_indexes", None))
         _ = self.template  # unknown template names fail here, not at the first forward
         self._ids_cache: dict[tuple, list[int]] = {}
+        self.attention = use_sdpa(lm)
         remote.eval()
 
     @classmethod
@@ -625,18 +644,49 @@ class Sa2VAModel(nn.Module):
         finally:
             self.answer = previous
 
+    @contextlib.contextmanager
+    def remote_generation(self) -> Iterator[None]:
+        """Within: the remote ``predict_forward`` can run. Its set-up (``preparing_for_generation``, which
+        ``predict_forward`` runs on first use) casts the whole model to one dtype, bfloat16 by default. Here it
+        runs with the backbone's dtype, and every tensor it cast (the float32 trained heads of a bfloat16 load)
+        gets its own dtype and exact value back on exit."""
+        remote = self.model
+        dtype = _param_dtype(self.sam2.image_encoder)
+        tensors = dict(remote.named_parameters())
+        tensors.update(remote.named_buffers())
+        saved = {
+            n: t.detach().clone() for n, t in tensors.items() if t.is_floating_point() and t.dtype != dtype
+        }
+        prepare = getattr(remote, "preparing_for_generation", None)
+        if prepare is not None and "torch_dtype" in inspect.signature(prepare).parameters:
+            prepare(self.tokenizer, torch_dtype=dtype)
+        elif prepare is not None:
+            prepare(self.tokenizer)
+        try:
+            yield
+        finally:
+            for n, t in tensors.items():
+                if n in saved:
+                    t.data = saved[n]
+
     @torch.no_grad()
-    def sam_heads_difference(self, images: Any, language_embd: torch.Tensor | None = None) -> float:
-        """max |ours - remote| of the selected low-res logits: :meth:`decode` on cached features vs the remote
-        ``forward_image`` -> ``_prepare_backbone_features`` -> ``_forward_sam_heads`` (Sa2VA's training path)
-        on the same language embedding (random if not given)."""
+    def sam_heads_difference(
+        self,
+        images: Any,
+        language_embd: torch.Tensor | None = None,
+        *,
+        features: Sa2VAFeatures | None = None,
+    ) -> float:
+        """max |ours - remote| of the selected low-res logits: :meth:`decode` on cached features (``features``
+        if given, else :meth:`encode`) vs the remote ``forward_image`` -> ``_prepare_backbone_features`` ->
+        ``_forward_sam_heads`` (Sa2VA's training path) on the same language embedding (random if not given)."""
         arr = as_uint8_images(images)
         sam2 = self.sam2
         if language_embd is None:
             language_embd = torch.randn(
                 len(arr), 1, int(self.model.grounding_encoder.hidden_dim), device=self.device
             )
-        ours = self.decode(self.encode(arr).fpn, language_embd)
+        ours = self.decode((features if features is not None else self.encode(arr)).fpn, language_embd)
         with self._sam_autocast():
             feats = sam2.forward_image(self.sam_pixels(arr))
             _, vision_feats, _, feat_sizes = sam2._prepare_backbone_features(feats)
@@ -658,39 +708,106 @@ class Sa2VAModel(nn.Module):
 
 
 @torch.no_grad()
-def compare_with_remote(model: Sa2VAModel, image: np.ndarray, prompt: str) -> dict[str, Any]:
-    """GPU check of the adapter against the checkpoint's own ``predict_forward`` (needs CUDA: the remote code
-    calls ``.cuda()``). Generates once, teacher-forces the generated answer up to its [SEG], and compares
-    our ``logits > 0`` with the remote's ``sigmoid > 0.5`` mask. Also reports :meth:`sam_heads_difference`."""
+def compare_with_remote(
+    model: Sa2VAModel,
+    image: np.ndarray,
+    prompt: str,
+    *,
+    force_answer: str | None = None,
+    features: Sa2VAFeatures | None = None,
+    heads: bool = True,
+) -> dict[str, Any]:
+    """The adapter against the checkpoint's own ``predict_forward`` on one image.
+
+    The remote generates an answer (``force_answer`` forces its tokens, e.g. "It is [SEG]." for a randomly
+    initialised model, which never emits [SEG] by itself); the adapter teacher-forces the same answer up to
+    its [SEG]; our ``logits > 0`` is compared with the remote's ``sigmoid > 0.5`` mask. Also reports
+    :meth:`Sa2VAModel.sam_heads_difference` unless ``heads`` is False. ``features``: the image's cached
+    :meth:`Sa2VAModel.encode` output, to save an encode. Runs on CPU too (the remote's ``.cuda()`` calls are
+    redirected to the model's device) and leaves every parameter's dtype and value as it found them.
+    """
     from PIL import Image
+
+    from policies.compat import forced_generation, remote_inference_on
 
     arr = as_uint8_images(image)[0]
     kwargs: dict[str, Any] = {"tokenizer": model.tokenizer}
     if model.flavour == "qwen_vl":
         kwargs["processor"] = model.processor
     text = prompt if "<image>" in prompt else "<image>\n" + prompt
-    result = model.model.predict_forward(image=Image.fromarray(arr), text=text, **kwargs)
+    forced = contextlib.nullcontext()
+    if force_answer is not None:
+        ids = list(
+            model.tokenizer.encode(force_answer + (model.tokenizer.eos_token or ""), add_special_tokens=False)
+        )
+        lm = model.model.language_model if model.flavour == "internvl" else model.model.model
+        forced = forced_generation(lm, ids)
+    with model.remote_generation(), remote_inference_on(model.model, model.device), forced:
+        result = model.model.predict_forward(image=Image.fromarray(arr), text=text, **kwargs)
     prediction = str(result["prediction"])
-    report: dict[str, Any] = {
-        "prediction": prediction,
-        "sam_heads_max_abs_diff": model.sam_heads_difference(arr),
-    }
+    report: dict[str, Any] = {"prediction": prediction}
+    if heads:
+        report["sam_heads_max_abs_diff"] = model.sam_heads_difference(arr, features=features)
     if SEG_TOKEN not in prediction or not result["prediction_masks"]:
         report["error"] = "the model generated no [SEG]; nothing to compare"
         return report
     answer = prediction[: prediction.index(SEG_TOKEN) + len(SEG_TOKEN)]
     with model.answering(answer):
-        logits = model(arr[None], [prompt])[0]
+        logits = model(arr[None], [prompt], features=features)[0]
     ours = (logits > 0).cpu().numpy()
     theirs = np.asarray(result["prediction_masks"][0])[0].astype(bool)
     union = np.logical_or(ours, theirs).sum()
     report.update(
         answer=answer,
+        remote_mask_fraction=float(theirs.mean()),
         mask_iou=float(np.logical_and(ours, theirs).sum() / union) if union else 1.0,
         pixel_agreement=float((ours == theirs).mean()),
         logit_abs_mean=float(logits.abs().mean()),
     )
     return report
+
+
+# ------------------------------------------------------------------------------------------------ export
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def save_weights(model: nn.Module, folder: str | Path) -> Path:
+    """``model.safetensors`` with every tensor of ``model``'s state dict, as ``from_pretrained`` reads it.
+
+    Not ``save_pretrained``: under transformers < 4.57 it builds ``Sa2VAChatConfig()`` without arguments, which
+    fails (``KeyError: 'architectures'``), and under 5.x it rewrites config.json."""
+    from safetensors.torch import save_model
+
+    path = Path(folder) / "model.safetensors"
+    save_model(model, str(path), metadata={"format": "pt"})
+    return path
+
+
+def save_merged(model: Sa2VAModel, source: str | Path, out: str | Path) -> Path:
+    """Write ``model`` (LoRA already merged, no PEFT wrapper) as a release folder at ``out``: its weights in
+    one ``model.safetensors`` (:func:`save_weights`), and every other file of the ``source`` checkpoint folder
+    (config.json, the remote code, the tokenizer) copied unchanged, so Sa2VA's own
+    ``AutoModel.from_pretrained(out, trust_remote_code=True)`` and ``predict_forward`` load and run it. The source's config.json is kept rather than re-saved: a
+    config.json written by transformers 5 loses ``llm_config.rope_theta``, which older versions then
+    silently replace by 10000."""
+    import shutil
+
+    source, out = Path(source), Path(out)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{source} has no config.json: a merged export needs the base checkpoint folder"
+        )
+    if hasattr(model.model, "peft_config") or any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("merge the LoRA first (merge_and_unload): the export must be a plain Sa2VA model")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; export into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model.model, out)
+    weights = {f for pattern in WEIGHT_FILES for f in source.glob(pattern)}
+    for f in sorted(source.iterdir()):
+        if f.is_file() and f not in weights:
+            shutil.copy(f, out / f.name)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ loading

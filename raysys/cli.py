@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/<name>/eval/<split>)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="export trainable weights as a PEFT adapter (+ a merged tiny model)")
+    p = sub.add_parser("export", help="export trainable weights as a PEFT adapter and a merged model")
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--checkpoint", required=True, help="folder with trainable.safetensors")
     p.add_argument("--out", help="output folder (default runs/<name>/export)")

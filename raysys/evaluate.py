@@ -93,33 +93,64 @@ def load_probs(path: Path, indices: Sequence[int] | None = None) -> tuple[list[n
 
 
 def export_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """``adapter/`` (PEFT adapter folder) and, for the tiny backbone, ``merged/`` (LoRA and the trained heads
-    merged into a plain TinySa2VA, loadable with ``policies.checkpoint.load_base_model``). The merged model's
-    logits are checked against the adapter model's before anything is reported."""
+    """``adapter/`` (PEFT adapter folder) and ``merged/``: LoRA and the trained heads merged into a plain
+    model. Tiny: a TinySa2VA folder (``policies.checkpoint.load_base_model``). Sa2VA: a release folder that
+    Sa2VA's own code loads (``AutoModel.from_pretrained(..., trust_remote_code=True)``), written when the base
+    checkpoint is a local folder. The merged model is reloaded and its logits on a validation image are
+    checked against the adapter model's before anything is reported."""
     import torch
-
-    from policies.checkpoint import load_base_model, save_base_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     policy = load_policy(cfg.policy, checkpoint, seed=cfg.run.seed)
     policy.save_adapter(str(out / "adapter"))
     result: dict[str, Any] = {"adapter": str(out / "adapter"), "merged": None}
-    if cfg.policy.kind != "tiny":
-        log.info("merged export is implemented for the tiny backbone only; wrote the adapter folder")
+    source = Path(policy.base_identity.get("checkpoint") or "")
+    if cfg.policy.kind != "tiny" and not source.is_dir():
+        log.info("the base checkpoint %s is not a local folder: wrote the adapter folder only", source)
         return result
     samples = dataset_for_split(cfg.data, "val", load=load_dataset)
-    probe = [samples[i] for i in range(min(2, len(samples)))]
+    probe = [samples[i] for i in range(min(2 if cfg.policy.kind == "tiny" else 1, len(samples)))]
     probe = [s for s in probe if s.mask.shape == probe[0].mask.shape]  # one batch: one size
     images, prompts = np.stack([s.image for s in probe]), [s.prompt for s in probe]
     with torch.no_grad():
-        expected = policy.mask_logits(images, prompts)
+        features = policy.frozen_features(images)
+        expected = policy.mask_logits(images, prompts, features=features)
         merged = policy.model.merge_and_unload()
-        save_base_model(merged, out / "merged")
-        again = load_base_model(out / "merged")(images, prompts)
+        if cfg.policy.kind == "tiny":
+            from policies.checkpoint import load_base_model, save_base_model
+
+            save_base_model(merged, out / "merged")
+            again = load_base_model(out / "merged")(images, prompts)
+            tolerance = 1e-4
+        else:
+            from policies.sa2va import load_sa2va, save_merged
+
+            save_merged(merged, source, out / "merged")
+            reloaded = load_sa2va(str(out / "merged"), dtype=cfg.policy.dtype, trust_remote_code=True)
+            _check_same_tensors(merged, reloaded, out / "merged")
+            # frozen encoders are checked tensor by tensor above; the trained path runs on shared features
+            again = reloaded(images, prompts, features=features)
+            # a bfloat16 backbone stores LoRA merged into bfloat16 weights: rounding, not an error
+            tolerance = 1e-3 if cfg.policy.dtype == "float32" else 5e-2
     err = float((expected - again).abs().max())
-    if err > 1e-4:
+    scale = max(1.0, float(expected.abs().max()))
+    if err > tolerance * scale:
         raise RuntimeError(f"merged export differs from the adapter model by {err:.2e} in logits")
     result.update({"merged": str(out / "merged"), "max_logit_diff": err})
     (out / "export.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _check_same_tensors(written: Any, reloaded: Any, where: Path) -> None:
+    """Every tensor of the model that was saved comes back with the same name, dtype and value."""
+    import torch
+
+    ours, back = written.model.state_dict(), reloaded.model.state_dict()
+    missing = sorted(set(ours) - set(back))
+    changed = [n for n in ours if n in back and not torch.equal(ours[n], back[n].to(ours[n].dtype))]
+    if missing or changed:
+        raise RuntimeError(
+            f"the merged export in {where} does not load back as written: {len(missing)} tensors missing "
+            f"(e.g. {missing[:1]}), {len(changed)} changed (e.g. {changed[:1]})"
+        )

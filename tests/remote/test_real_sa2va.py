@@ -1,19 +1,17 @@
 """The Sa2VA adapter against Sa2VA's real Hugging Face remote code (not the structural fake).
 
-A checkpoint folder is built once, at random init, from the remote files in ``../shared/sa2va_remote`` (or
-``$RAYSYS_SA2VA_REMOTE``). It has a 2-layer Qwen2 LLM, a 2-layer InternViT and an offline byte-level
-tokenizer with Sa2VA's special tokens. SAM2 is full size (Hiera-L, 224 M parameters), because the remote
-``sam2.py`` hard-codes it. The folder is loaded through ``load_sa2va`` under the installed transformers,
-with the compatibility shims of ``policies/compat.py``. One 1024-px SAM2 encode is shared by the
-tests (about 15 s on 2 CPU cores).
+A release-shaped checkpoint folder is built once, at random init, from the remote files in
+``../shared/sa2va_remote`` (or ``$RAYSYS_SA2VA_REMOTE``) by ``policies.sa2va_random`` (shape "test": 2-layer
+InternViT and Qwen2, 448-px tiles, offline tokenizer). SAM2 is full size (Hiera-L, 224 M parameters), because
+the remote ``sam2.py`` hard-codes it: each 1024-px SAM2 encode costs about 15 s on 2 CPU cores, so the tests
+share one encode of one image where they can. The folder is loaded through ``load_sa2va`` under the installed
+transformers, with the compatibility shims of ``policies/compat.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,73 +25,15 @@ pytestmark = pytest.mark.skipif(
     reason=f"Sa2VA's remote code is not at {REMOTE} (set RAYSYS_SA2VA_REMOTE to its folder)",
 )
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>",
-           "<ref>", "</ref>", "<box>", "</box>", "[SEG]", "<p>", "</p>", "<vp>", "</vp>"]  # fmt: skip
 PROMPT = "Please segment the blood vessels."
-CONFIG = {
-    "architectures": ["Sa2VAChatModel"],
-    "auto_map": {
-        "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
-        "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel",
-        "AutoModelForCausalLM": "modeling_sa2va_chat.Sa2VAChatModel",
-    },
-    "model_type": "sa2va_chat",
-    "template": "qwen_chat",
-    "force_image_size": 56,
-    "downsample_ratio": 0.5,
-    "select_layer": -1,
-    "ps_version": "v2",
-    "dynamic_image_size": True,
-    "use_thumbnail": True,
-    "min_dynamic_patch": 1,
-    "max_dynamic_patch": 12,
-    "vision_config": {
-        "architectures": ["InternVisionModel"], "hidden_size": 32, "intermediate_size": 64,
-        "num_attention_heads": 2, "num_hidden_layers": 2, "image_size": 56, "patch_size": 14,
-        "qkv_bias": True, "norm_type": "layer_norm", "use_flash_attn": False, "drop_path_rate": 0.0,
-    },
-    "llm_config": {
-        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 320,
-        "max_position_embeddings": 4096, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-    },
-}  # fmt: skip
-
-
-def _tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer (no merges) with Sa2VA's special tokens, built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.add_special_tokens({"additional_special_tokens": SPECIAL})
-    assert len(fast) <= CONFIG["llm_config"]["vocab_size"]
-    fast.save_pretrained(folder)
+ANSWER = "It is [SEG]."
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from policies.compat import prepare
+    from policies.sa2va_random import build_checkpoint
 
-    folder = tmp_path_factory.mktemp("sa2va_random")
-    for f in REMOTE.glob("*.py"):
-        shutil.copy(f, folder)
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    prepare(folder)  # before the first transformers import
-    from transformers import AutoConfig, AutoModel
-
-    _tokenizer(folder)
-    torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModel.from_config(config, trust_remote_code=True)
-    model.save_pretrained(folder)
-    for f in REMOTE.glob("*.py"):  # save_pretrained may rewrite them; the release ships the originals
-        shutil.copy(f, folder)
-    return folder
+    return build_checkpoint(REMOTE, tmp_path_factory.mktemp("ck") / "sa2va_random", "test")
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +41,36 @@ def policy(checkpoint):
     from policies.config import PolicyConfig
     from policies.factory import build_policy
 
-    return build_policy(
+    policy = build_policy(
         PolicyConfig(kind="sa2va", checkpoint=str(checkpoint), dtype="float32", trust_remote_code=True)
     )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at 0 (LoRA a no-op); give it a value so every test sees it act
+        for n, p in policy.model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0.0, 0.02, generator=gen)
+    return policy
 
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
-    return (np.random.default_rng(0).random((1, 72, 96, 3)) * 255).astype(np.uint8)
+    """48 x 96: not square, and InternVL tiles it into 2 x 1 tiles + a thumbnail (768 image tokens)."""
+    return (np.random.default_rng(0).random((1, 48, 96, 3)) * 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
 def features(policy, image):
     return policy.frozen_features(image)
+
+
+def _remote_tiles(image: np.ndarray) -> torch.Tensor:
+    """The InternVL tiles of one image, as the adapter feeds them to the ViT."""
+    from PIL import Image
+
+    from policies.sa2va import _normalize_tile, dynamic_tiles
+
+    tiles = dynamic_tiles(Image.fromarray(image), min_num=1, max_num=12, image_size=448, use_thumbnail=True)
+    return torch.stack([_normalize_tile(t, 448) for t in tiles])
 
 
 def test_the_real_remote_code_loads_under_the_installed_transformers(checkpoint) -> None:
@@ -129,11 +86,22 @@ def test_the_real_remote_code_loads_under_the_installed_transformers(checkpoint)
     remote = model.model.state_dict()
     assert len(saved) > 900 and set(saved) <= set(remote)
     assert all(torch.equal(remote[k], saved[k]) for k in saved)  # every saved tensor, bit for bit
+    # the remote forces eager attention without flash-attn; the adapter runs the LLM with SDPA
+    assert model.attention == "sdpa" and model.model.language_model.config._attn_implementation == "sdpa"
     # bfloat16 backbone, float32 trained parts
     half = load_sa2va(str(checkpoint), dtype="bfloat16", trust_remote_code=True)
     dtypes = {n.split(".")[0]: p.dtype for n, p in half.model.named_parameters()}
     assert dtypes["language_model"] == torch.bfloat16 and dtypes["text_hidden_fcs"] == torch.float32
     assert {p.dtype for p in half.sam2.sam_mask_decoder.parameters()} == {torch.float32}
+    # the remote generation set-up casts everything to one dtype; the trained parts come back as they were
+    heads = {n: p.detach().clone() for n, p in half.model.named_parameters() if p.dtype == torch.float32}
+    assert heads and all(
+        ".text_hidden_fcs." in n or ".sam_mask_decoder." in n for n in [f".{n}" for n in heads]
+    )
+    with half.remote_generation():
+        assert half.model.text_hidden_fcs[0].weight.dtype == torch.bfloat16
+    after = dict(half.model.named_parameters())
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], t) for n, t in heads.items())
 
 
 def test_remote_code_needs_the_users_opt_in(checkpoint) -> None:
@@ -143,17 +111,70 @@ def test_remote_code_needs_the_users_opt_in(checkpoint) -> None:
         load_sa2va(str(checkpoint), dtype="float32")
 
 
-def test_adapter_sam_heads_match_the_remote_heads(policy, image) -> None:
-    assert policy.base.sam_heads_difference(image) < 1e-4
+def test_adapter_sam_heads_match_the_remote_heads(policy, image, features) -> None:
+    assert policy.base.sam_heads_difference(image, features=features) < 1e-4
+
+
+def _set_attention(lm, name: str) -> None:
+    if hasattr(lm, "set_attn_implementation"):  # transformers >= 4.56
+        lm.set_attn_implementation(name)
+    else:
+        lm.config._attn_implementation = name
+
+
+def test_sdpa_attention_gives_the_eager_seg_hidden_state(policy, image, features) -> None:
+    lm = policy.base.model.language_model
+    with torch.no_grad():
+        sdpa = policy.base.seg_hidden_states(features, [PROMPT])
+        _set_attention(lm, "eager")
+        try:
+            eager = policy.base.seg_hidden_states(features, [PROMPT])
+        finally:
+            _set_attention(lm, "sdpa")
+    assert lm.config._attn_implementation == "sdpa"
+    assert sdpa.abs().max() > 0.1  # a real comparison, not of zeros
+    torch.testing.assert_close(sdpa, eager, rtol=0, atol=1e-5)
+
+
+def test_seg_hidden_state_matches_the_remote_training_forward(policy, image, features) -> None:
+    base, remote = policy.base, policy.base.model
+    ids = torch.tensor([base.prompt_ids(PROMPT, features.vision[0].shape[0])])
+    data = {
+        "pixel_values": [_remote_tiles(image[0])],
+        "input_ids": ids,
+        "position_ids": None,
+        "attention_mask": torch.ones_like(ids),
+        "labels": None,
+    }
+    remote._count = 0  # set by Sa2VA's training loop before the first forward
+    with torch.no_grad():
+        out = remote(data)
+        ours = base.seg_hidden_states(features, [PROMPT])
+    seg = int((ids[0] == base.seg_token_idx).nonzero()[-1, 0])
+    theirs = out.hidden_states[-1][0, seg]
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours[0], theirs, rtol=0, atol=1e-5)
+
+
+def test_teacher_forced_mask_matches_the_remote_predict_forward(policy, image, features) -> None:
+    from policies.sa2va import compare_with_remote
+
+    before = {n: (p.dtype, p.detach().clone()) for n, p in policy.model.named_parameters()}
+    report = compare_with_remote(
+        policy.base, image[0], PROMPT, force_answer=ANSWER, features=features, heads=False
+    )
+    assert report["prediction"].startswith(ANSWER), report
+    assert 0.02 < report["remote_mask_fraction"] < 0.98, (
+        report
+    )  # a mask with both classes, not a trivial match
+    assert report["mask_iou"] > 0.999 and report["pixel_agreement"] > 0.9995, report
+    after = dict(policy.model.named_parameters())
+    assert all(after[n].dtype == d and torch.equal(after[n], t) for n, (d, t) in before.items())
 
 
 def test_logits_gradients_and_lora_scope_on_the_real_model(policy, image, features) -> None:
-    with torch.no_grad():  # LoRA B starts at 0, which blocks the gradient of A: give B a value first
-        for n, p in policy.model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0.0, 0.02)
     logits = policy.mask_logits(image, [PROMPT], features=features)
-    assert logits.shape == (1, 72, 96) and torch.isfinite(logits).all()
+    assert logits.shape == (1, 48, 96) and torch.isfinite(logits).all()
     logits.square().mean().backward()
     named = dict(policy.model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
@@ -166,6 +187,52 @@ def test_logits_gradients_and_lora_scope_on_the_real_model(policy, image, featur
         assert named[n].grad is not None and named[n].grad.abs().sum() > 0, n
     assert all(p.grad is None for n, p in named.items() if n not in trainable)  # nothing frozen moves
     policy.model.zero_grad(set_to_none=True)
+
+
+def test_merged_export_loads_and_runs_in_sa2vas_own_code(
+    policy, checkpoint, image, features, tmp_path, monkeypatch
+):
+    from policies.checkpoint import save_trainable
+    from policies.compat import forced_generation, prepare, remote_inference_on
+    from raysys.cli import main
+
+    with torch.no_grad():  # trained heads that differ from the base's
+        for n, p in policy.model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_trainable(policy, tmp_path / "rl")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["export", "policy.kind=sa2va", f"policy.checkpoint={checkpoint}", "policy.trust_remote_code=true",
+               "policy.dtype=float32", "data.size=64", "data.n_val=1", "--checkpoint", str(tmp_path / "rl"),
+               "--out", str(tmp_path / "ex")])  # fmt: skip
+    assert rc == 0
+    merged = tmp_path / "ex" / "merged"
+    assert {"config.json", "modeling_sa2va_chat.py", "tokenizer.json"} <= {f.name for f in merged.iterdir()}
+    assert (merged / "config.json").read_bytes() == (checkpoint / "config.json").read_bytes()
+
+    # Sa2VA's own loading and inference code, as its README runs it
+    from PIL import Image
+
+    prepare(merged)
+    import transformers
+    from packaging.version import Version
+    from transformers import AutoModel, AutoTokenizer
+
+    dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    model = AutoModel.from_pretrained(merged, trust_remote_code=True, **{dtype_key: torch.float32}).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=True)
+    assert not any(".lora_" in n for n, _ in model.named_parameters())
+    ids = tokenizer.encode(ANSWER + tokenizer.eos_token, add_special_tokens=False)
+    with torch.no_grad(), remote_inference_on(model, "cpu"), forced_generation(model.language_model, ids):
+        model.preparing_for_generation(tokenizer, torch_dtype=torch.float32)
+        result = model.predict_forward(
+            image=Image.fromarray(image[0]), text="<image>\n" + PROMPT, tokenizer=tokenizer
+        )
+    theirs = np.asarray(result["prediction_masks"][0])[0]
+    with torch.no_grad():
+        ours = (policy.mask_logits(image, [PROMPT], features=features)[0] > 0).numpy()
+    assert 0.02 < theirs.mean() < 0.98
+    assert (ours == theirs).mean() > 0.9995
 
 
 def test_reference_is_the_unadapted_real_model(policy, image, features) -> None:
