@@ -708,6 +708,29 @@ class Sa2VAModel(nn.Module):
 
 
 @torch.no_grad()
+def remote_training_seg_hidden(model: Sa2VAModel, image: np.ndarray, prompt: str) -> torch.Tensor:
+    """[D]: the [SEG] hidden state of the remote *training* forward (``Sa2VAChatModel.forward``, InternVL
+    flavour) on the adapter's token ids and tiles: ``hidden_states[-1]`` at the answer's [SEG]."""
+    from PIL import Image
+
+    if model.flavour != "internvl":
+        raise NotImplementedError("the remote training forward is compared for the InternVL flavour only")
+    remote = model.model
+    size = int(getattr(remote.config, "force_image_size", None) or remote.config.vision_config.image_size)
+    tiles = dynamic_tiles(Image.fromarray(as_uint8_images(image)[0]), min_num=MIN_DYNAMIC_PATCH,
+                          max_num=MAX_DYNAMIC_PATCH, image_size=size, use_thumbnail=USE_THUMBNAIL)  # fmt: skip
+    pixels = torch.stack([_normalize_tile(t, size) for t in tiles]).to(model.device)
+    n_tokens = len(tiles) * int(remote.num_image_token)
+    ids = torch.tensor([model.prompt_ids(prompt, n_tokens)], device=model.device)
+    if not hasattr(remote, "_count"):
+        remote._count = 0  # a counter Sa2VA's training loop sets before the first forward
+    out = remote({"pixel_values": [pixels], "input_ids": ids, "position_ids": None,
+                  "attention_mask": torch.ones_like(ids), "labels": None})  # fmt: skip
+    seg = (ids[0] == model.seg_token_idx).nonzero()[-1, 0]
+    return out.hidden_states[-1][0, seg]
+
+
+@torch.no_grad()
 def compare_with_remote(
     model: Sa2VAModel,
     image: np.ndarray,
@@ -722,7 +745,8 @@ def compare_with_remote(
     The remote generates an answer (``force_answer`` forces its tokens, e.g. "It is [SEG]." for a randomly
     initialised model, which never emits [SEG] by itself); the adapter teacher-forces the same answer up to
     its [SEG]; our ``logits > 0`` is compared with the remote's ``sigmoid > 0.5`` mask. Also reports
-    :meth:`Sa2VAModel.sam_heads_difference` unless ``heads`` is False. ``features``: the image's cached
+    :meth:`Sa2VAModel.sam_heads_difference` unless ``heads`` is False, and (InternVL) the [SEG] hidden state
+    against the remote training forward (:func:`remote_training_seg_hidden`). ``features``: the image's cached
     :meth:`Sa2VAModel.encode` output, to save an encode. Runs on CPU too (the remote's ``.cuda()`` calls are
     redirected to the model's device) and leaves every parameter's dtype and value as it found them.
     """
@@ -731,6 +755,7 @@ def compare_with_remote(
     from policies.compat import forced_generation, remote_inference_on
 
     arr = as_uint8_images(image)[0]
+    features = features if features is not None else model.encode(arr[None])
     kwargs: dict[str, Any] = {"tokenizer": model.tokenizer}
     if model.flavour == "qwen_vl":
         kwargs["processor"] = model.processor
@@ -748,6 +773,11 @@ def compare_with_remote(
     report: dict[str, Any] = {"prediction": prediction}
     if heads:
         report["sam_heads_max_abs_diff"] = model.sam_heads_difference(arr, features=features)
+    if model.flavour == "internvl":
+        ours = model.seg_hidden_states(features, [prompt])[0]
+        theirs = remote_training_seg_hidden(model, arr, prompt)
+        report["seg_hidden_max_abs_diff"] = float((ours.float() - theirs.float()).abs().max())
+        report["seg_hidden_abs_max"] = float(theirs.abs().max())
     if SEG_TOKEN not in prediction or not result["prediction_masks"]:
         report["error"] = "the model generated no [SEG]; nothing to compare"
         return report

@@ -63,16 +63,6 @@ def features(policy, image):
     return policy.frozen_features(image)
 
 
-def _remote_tiles(image: np.ndarray) -> torch.Tensor:
-    """The InternVL tiles of one image, as the adapter feeds them to the ViT."""
-    from PIL import Image
-
-    from policies.sa2va import _normalize_tile, dynamic_tiles
-
-    tiles = dynamic_tiles(Image.fromarray(image), min_num=1, max_num=12, image_size=448, use_thumbnail=True)
-    return torch.stack([_normalize_tile(t, 448) for t in tiles])
-
-
 def test_the_real_remote_code_loads_under_the_installed_transformers(checkpoint) -> None:
     from safetensors.torch import load_file
 
@@ -137,23 +127,13 @@ def test_sdpa_attention_gives_the_eager_seg_hidden_state(policy, image, features
 
 
 def test_seg_hidden_state_matches_the_remote_training_forward(policy, image, features) -> None:
-    base, remote = policy.base, policy.base.model
-    ids = torch.tensor([base.prompt_ids(PROMPT, features.vision[0].shape[0])])
-    data = {
-        "pixel_values": [_remote_tiles(image[0])],
-        "input_ids": ids,
-        "position_ids": None,
-        "attention_mask": torch.ones_like(ids),
-        "labels": None,
-    }
-    remote._count = 0  # set by Sa2VA's training loop before the first forward
+    from policies.sa2va import remote_training_seg_hidden
+
     with torch.no_grad():
-        out = remote(data)
-        ours = base.seg_hidden_states(features, [PROMPT])
-    seg = int((ids[0] == base.seg_token_idx).nonzero()[-1, 0])
-    theirs = out.hidden_states[-1][0, seg]
-    assert ours.abs().max() > 0.1
-    torch.testing.assert_close(ours[0], theirs, rtol=0, atol=1e-5)
+        ours = policy.base.seg_hidden_states(features, [PROMPT])[0]
+        theirs = remote_training_seg_hidden(policy.base, image, PROMPT)
+    assert theirs.abs().max() > 0.1  # a real comparison, not of zeros
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_teacher_forced_mask_matches_the_remote_predict_forward(policy, image, features) -> None:
@@ -168,6 +148,7 @@ def test_teacher_forced_mask_matches_the_remote_predict_forward(policy, image, f
         report
     )  # a mask with both classes, not a trivial match
     assert report["mask_iou"] > 0.999 and report["pixel_agreement"] > 0.9995, report
+    assert report["seg_hidden_max_abs_diff"] < 1e-5 and report["seg_hidden_abs_max"] > 0.1, report
     after = dict(policy.model.named_parameters())
     assert all(after[n].dtype == d and torch.equal(after[n], t) for n, (d, t) in before.items())
 
