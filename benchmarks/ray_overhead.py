@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raysys import keys
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,13 +57,13 @@ def main() -> int:
     ray_total = time.perf_counter() - t0
     rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:]
-    ray_iter = float(np.mean([r["time/iteration_s"] for r in steady]))
+    ray_iter = float(np.mean([r[keys.TIME_ITERATION] for r in steady]))
     shares = {}
-    for key in ("time/rollout_s", "time/update_s", "time/sync_s"):
+    for key in (keys.TIME_ROLLOUT, keys.TIME_UPDATE, keys.TIME_SYNC):
         shares[key.split("/")[1].removesuffix("_s")] = float(np.mean([r[key] for r in steady])) / ray_iter
     # Reward scoring overlaps sampling across actors; report its actor time relative to the iteration too.
-    shares["reward_actor_time"] = float(np.mean([r["time/reward_s"] for r in steady])) / ray_iter
-    shares["sample_actor_time"] = float(np.mean([r["time/sample_s"] for r in steady])) / ray_iter
+    shares["reward_actor_time"] = float(np.mean([r[keys.TIME_REWARD] for r in steady])) / ray_iter
+    shares["sample_actor_time"] = float(np.mean([r[keys.TIME_SAMPLE] for r in steady])) / ray_iter
 
     # 2. One process, same classes, same iterations.
 
@@ -83,14 +85,14 @@ def main() -> int:
         "benchmark": "ray_overhead",
         "iterations": args.iterations,
         "ray_total_s": round(ray_total, 2),
-        "ray_startup_s": round(ray_total - sum(r["time/iteration_s"] for r in rows), 2),
+        "ray_startup_s": round(ray_total - sum(r[keys.TIME_ITERATION] for r in rows), 2),
         "ray_iteration_s": ray_iter,
         "local_iteration_s": local_iter,
         "ratio_ray_over_local": ray_iter / local_iter,
         "ray_time_shares": shares,
-        "sync_bytes": rows[-1]["sync/bytes"],
+        "sync_bytes": rows[-1][keys.SYNC_BYTES],
         "model_bytes": learner.policy.model_bytes(),
-        "sync_fraction_of_model": rows[-1]["sync/bytes"] / learner.policy.model_bytes(),
+        "sync_fraction_of_model": rows[-1][keys.SYNC_BYTES] / learner.policy.model_bytes(),
         "rollout_workers": cfg.rollout.num_workers,
         "reward_actors": cfg.reward.num_actors,
         "learner_workers": cfg.learner.num_workers,

@@ -29,6 +29,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from raysys import keys
+
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
@@ -145,7 +147,7 @@ def run_reference(out: Path, base: Path) -> dict:
         subprocess.run(_train_args(out, name, base), capture_output=True, cwd=ROOT, timeout=900, check=True)
     a, b = _weights(out / "reference"), _weights(out / "reference_again")
     rows = [metric_rows(out / n / "metrics.jsonl") for n in ("reference", "reference_again")]
-    same_rewards = [r["rollout/reward_mean"] for r in rows[0]] == [r["rollout/reward_mean"] for r in rows[1]]
+    same_rewards = [r[keys.REWARD_MEAN] for r in rows[0]] == [r[keys.REWARD_MEAN] for r in rows[1]]
     return {
         "bitwise_identical_weights": all(a[k].equal(b[k]) for k in a) and a.keys() == b.keys(),
         "max_abs_weight_diff": max_abs_diff(a, b),

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysys import keys
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("dice", "recall", "precision", "cldice", "betti0_err", "betti1_err")
 
@@ -73,7 +75,7 @@ def main() -> int:
             sys.stderr.write(proc.stderr[-4000:])
             raise SystemExit(f"raysys train failed for seed {seed}")
         rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-        val_rows = [r for r in rows if "val/dice" in r]
+        val_rows = [r for r in rows if keys.VAL_DICE in r]
         test = list(dataset_for_split(cfg.data, "test", load=load_dataset))
         val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
         sft = load_policy(cfg.policy, seed=seed)
@@ -97,7 +99,8 @@ def main() -> int:
             out[f"{label}_best_val_threshold"] = best_t
             out[f"{label}_test_at_best_threshold"] = _scores(pol, test, best_t, th)
         out["val_curve"] = [
-            {k: r[k] for k in ("iteration", "val/dice", "val/recall", "val/cldice")} for r in val_rows
+            {k: r[k] for k in ("iteration", keys.VAL_DICE, keys.VAL_RECALL, keys.VAL_CLDICE)}
+            for r in val_rows
         ]
         per_seed.append(out)
         print(json.dumps({k: v for k, v in out.items() if k != "val_curve"}, indent=1), flush=True)

@@ -21,7 +21,6 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "PackedMasks",
     "entropy",
-    "greedy_masks",
     "kl_bernoulli",
     "mask_log_probs",
     "pack_masks",
@@ -183,19 +182,6 @@ def kl_bernoulli(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature:
             f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} must have the same shape"
         )
     return _BernoulliKL.apply(_scaled(logits, temperature), _scaled(ref_logits, temperature))
-
-
-def greedy_masks(logits: torch.Tensor, *, threshold: float = 0.5) -> torch.Tensor:
-    """Deterministic output for evaluation/export: sigmoid(z) > threshold (no temperature).
-
-    Args:
-        logits: z, [B,H,W] (any shape) float.
-        threshold: probability threshold in (0, 1).
-
-    Returns:
-        masks: same shape as logits, bool.
-    """
-    return torch.sigmoid(logits.detach()) > threshold
 
 
 @dataclass(frozen=True, eq=False)

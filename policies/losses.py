@@ -20,6 +20,7 @@ from policies.distributions import entropy, kl_bernoulli, pixel_log_probs
 __all__ = [
     "ADVANTAGE_FNS",
     "POLICY_LOSSES",
+    "baseline_advantages",
     "entropy_bonus",
     "expand_tiles",
     "get_advantage_fn",
@@ -111,6 +112,28 @@ def get_advantage_fn(name: str) -> Callable[..., torch.Tensor]:
         ) from None
 
 
+def baseline_advantages(
+    rewards: torch.Tensor, baseline: torch.Tensor, *, valid: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """Value-baseline (PPO) advantages: A = (R - V) / (std(R - V) + eps), one std over the whole batch.
+
+    Args:
+        rewards: [B,K] whole-image rewards, or [B,K,ty,tx] tile rewards.
+        baseline: V broadcastable to ``rewards`` (e.g. [B,1] image values, [B,1,ty,tx] tile values).
+        valid: for tile rewards, [B,ty,tx] bool: tiles that count; the others get 0 and stay out of the std.
+        eps: added to the std.
+
+    Returns:
+        advantages: shaped like ``rewards``.
+    """
+    adv = rewards - baseline
+    if valid is None:
+        return adv / (adv.std() + eps)
+    keep = valid.bool().unsqueeze(1)
+    adv = adv * keep
+    return adv / (adv[keep.expand_as(adv)].std() + eps)
+
+
 def tile_advantages(
     tile_rewards: torch.Tensor,
     *,
@@ -173,7 +196,7 @@ def mixed_advantages(
     tile: int,
     height: int,
     width: int,
-    tile_weight: float,
+    tile_weight: float | torch.Tensor,
 ) -> torch.Tensor:
     """Per-pixel advantage mixing scales: (1 - w) * image advantage + w * its tile's advantage.
 
@@ -181,12 +204,19 @@ def mixed_advantages(
         image_adv: [B,K] whole-image advantages.
         tile_adv: [B,K,ty,tx] per-tile advantages.
         tile, height, width: see `expand_tiles`.
-        tile_weight: w in [0, 1]; 0 = pure image-level GRPO, 1 = pure tile-level.
+        tile_weight: w in [0, 1], one for the batch or one per image ([B]; e.g. 0 for images without tile
+            rewards); 0 = pure image-level GRPO, 1 = pure tile-level.
 
     Returns:
         advantages: [B,K,H,W].
     """
-    if not 0.0 <= tile_weight <= 1.0:
+    if torch.is_tensor(tile_weight):
+        if tile_weight.shape != image_adv.shape[:1]:
+            raise ValueError(f"a per-image tile_weight must be [B], got {tuple(tile_weight.shape)}")
+        if not bool(((tile_weight >= 0) & (tile_weight <= 1)).all()):
+            raise ValueError("tile_weight must be in [0, 1]")
+        tile_weight = tile_weight[:, None, None, None]
+    elif not 0.0 <= tile_weight <= 1.0:
         raise ValueError(f"tile_weight must be in [0, 1], got {tile_weight}")
     if image_adv.shape != tile_adv.shape[:2]:
         raise ValueError(

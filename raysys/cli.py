@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from raysys import keys
 from raysys.config import Config, ConfigError, load_config, to_dict
 from raysys.pipeline import PipelineError
 
@@ -36,7 +37,7 @@ def _config(args: argparse.Namespace) -> Config:
     cfg = load_config(path, overrides)
     base = os.environ.get("RAYSYS_BASE_DIR")  # set by cluster/submit.sh: relative paths mean the submitter's
     if base:
-        from raysys.train import absolute_paths
+        from raysys.runtime import absolute_paths
 
         cfg = absolute_paths(cfg, base)
     return cfg
@@ -122,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError):
         raise  # bad config, data or checkpoint, found before training started: main() names it (exit 2)
     except Exception as exc:
-        from raysys.train import storage_exists, train_storage
+        from raysys.runtime import storage_exists, train_storage
 
         log.exception("training failed")
         resumable = storage_exists(f"{train_storage(cfg)}/{cfg.run.name}")
@@ -136,14 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    keys = [
-        k
-        for k in ("rollout/reward_mean", "val/dice", "val/recall", "val/precision", "val/cldice")
-        if k in res.metrics
-    ]
     _print_metrics(
         f"after {res.metrics.get('iteration', -1) + 1} iterations ({res.seconds:.0f}s)",
-        {k: res.metrics[k] for k in keys},
+        {k: res.metrics[k] for k in keys.SUMMARY if k in res.metrics},
     )
     print(f"run directory: {res.run_dir}\ncheckpoint: {res.checkpoint}")
     return 0

@@ -209,6 +209,12 @@ class RolloutConfig:
 class LearnerConfig:
     algorithm: Literal["grpo", "ppo", "rce_grpo"] = "grpo"
     """``grpo``: group baseline (default); ``ppo``: value-head baseline; ``rce_grpo``: RCE warm-up then GRPO."""
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """Group baseline of ``grpo``/``rce_grpo``: ``grpo`` (R - mean) / std, ``dr_grpo`` R - mean (no std),
+    ``rloo`` leave-one-out mean (policies/losses.py ADVANTAGE_FNS)."""
+    policy_loss: Literal["ppo_clip", "pg"] = "ppo_clip"
+    """``ppo_clip``: clipped surrogate per pixel; ``pg``: unclipped importance-weighted policy gradient
+    (policies/losses.py POLICY_LOSSES)."""
     iterations: int = 60
     """Rollout/update iterations."""
     lr: float = 3e-4

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raysys import keys
 from raysys.batches import ScoredRollout
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,9 @@ class CollectStats:
 
     def as_metrics(self) -> dict[str, float]:
         return {
-            "time/rollout_s": self.rollout_s,
-            "time/sample_s": self.sample_s,
-            "time/reward_s": self.reward_s,
+            keys.TIME_ROLLOUT: self.rollout_s,
+            keys.TIME_SAMPLE: self.sample_s,
+            keys.TIME_REWARD: self.reward_s,
             "fault/retries": float(self.retries),
         }
 

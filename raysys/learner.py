@@ -1,12 +1,16 @@
 """The learner: advantages and PPO/GRPO/RCE updates of the trainable (LoRA + head) weights.
 
 ``Learner`` is plain torch so the same update runs in a Ray Train worker (``raysys.train``) and in one
-process (``benchmarks/ray_overhead.py``). One update (docs/design.md, "The RL problem"):
+process (``benchmarks/ray_overhead.py``). :meth:`Learner.update` is the whole optimisation step, as named
+steps (docs/design.md, "The RL problem"):
 
-    1. keep valid, on-policy images (stale versions and NaN rewards are dropped and counted)
-    2. advantages: whole-image GRPO (or value baseline) mixed with per-tile advantages
-    3. old log-probs and reference logits, once, without gradients
-    4. E epochs of minibatch updates: clipped surrogate + beta * KL(pi || pi_ref) - c * entropy
+    batch            valid, on-policy images (stale versions and NaN rewards are dropped and counted)
+    rollout_logprobs the rollout policy's pixel log-probabilities and the reference logits, no grad
+    advantages       whole-image and per-tile baselines, mixed per pixel
+    minibatch_steps  E epochs of: policy loss + beta * KL(pi || pi_ref) - c * entropy (+ value loss)
+    drift            KL(pi_old || pi_new) over the batch after the update
+
+The maths lives in policies/losses.py and policies/distributions.py; this file orders it and logs it.
 """
 
 from __future__ import annotations
@@ -23,25 +27,27 @@ import torch
 from torch import nn
 
 from envs.datasets import load_dataset
-from policies.distributions import pixel_log_probs
+from policies.distributions import kl_bernoulli, pixel_log_probs
 from policies.evaluation import evaluate_probs, predict_probs
 from policies.factory import build_policy
 from policies.losses import (
+    baseline_advantages,
     entropy_bonus,
-    expand_tiles,
-    group_advantages,
+    get_advantage_fn,
+    get_policy_loss,
     kl_penalty,
     masked_mean,
-    ppo_clipped_loss,
+    mixed_advantages,
     rce_loss,
     rce_weights,
     tile_advantages,
     value_loss,
 )
+from raysys import keys
 from raysys.batches import ScoredRollout
 from raysys.config import Config
 from raysys.data import dataset_for_split, inference_for, train_view
-from raysys.rollout import FeatureCache, feature_cache
+from raysys.features import FeatureCache, feature_cache
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +98,7 @@ class Learner:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
         self.policy = build_policy(cfg.policy, seed=cfg.run.seed, device=self.device)
-        self.forward = self.policy.mask_logits  # replaced by a DDP-wrapped call on multi-worker runs
+        self.module = self.policy.model  # what the minibatch steps call: DDP- or DeepSpeed-wrapped if set up
         self.train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
         self.features = feature_cache(self.policy, self.train, cfg.rollout.images_per_iteration)
         self._val: tuple[Sequence, FeatureCache] | None = None
@@ -199,31 +205,38 @@ class Learner:
     def _advantages(self, b: _Batch, feats) -> torch.Tensor:
         """[B,K,H,W] advantages: group (GRPO) or value (PPO) baselines, whole-image and per tile."""
         lc, h, w = self.cfg.learner, *b.masks.shape[-2:]
-        tile = self.cfg.reward.tile_sizes[0]
         if self.value_head is not None:
             with torch.no_grad():
                 v_img, v_tile, _ = self._values(b, feats)
-            img = b.rewards - v_img[:, None]
-            img = img / (img.std() + 1e-6)
-            tiles = (b.tile_rewards - v_tile[:, None]) * b.tile_valid[:, None]
-            tiles = tiles / (tiles[b.tile_valid[:, None].expand_as(tiles)].std() + 1e-6)
+            img = baseline_advantages(b.rewards, v_img[:, None])
+            tiles = baseline_advantages(b.tile_rewards, v_tile[:, None], valid=b.tile_valid)
         else:
-            img = group_advantages(b.rewards)
-            tiles = tile_advantages(b.tile_rewards, valid=b.tile_valid)
+            img = get_advantage_fn(lc.advantage)(b.rewards)
+            tiles = tile_advantages(b.tile_rewards, valid=b.tile_valid, method=lc.advantage)
         # Images without tile rewards (learned reward net) use the whole-image advantage only.
         w_tile = lc.tile_advantage_weight * b.tile_valid.flatten(1).any(1).float()
-        adv = (1 - w_tile)[:, None, None, None] * img[..., None, None] + w_tile[
-            :, None, None, None
-        ] * expand_tiles(tiles, tile=tile, height=h, width=w)
+        tile = self.cfg.reward.tile_sizes[0]
+        adv = mixed_advantages(img, tiles, tile=tile, height=h, width=w, tile_weight=w_tile)
         return adv * b.weight[:, None, None, None]
 
-    def _logits(self, b: _Batch, feats, rows: torch.Tensor | slice, *, forward=None) -> torch.Tensor:
+    def _logits(self, b: _Batch, feats, rows: torch.Tensor | slice, *, module=None) -> torch.Tensor:
+        """Logits of the batch ``rows`` through ``module`` (default: the possibly wrapped policy model)."""
         samples = b.samples[rows] if isinstance(rows, slice) else [b.samples[i] for i in rows.tolist()]
         sub = feats.index(rows)
-        fn = forward or self.forward
+        fn = module or self.module
         with self._autocast():
             out = fn(np.stack([s.image for s in samples]), [s.prompt for s in samples], features=sub)
         return out.float()
+
+    def _chunked_logits(self, b: _Batch, feats, *, module=None) -> torch.Tensor:
+        """Logits of the whole batch, one minibatch at a time."""
+        step = self.cfg.learner.minibatch_size
+        return torch.cat(
+            [
+                self._logits(b, feats, slice(i, i + step), module=module)
+                for i in range(0, len(b.indices), step)
+            ]
+        )
 
     def _autocast(self):
         """bf16 autocast on GPU when ``learner.amp``; log-probs and losses stay in float32."""
@@ -234,37 +247,47 @@ class Learner:
     def update(self, scored: Sequence[ScoredRollout], *, iteration: int) -> dict[str, float]:
         """One iteration's optimisation on ``scored`` rollouts; returns metrics (and bumps the version)."""
         t0 = time.perf_counter()
-        lc, temp = self.cfg.learner, self.cfg.rollout.temperature
         phase = self.phase(iteration)
         self._enter_phase(phase)
         b, metrics = self._assemble(scored)
         metrics.update(self._reward_metrics(scored))
         if b is None:
             log.warning("iteration %d: no valid on-policy images; update skipped", iteration)
-            metrics["update/skipped"] = 1.0
+            metrics[keys.SKIPPED] = 1.0
             return metrics
         feats = self.features.get(b.keys, [s.image for s in b.samples]).to(self.device)
-        n = len(b.indices)
-        # 3. old log-probs (the rollout policy = current weights) and reference logits, no grad.
-        with torch.no_grad():
-            old_logits = torch.cat(
-                [
-                    self._logits(b, feats, slice(i, i + lc.minibatch_size))
-                    for i in range(0, n, lc.minibatch_size)
-                ]
-            )
-            logp_old = pixel_log_probs(old_logits, b.masks, temperature=temp)
-            with self.policy.reference():
-                ref_logits = torch.cat(
-                    [
-                        self._logits(
-                            b, feats, slice(i, i + lc.minibatch_size), forward=self.policy.mask_logits
-                        )
-                        for i in range(0, n, lc.minibatch_size)
-                    ]
-                )
-        # 2. advantages (the PPO value head is trained on its own loss in the minibatch loop).
-        adv = self._advantages(b, feats) if phase != "rce" else None
+        old_logits, logp_old, ref_logits = self._rollout_logprobs(b, feats)
+        adv = None if phase == "rce" else self._advantages(b, feats)
+        metrics.update(self._minibatch_steps(b, feats, phase, adv, logp_old, ref_logits, iteration))
+        self.version += 1
+        metrics[keys.KL_OLD_NEW] = self._drift(b, feats, old_logits)
+        metrics["learner/phase_rce"] = float(phase == "rce")
+        metrics["learner/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics[keys.TIME_UPDATE] = time.perf_counter() - t0
+        return metrics
+
+    @torch.no_grad()
+    def _rollout_logprobs(self, b: _Batch, feats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rollout policy (= the current weights) and the reference, before any step: old logits [B,H,W],
+        old pixel log-probabilities of the sampled masks [B,K,H,W], reference logits [B,H,W]."""
+        old_logits = self._chunked_logits(b, feats)
+        logp_old = pixel_log_probs(old_logits, b.masks, temperature=self.cfg.rollout.temperature)
+        with self.policy.reference():
+            ref_logits = self._chunked_logits(b, feats, module=self.policy.mask_logits)
+        return old_logits, logp_old, ref_logits
+
+    def _minibatch_steps(
+        self,
+        b: _Batch,
+        feats,
+        phase: str,
+        adv: torch.Tensor | None,
+        logp_old: torch.Tensor,
+        ref_logits: torch.Tensor,
+        iteration: int,
+    ) -> dict[str, float]:
+        """E epochs over seeded permutations of the batch; mean metrics over the steps taken."""
+        lc, n = self.cfg.learner, len(b.indices)
         gen = torch.Generator().manual_seed(int(self.cfg.run.seed * 7919 + iteration))
         sums: dict[str, float] = {}
         steps = 0
@@ -272,62 +295,62 @@ class Learner:
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, lc.minibatch_size):
                 rows = perm[start : start + lc.minibatch_size].to(self.device)
-                logits = self._logits(b, feats, rows)
-                fov = b.fov[rows]
-                kl = kl_penalty(logits, ref_logits[rows], fov=fov, temperature=temp)
-                ent = entropy_bonus(logits, fov=fov, temperature=temp)
-                stats: dict[str, torch.Tensor] = {}
-                if phase == "rce":
-                    pg = rce_loss(
-                        logits, b.masks[rows], rce_weights(b.rewards[rows]), fov=fov, temperature=temp
-                    )
-                else:
-                    logp = pixel_log_probs(logits, b.masks[rows], temperature=temp)
-                    pg, stats = ppo_clipped_loss(logp, logp_old[rows], adv[rows], fov=fov, clip=lc.clip)
-                loss = pg + lc.kl_coef * kl - lc.entropy_coef * ent
-                if self.value_head is not None and phase != "rce":
-                    _, _, vloss = self._values(_index(b, rows), feats.index(rows))
-                    loss = loss + lc.value_coef * vloss
-                    stats["value"] = vloss.detach()
-                if not torch.isfinite(loss):  # never step on a NaN/inf loss; count it instead
-                    sums["update/nonfinite_steps"] = sums.get("update/nonfinite_steps", 0.0) + 1.0
+                terms = self._loss(b, feats, rows, phase, adv, logp_old, ref_logits)
+                if not torch.isfinite(
+                    terms[keys.LOSS_TOTAL]
+                ):  # never step on a NaN/inf loss; count it instead
+                    sums[keys.NONFINITE_STEPS] = sums.get(keys.NONFINITE_STEPS, 0.0) + 1.0
                     continue
-                grad_norm = self._step(loss)
+                terms[keys.GRAD_NORM] = self._step(terms[keys.LOSS_TOTAL])
                 steps += 1
-                for key, val in {
-                    "loss/policy": pg,
-                    "loss/kl": kl,
-                    "policy/entropy": ent,
-                    "loss/total": loss,
-                    "policy/grad_norm": grad_norm,
-                    **{f"policy/{k}": v for k, v in stats.items() if k != "value"},
-                    **({"loss/value": stats["value"]} if "value" in stats else {}),
-                }.items():
+                for key, val in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(val.detach())
-        self.version += 1
-        nonfinite = sums.pop("update/nonfinite_steps", 0.0)
-        metrics.update({k: v / max(steps, 1) for k, v in sums.items()})
-        metrics["update/nonfinite_steps"] = nonfinite
-        with torch.no_grad():  # mean KL of the whole batch after the update: the drift per iteration
-            metrics["policy/kl_old_new"] = float(
-                masked_mean(
-                    torch.cat(
-                        [
-                            _kl_rows(
-                                self._logits(b, feats, slice(i, i + lc.minibatch_size)),
-                                old_logits[i : i + lc.minibatch_size],
-                                temp,
-                            )
-                            for i in range(0, n, lc.minibatch_size)
-                        ]
-                    ),
-                    b.fov,
-                )
+        nonfinite = sums.pop(keys.NONFINITE_STEPS, 0.0)
+        out = {k: v / max(steps, 1) for k, v in sums.items()}
+        out[keys.NONFINITE_STEPS] = nonfinite
+        return out
+
+    def _loss(
+        self,
+        b: _Batch,
+        feats,
+        rows: torch.Tensor,
+        phase: str,
+        adv: torch.Tensor | None,
+        logp_old: torch.Tensor,
+        ref_logits: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """One minibatch's loss terms: {"loss/total", "loss/policy", "loss/kl", "policy/entropy", ...}."""
+        lc, temp = self.cfg.learner, self.cfg.rollout.temperature
+        logits = self._logits(b, feats, rows)
+        fov = b.fov[rows]
+        kl = kl_penalty(logits, ref_logits[rows], fov=fov, temperature=temp)
+        ent = entropy_bonus(logits, fov=fov, temperature=temp)
+        stats: dict[str, torch.Tensor] = {}
+        if phase == "rce":
+            pg = rce_loss(logits, b.masks[rows], rce_weights(b.rewards[rows]), fov=fov, temperature=temp)
+        else:
+            logp = pixel_log_probs(logits, b.masks[rows], temperature=temp)
+            pg, stats = get_policy_loss(lc.policy_loss)(
+                logp, logp_old[rows], adv[rows], fov=fov, clip=lc.clip
             )
-        metrics["learner/phase_rce"] = float(phase == "rce")
-        metrics["learner/lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["time/update_s"] = time.perf_counter() - t0
-        return metrics
+        loss = pg + lc.kl_coef * kl - lc.entropy_coef * ent
+        value = None
+        if self.value_head is not None and phase != "rce":
+            _, _, value = self._values(_index(b, rows), feats.index(rows))
+            loss = loss + lc.value_coef * value
+        terms = {keys.LOSS_POLICY: pg, keys.LOSS_KL: kl, keys.ENTROPY: ent, keys.LOSS_TOTAL: loss}
+        terms.update({f"policy/{k}": v for k, v in stats.items()})
+        if value is not None:
+            terms[keys.LOSS_VALUE] = value
+        return terms
+
+    @torch.no_grad()
+    def _drift(self, b: _Batch, feats, old_logits: torch.Tensor) -> float:
+        """Mean KL(pi_old || pi_new) over the batch's FOV pixels after the update: the drift per iteration."""
+        new_logits = self._chunked_logits(b, feats)
+        kl = kl_bernoulli(old_logits, new_logits, temperature=self.cfg.rollout.temperature)
+        return float(masked_mean(kl, b.fov))
 
     def _step(self, loss: torch.Tensor) -> torch.Tensor:
         """Backward, clip, step; through the DeepSpeed engine when one is set up."""
@@ -363,17 +386,23 @@ class Learner:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.policy.model, optimizer=self.optimizer, config=config
         )
-        engine = self.engine
-        self.forward = lambda images, prompts, features=None: engine(images, list(prompts), features=features)
+        self.module = self.engine
+
+    def use_ddp(self, prepare) -> None:
+        """Wrap the policy model (and the PPO value head) with ``prepare`` (e.g. ``ray.train.torch.prepare_model``)
+        so the minibatch steps average gradients across the learner ranks."""
+        self.module = prepare(self.policy.model)
+        if self.value_head is not None:
+            self.value_head = prepare(self.value_head)
 
     def _reward_metrics(self, scored: Sequence[ScoredRollout]) -> dict[str, float]:
         valid = [s for s in scored if s.valid.any()]
         if not valid:
             return {}
         rewards = np.concatenate([s.rewards[s.valid] for s in valid])
-        out = {"rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std())}
-        out["rollout/ep_rew_mean"] = out["rollout/reward_mean"]
-        self.best_reward = max(self.best_reward, out["rollout/reward_mean"])
+        out = {keys.REWARD_MEAN: float(rewards.mean()), keys.REWARD_STD: float(rewards.std())}
+        out[keys.EP_REW_MEAN] = out[keys.REWARD_MEAN]
+        self.best_reward = max(self.best_reward, out[keys.REWARD_MEAN])
         out["custom/best_reward"] = self.best_reward
         names = set().union(*(s.components for s in valid))
         for name in sorted(names):
@@ -384,7 +413,7 @@ class Learner:
                     name, f"reward/{name}"
                 )
                 out[key] = float(vals.mean())
-        out["rollout/learned_fraction"] = float(
+        out[keys.LEARNED_FRACTION] = float(
             np.mean([src == "learned" for s in valid for src, v in zip(s.sources, s.valid, strict=True) if v])
         )
         return out
@@ -409,7 +438,7 @@ class Learner:
             probs, val, threshold=self.cfg.eval.threshold, thresholds=self.cfg.eval.thresholds
         )
         out = {f"val/{k}": v for k, v in res.mean.items()}
-        out["val/best_threshold"] = res.best_threshold
+        out[keys.VAL_BEST_THRESHOLD] = res.best_threshold
         out["val/best_threshold_dice"] = float(max(res.sweep["dice"]))
         for t, d in zip(res.sweep["thresholds"], res.sweep["dice"], strict=True):
             out[f"val/dice@{t:g}"] = float(d)
@@ -486,12 +515,6 @@ class Learner:
         self.best_reward = float(state["best_reward"])
         self.best_val = float(state["best_val"]) if "best_val" in state else None
         return int(state["iteration"]) + 1
-
-
-def _kl_rows(logits: torch.Tensor, old: torch.Tensor, temperature: float) -> torch.Tensor:
-    from policies.distributions import kl_bernoulli
-
-    return kl_bernoulli(old, logits, temperature=temperature)
 
 
 def _index(b: _Batch, rows: torch.Tensor) -> _Batch:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysys import keys
 from raysys.config import Config, replace, save_config, to_dict
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class Pipeline:
             raise ValueError(
                 f"--until {until} comes before --from {start}; stages run in order {', '.join(STAGES)}"
             )
-        from raysys.train import run_lock
+        from raysys.runtime import run_lock
 
         self.root.mkdir(parents=True, exist_ok=True)
         with run_lock(self.root):
@@ -329,7 +330,8 @@ def _reward_net(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, An
 
 
 def _rl(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    from raysys.train import absolute_paths, run_training, storage_exists, train_storage
+    from raysys.runtime import absolute_paths, storage_exists, train_storage
+    from raysys.train import run_training
 
     overrides = [f"run.output_dir={out.parent}", f"run.name={out.name}"]
     base = _base_checkpoint(cfg, inputs)
@@ -340,7 +342,7 @@ def _rl(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     # Checkpoints left by an interrupted run of this same stage: continue from the last one.
     resume = storage_exists(f"{train_storage(run_cfg)}/{run_cfg.run.name}")
     res = run_training(run_cfg, progress=True, resume=resume)
-    keep = ("rollout/reward_mean", "val/dice", "val/recall", "val/precision", "val/cldice")
+    keep = keys.SUMMARY
     return {"seconds": res.seconds, "last": {k: res.metrics.get(k) for k in keep}}
 
 

@@ -10,14 +10,15 @@ from typing import Any
 
 import numpy as np
 
+from raysys import keys
 from raysys.config import Config
 from raysys.viz import _pyplot
 
 TABLE_KEYS = ("threshold", "dice", "recall", "precision", "cldice", "betti0_err", "betti1_err")
 CURVES = (
-    ("Reward", ("rollout/reward_mean", "reward/dice", "reward/recall", "reward/topology", "reward/length")),
-    ("KL and entropy", ("loss/kl", "policy/kl_old_new", "policy/entropy")),
-    ("Validation", ("val/dice", "val/recall", "val/precision", "val/cldice")),
+    ("Reward", (keys.REWARD_MEAN, "reward/dice", "reward/recall", "reward/topology", "reward/length")),
+    ("KL and entropy", (keys.LOSS_KL, keys.KL_OLD_NEW, keys.ENTROPY)),
+    ("Validation", (keys.VAL_DICE, keys.VAL_RECALL, keys.VAL_PRECISION, keys.VAL_CLDICE)),
 )
 
 
@@ -36,8 +37,8 @@ def error_overlay(pred: np.ndarray, gt: np.ndarray, fov: np.ndarray, image: np.n
 def _curves(rows: list[dict[str, Any]], path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
-    for ax, (title, keys) in zip(axes, CURVES, strict=True):
-        for key in keys:
+    for ax, (title, names) in zip(axes, CURVES, strict=True):
+        for key in names:
             pts = [(r["iteration"], r[key]) for r in rows if key in r and r[key] is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=key, marker="." if title == "Validation" else None)

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from envs.datasets import load_dataset
-from policies.distributions import pack_masks
+from policies.distributions import pack_masks, sample_masks
 from policies.factory import build_policy
 from raysys.batches import RolloutBatch
 from raysys.config import Config
-from raysys.data import TrainView, dataset_for_split, train_view
+from raysys.data import dataset_for_split, train_view
+from raysys.features import feature_cache
 
 log = logging.getLogger(__name__)
 
@@ -32,61 +32,6 @@ def sample_seed(seed: int, iteration: int, index: int) -> int:
 
 def pick_device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def _nbytes(features: object) -> int:
-    return sum(t.numel() * t.element_size() for t in vars(features).values() if torch.is_tensor(t))
-
-
-class FeatureCache:
-    """Frozen features per key (an image, or one crop or window of it), computed once and reused across K
-    samples, epochs and, for whole images, iterations. Least recently used entries go first once there are
-    more than ``max_items`` or they take more than ``max_bytes`` (the keys of the current call stay)."""
-
-    def __init__(
-        self, policy, *, batch_size: int = 8, max_items: int | None = None, max_bytes: int | None = None
-    ) -> None:
-        self.policy, self.batch_size = policy, batch_size
-        self.max_items, self.max_bytes = max_items, max_bytes
-        self._cache: OrderedDict[Hashable, object] = OrderedDict()
-        self.nbytes = 0
-
-    def get(self, keys: Sequence[Hashable], images: Sequence[np.ndarray]):
-        """Features of ``keys`` concatenated in order; ``images`` (uint8, one per key) feed the misses."""
-        image_of = dict(zip(keys, images, strict=True))
-        missing = [k for k in image_of if k not in self._cache]
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
-            feats = self.policy.frozen_features(np.stack([image_of[k] for k in chunk]))
-            for j, k in enumerate(chunk):
-                one = type(feats).cat([feats.index(slice(j, j + 1))])  # a copy: the batch can be freed
-                self._cache[k] = one
-                self.nbytes += _nbytes(one)
-        out = [self._cache[k] for k in keys]
-        for k in keys:
-            self._cache.move_to_end(k)
-        keep = len(set(keys))
-        while len(self._cache) > keep and (
-            (self.max_items is not None and len(self._cache) > self.max_items)
-            or (self.max_bytes is not None and self.nbytes > self.max_bytes)
-        ):
-            self.nbytes -= _nbytes(self._cache.popitem(last=False)[1])
-        return type(out[0]).cat(out)
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-
-WHOLE_IMAGE_CACHE_BYTES = 2 << 30
-"""Frozen features of whole training images kept per actor (tiny policy: ~110 B per pixel, so all of DRIVE's
-training set; FIVES-sized sets are recomputed as needed)."""
-
-
-def feature_cache(policy, view: TrainView, images_per_iteration: int) -> FeatureCache:
-    """Two iterations' worth for crops (new every iteration); up to 2 GiB of whole images (reused)."""
-    if view.cropped:
-        return FeatureCache(policy, max_items=2 * images_per_iteration)
-    return FeatureCache(policy, max_bytes=WHOLE_IMAGE_CACHE_BYTES)
 
 
 class RolloutWorker:
@@ -130,15 +75,13 @@ class RolloutWorker:
         logits = self.policy.mask_logits(
             np.stack([s.image for s in samples]), [s.prompt for s in samples], features=feats
         ).float()
-        probs = torch.sigmoid(logits / temperature)
-        masks = torch.empty((len(indices), k, *probs.shape[-2:]), dtype=torch.bool, device=probs.device)
-        for b, i in enumerate(indices):
-            gen = torch.Generator(device=probs.device).manual_seed(
+        masks = torch.empty((len(indices), k, *logits.shape[-2:]), dtype=torch.bool, device=logits.device)
+        for b, i in enumerate(indices):  # one generator per image: its masks do not depend on the batch
+            gen = torch.Generator(device=logits.device).manual_seed(
                 sample_seed(self.cfg.run.seed, iteration, i)
             )
-            u = torch.rand((k, *probs.shape[-2:]), generator=gen, device=probs.device)
-            fov = torch.tensor(samples[b].fov, device=probs.device)
-            masks[b] = (u < probs[b]) & fov
+            drawn = sample_masks(logits[b : b + 1], k=k, temperature=temperature, generator=gen)[0]
+            masks[b] = drawn & torch.tensor(samples[b].fov, device=logits.device)
         return RolloutBatch(
             indices=indices,
             ids=[s.id for s in samples],

@@ -32,6 +32,7 @@ import numpy as np
 from envs.environments import PostProcessEnv, PromptSelectionEnv
 from envs.rewards import MultiObjectiveReward, RewardResult
 from envs.types import VesselSample
+from raysys import keys
 from raysys.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -292,16 +293,16 @@ def _train(cfg: Config, algo, evaluate_val, sink, extra_metrics) -> dict[str, An
         result = algo.train()
         row: dict[str, Any] = {
             "iteration": it,
-            "rollout/ep_rew_mean": _result_value(result, "env_runners", "episode_return_mean"),
-            "policy/entropy": _result_value(result, "learners", "default_policy", "entropy"),
-            "loss/policy": _result_value(result, "learners", "default_policy", "policy_loss"),
-            "loss/value": _result_value(result, "learners", "default_policy", "vf_loss"),
+            keys.EP_REW_MEAN: _result_value(result, "env_runners", "episode_return_mean"),
+            keys.ENTROPY: _result_value(result, "learners", "default_policy", "entropy"),
+            keys.LOSS_POLICY: _result_value(result, "learners", "default_policy", "policy_loss"),
+            keys.LOSS_VALUE: _result_value(result, "learners", "default_policy", "vf_loss"),
         }
-        row["rollout/reward_mean"] = row["rollout/ep_rew_mean"]
+        row[keys.REWARD_MEAN] = row[keys.EP_REW_MEAN]
         row.update(extra_metrics(module))
         val = evaluate_val(module)
         row.update({f"val/{k}": v for k, v in val.items()})
-        row["time/iteration_s"] = time.perf_counter() - t0
+        row[keys.TIME_ITERATION] = time.perf_counter() - t0
         sink.log(row)
         if val["reward"] > best + 1e-9:
             best, best_it, since = val["reward"], it, 0
@@ -311,7 +312,7 @@ def _train(cfg: Config, algo, evaluate_val, sink, extra_metrics) -> dict[str, An
         log.info(
             "iteration %d: train return %.4f, val reward %.4f (best %.4f @ %d)",
             it,
-            row["rollout/ep_rew_mean"],
+            row[keys.EP_REW_MEAN],
             val["reward"],
             best,
             best_it,
@@ -332,7 +333,7 @@ def _sink(out: Path):
 
 def _over_seeds(cfg: Config, seeds: list[int], run_one) -> list[dict[str, Any]]:
     """``run_one(seed)`` for each seed on the configured (or a private local) Ray."""
-    from raysys.train import init_ray
+    from raysys.runtime import init_ray
 
     started = init_ray(cfg)
     try:

@@ -9,89 +9,31 @@ the actor handles through ``train_loop_config``. Each iteration reads as timed s
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import os
-import platform
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysys import keys
 from raysys.config import Config, ConfigError, save_config
+from raysys.runtime import (
+    absolute_paths,
+    check_resources,
+    holds_results,
+    init_ray,
+    latest_iteration,
+    run_lock,
+    storage_exists,
+    train_storage,
+)
 
 log = logging.getLogger(__name__)
-
-RAY_STORAGE = "ray"
-OBJECTIVE = "tune/objective"
-"""Reported every iteration when sweeping: ``tune.metric`` evaluated on the latest validation metrics."""
-ITERATIONS_DONE = "tune/iterations"
-"""Reported with OBJECTIVE: iterations finished, the time axis of ASHA and PBT."""
-
-
-class ResourceError(RuntimeError):
-    """The cluster cannot host what the config asks for."""
-
-
-# ------------------------------------------------------------------------------------------- Ray set-up
-def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
-    """Attach to ``run.ray_address`` / RAY_ADDRESS, or start a private local Ray sized for ``copies`` runs
-    of ``cfg`` (Tune trials) plus ``extra_cpus`` each. Returns True if it started one."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
-    if address:
-        ray.init(address=address, runtime_env=None if _inside_job() else env, log_to_driver=True)
-        return False
-    needed = required_resources(cfg)
-    num_cpus = cfg.run.num_cpus or max(4.0, (needed["CPU"] + extra_cpus) * copies + 1)
-    ray.init(
-        address="local",
-        num_cpus=int(num_cpus),
-        num_gpus=cfg.run.num_gpus,
-        runtime_env=env,
-        log_to_driver=True,
-    )
-    return True
-
-
-def _inside_job() -> bool:
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-
-
-def required_resources(cfg: Config) -> dict[str, float]:
-    """Logical CPUs and GPUs the actors and Train workers reserve."""
-    r, rw, lc = cfg.rollout, cfg.reward, cfg.learner
-    return {
-        "CPU": r.num_workers * r.cpus_per_worker
-        + rw.num_actors * rw.cpus_per_actor
-        + lc.num_workers * lc.cpus_per_worker,
-        "GPU": r.num_workers * r.gpus_per_worker + (lc.num_workers if lc.use_gpu else 0),
-    }
-
-
-def check_resources(cfg: Config) -> None:
-    """Fail fast (instead of pending forever) when the cluster has fewer resources than the config needs."""
-    import ray
-
-    have = ray.cluster_resources()
-    need = required_resources(cfg)
-    for key, amount in need.items():
-        if amount > have.get(key, 0.0) + 1e-9:
-            raise ResourceError(
-                f"the config needs {amount:g} {key} (rollout.num_workers x gpus/cpus_per_worker + "
-                f"reward.num_actors x cpus_per_actor + learner.num_workers x ...) but the Ray cluster has "
-                f"{have.get(key, 0.0):g}; lower those settings or add nodes"
-            )
 
 
 # ------------------------------------------------------------------------------------------- train loop
@@ -119,10 +61,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.learner.strategy == "deepspeed":
         learner.use_deepspeed()
     elif world > 1:
-        ddp = ray.train.torch.prepare_model(learner.policy.model, move_to_device=False)
-        learner.forward = lambda images, prompts, features=None: ddp(images, list(prompts), features=features)
-        if learner.value_head is not None:  # its gradients must be averaged across ranks too
-            learner.value_head = ray.train.torch.prepare_model(learner.value_head, move_to_device=False)
+        learner.use_ddp(lambda module: ray.train.torch.prepare_model(module, move_to_device=False))
     coordinator = RayCoordinator(config["rollout"], config["reward"])
     sink = config["sink"]
     _record_learner_placement(sink, rank, world)
@@ -169,11 +108,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 last_val.update(val)
             if (it + 1) % cfg.learner.checkpoint_every == 0 or last:
                 ckpt = _checkpoint(learner, it)
-        metrics.update({"iteration": it, "policy/version": learner.version})
+        metrics.update({"iteration": it, keys.VERSION: learner.version})
         if objective:  # Tune compares trials on the latest validation (NaN until the first one)
-            metrics[OBJECTIVE] = objective_value(objective, last_val)
-            metrics[ITERATIONS_DONE] = it + 1  # survives resumes, unlike Tune's training_iteration
-        metrics["time/iteration_s"] = time.perf_counter() - t_iter
+            metrics[keys.OBJECTIVE] = objective_value(objective, last_val)
+            metrics[keys.ITERATIONS_DONE] = it + 1  # survives resumes, unlike Tune's training_iteration
+        metrics[keys.TIME_ITERATION] = time.perf_counter() - t_iter
         _report(metrics, ckpt, sink if rank == 0 else None, it)
 
 
@@ -200,7 +139,7 @@ def objective_value(terms: dict[str, float], metrics: dict[str, float]) -> float
 def _sync(coordinator, learner) -> dict[str, float]:
     t = time.perf_counter()
     nbytes = coordinator.push_weights(learner.trainable_state_dict(), learner.version)
-    return {"sync/bytes": float(nbytes), "time/sync_s": time.perf_counter() - t}
+    return {keys.SYNC_BYTES: float(nbytes), keys.TIME_SYNC: time.perf_counter() - t}
 
 
 def _validate(learner, sink, cfg: Config, iteration: int) -> dict[str, float]:
@@ -217,7 +156,7 @@ def _validate(learner, sink, cfg: Config, iteration: int) -> dict[str, float]:
             learner.policy, {"iteration": iteration, "version": learner.version, key: val[key]}
         )
         ray.get(sink.save_best.remote(learner.trainable_state_dict(), meta))
-    return {**val, "time/validate_s": time.perf_counter() - t}
+    return {**val, keys.TIME_VALIDATE: time.perf_counter() - t}
 
 
 def _checkpoint(learner, iteration: int):
@@ -329,7 +268,7 @@ def run_training(
         try:
             check_resources(cfg)
             rollout, reward, sink_cls = _launch_actors(cfg)
-            start_iteration = _latest_iteration(f"{storage}/{name}") + 1 if resume else 0
+            start_iteration = latest_iteration(f"{storage}/{name}") + 1 if resume else 0
             if initial_checkpoint is not None and not resume:
                 with initial_checkpoint.as_directory() as d:
                     start_iteration = _checkpoint_iteration(Path(d)) + 1
@@ -380,56 +319,6 @@ def run_training(
                 ray.shutdown()
 
 
-PATH_KEYS = ("policy.checkpoint", "data.root", "reward.reward_net", "run.output_dir", "run.storage_path")
-
-
-def absolute_paths(cfg: Config, base: str | os.PathLike[str] | None = None) -> Config:
-    """Local paths in the config made absolute: actors and Train workers run in other working directories.
-
-    Without ``base``, existing relative paths resolve against the working directory. With ``base`` (a Ray
-    job's RAYSYS_BASE_DIR, the submitter's repository) every relative path resolves against it, existing or
-    not: the job itself runs from an unpacked copy of the code."""
-    from raysys.config import replace
-
-    overrides = []
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if not value or "://" in value or Path(value).is_absolute():
-            continue
-        if base is not None:
-            overrides.append(f"{key}={Path(base) / value}")
-        elif Path(value).exists():
-            overrides.append(f"{key}={Path(value).resolve()}")
-    return replace(cfg, overrides) if overrides else cfg
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``<run dir>/.lock`` (an OS file lock, released if the process dies) for as long as a run writes
-    there; a second run of the same name fails at once instead of interleaving with the first."""
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise FileExistsError(
-                f"run directory {run_dir} is in use by another raysys process ({handle.read().strip()}); "
-                "wait for it, or choose another run.name"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {platform.node()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def preflight(cfg: Config) -> None:
     """Load, once and here, the checkpoints every actor will load: a missing, corrupt or malicious file (refused
     by ``weights_only``/safetensors) stops with its name and key instead of an ActorDiedError from Ray."""
@@ -447,14 +336,6 @@ def preflight(cfg: Config) -> None:
             load()
         except (ValueError, OSError) as exc:  # same type (callers match on it), the key in front
             raise type(exc)(f"{key}: {exc}") from exc
-
-
-def holds_results(run_dir: Path) -> bool:
-    """True when a run directory has metrics or checkpoints of an earlier run (whatever its storage_path)."""
-    metrics = run_dir / "metrics.jsonl"
-    has_rows = metrics.is_file() and metrics.stat().st_size > 0
-    checkpoints = run_dir / "checkpoints"
-    return has_rows or (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 
 RESUME_MAY_CHANGE = frozenset(
@@ -486,46 +367,6 @@ def check_resumable_config(cfg: Config, saved: Path) -> None:
             f"keeps the settings it started with ({saved}). Start a new run.name for new settings; only "
             f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume"
         )
-
-
-def train_storage(cfg: Config) -> str:
-    """Ray Train's storage_path: ``<run dir>/ray``, or ``<run.storage_path>/<run.name>`` (shared path or URI)."""
-    if cfg.run.storage_path:
-        base = cfg.run.storage_path.rstrip("/")
-        if "://" not in base:
-            base = str(Path(base).resolve())
-        return f"{base}/{cfg.run.name}"
-    return str(cfg.run_dir.resolve() / RAY_STORAGE)
-
-
-def _filesystem(path: str):
-    """(pyarrow filesystem, path in it) for a local path or a URI such as s3://bucket/prefix."""
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
-
-
-def storage_exists(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, p = _filesystem(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
-def _latest_iteration(experiment: str | Path) -> int:
-    """Iteration of the checkpoint Train resumes from: the latest one its snapshot registered (a folder can
-    exist without being registered when the run stopped mid-report); -1 if none."""
-    snapshot = f"{experiment}/checkpoint_manager_snapshot.json"
-    if not storage_exists(snapshot):
-        return -1
-    fs, p = _filesystem(snapshot)
-    with fs.open_input_stream(p) as f:
-        data = json.loads(f.read().decode())
-    names = [r.get("checkpoint_dir_name", "") for r in data.get("checkpoint_results", [])]
-    its = [int(n.split("_")[1]) for n in names if n.startswith("iter_") and n.split("_")[1].isdigit()]
-    return max(its) if its else -1
 
 
 def _checkpoint_iteration(directory: Path) -> int:
@@ -573,7 +414,7 @@ def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool):
                     done = last["iteration"] + 1
                     post = {
                         k.split("/")[-1]: f"{last[k]:.3f}"
-                        for k in ("rollout/reward_mean", "val/dice")
+                        for k in (keys.REWARD_MEAN, keys.VAL_DICE)
                         if k in last
                     }
                     bar.set_postfix(post)

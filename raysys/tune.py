@@ -26,16 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysys import keys
 from raysys.config import Config, ConfigError, parse_objective, replace, save_config
-from raysys.train import (
-    ITERATIONS_DONE,
-    OBJECTIVE,
-    ResourceError,
-    init_ray,
-    required_resources,
-    storage_exists,
-    train_storage,
-)
+from raysys.runtime import ResourceError, init_ray, required_resources, storage_exists, train_storage
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +257,7 @@ def _scheduler(cfg: Config):
     if tc.scheduler == "asha":
         # Milestones grace * 2^k stay on validated iterations when grace is a multiple of eval.every.
         return ASHAScheduler(
-            time_attr=ITERATIONS_DONE,
+            time_attr=keys.ITERATIONS_DONE,
             max_t=cfg.learner.iterations,
             grace_period=min(grace, cfg.learner.iterations),
             reduction_factor=2,
@@ -277,7 +270,7 @@ def _scheduler(cfg: Config):
     # Synchronous: every trial reaches the perturbation point (with a checkpoint) before any is cloned, so
     # exploits do not depend on which trial happened to start first.
     return PopulationBasedTraining(
-        time_attr=ITERATIONS_DONE,
+        time_attr=keys.ITERATIONS_DONE,
         perturbation_interval=grace,
         hyperparam_mutations=mutations,
         synch=True,
@@ -295,7 +288,7 @@ def run_sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
     import ray
     from ray import tune
 
-    from raysys.train import absolute_paths
+    from raysys.runtime import absolute_paths
 
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg)
@@ -332,7 +325,7 @@ def run_sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                 trainable,
                 param_space=param_space(cfg),
                 tune_config=tune.TuneConfig(
-                    metric=OBJECTIVE,
+                    metric=keys.OBJECTIVE,
                     mode=cfg.tune.mode,
                     scheduler=_scheduler(cfg),
                     num_samples=cfg.tune.num_samples,
@@ -382,10 +375,14 @@ def results_table(cfg: Config, grid) -> Any:
                 params = normalized_weights(cfg, params)
         df = result.metrics_dataframe
         history = (
-            df[OBJECTIVE].astype(float) if df is not None and OBJECTIVE in df else pd.Series(dtype=float)
+            df[keys.OBJECTIVE].astype(float)
+            if df is not None and keys.OBJECTIVE in df
+            else pd.Series(dtype=float)
         )
         valid = history.dropna()
-        iterations = int(df[ITERATIONS_DONE].max()) if df is not None and ITERATIONS_DONE in df else 0
+        iterations = (
+            int(df[keys.ITERATIONS_DONE].max()) if df is not None and keys.ITERATIONS_DONE in df else 0
+        )
         state = states.get(Path(result.path).name, "TERMINATED")
         if result.error is not None or state == "ERROR":
             status = "ERROR"
@@ -403,7 +400,7 @@ def results_table(cfg: Config, grid) -> Any:
                 "status": status,
                 **{k: params.get(k) for k in keys},
                 f"best {cfg.tune.metric}": float(valid[best_pos]) if best_pos is not None else math.nan,
-                "best_iteration": int(df[ITERATIONS_DONE][best_pos]) if best_pos is not None else None,
+                "best_iteration": int(df[keys.ITERATIONS_DONE][best_pos]) if best_pos is not None else None,
                 f"last {cfg.tune.metric}": float(valid.iloc[-1]) if len(valid) else math.nan,
                 "iterations": iterations,
                 "seconds": float(df["time_total_s"].max()) if df is not None and len(df) else 0.0,

@@ -19,7 +19,8 @@ from raysys.coordinator import LocalCoordinator, RayCoordinator
 from raysys.learner import iteration_indices
 from raysys.reward import RewardWorker
 from raysys.rollout import RolloutWorker
-from raysys.train import ResourceError, check_resources, run_training
+from raysys.runtime import ResourceError, check_resources
+from raysys.train import run_training
 
 
 def _rows(run_dir) -> list[dict]:

@@ -12,9 +12,10 @@ import torch
 
 from envs.folders import write_dataset_folder
 from raysys.config import load_config
+from raysys.features import FeatureCache
 from raysys.learner import Learner
 from raysys.reward import RewardWorker
-from raysys.rollout import FeatureCache, RolloutWorker
+from raysys.rollout import RolloutWorker
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import torch
 from policies.distributions import (
     PackedMasks,
     entropy,
-    greedy_masks,
     kl_bernoulli,
     mask_log_probs,
     pack_masks,
@@ -154,13 +153,6 @@ def test_sampling_is_reproducible_and_has_no_grad() -> None:
     assert torch.equal(a, b) and not a.requires_grad
     with pytest.raises(ValueError, match="k"):
         sample_masks(z, k=0)
-
-
-def test_greedy_masks_ignore_temperature_and_threshold_probability() -> None:
-    z = _z(-1.0, 0.0, 0.1, LOG3)
-    assert greedy_masks(z).flatten().tolist() == [False, False, True, True]
-    # p = 0.75 is not > 0.75; p(z = 0.1) = 0.525 is not > 0.6.
-    assert greedy_masks(z, threshold=0.6).flatten().tolist() == [False, False, False, True]
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (1, 1, 1), (2, 3, 17, 13), (8, 8), (0, 4)])

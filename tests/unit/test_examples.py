@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from raysys.config import load_config
-from raysys.train import required_resources
+from raysys.runtime import required_resources
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 

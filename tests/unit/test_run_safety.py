@@ -121,12 +121,12 @@ def test_a_second_process_on_the_same_run_is_refused_at_once(tmp_path) -> None:
     import subprocess
     import sys
 
-    from raysys.train import run_lock
+    from raysys.runtime import run_lock
 
     run = tmp_path / "busy"
     with run_lock(run):
         probe = (
-            "from pathlib import Path; from raysys.train import run_lock\n"
+            "from pathlib import Path; from raysys.runtime import run_lock\n"
             f"with run_lock(Path({str(run)!r})): pass"
         )
         other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)

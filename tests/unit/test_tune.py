@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from raysys.config import ConfigError, load_config, parse_objective
-from raysys.train import _latest_iteration, objective_value
+from raysys.runtime import latest_iteration
+from raysys.train import objective_value
 
 tune_mod = pytest.importorskip("raysys.tune")
 
@@ -93,7 +94,7 @@ def test_trial_config_applies_values_and_normalises_weights(tmp_path) -> None:
 
 
 def test_concurrency_from_resources_and_fail_fast() -> None:
-    from raysys.train import ResourceError
+    from raysys.runtime import ResourceError
 
     cfg = load_config()  # 2 rollout x 0.5 + 0.5 reward + 0.5 learner + 0.25 trial = 2.25 CPU
     assert tune_mod.max_concurrent_trials(cfg, {"CPU": 8.0}) == 3
@@ -115,11 +116,11 @@ def test_trial_placement_group_holds_the_trials_actors() -> None:
 
 
 def test_resume_point_is_the_registered_checkpoint(tmp_path) -> None:
-    assert _latest_iteration(tmp_path) == -1
+    assert latest_iteration(tmp_path) == -1
     (tmp_path / "iter_000004").mkdir()  # written, but the run stopped before Train registered it
     names = [{"checkpoint_dir_name": "iter_000001"}, {"checkpoint_dir_name": "iter_000003"}]
     (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": names}))
-    assert _latest_iteration(tmp_path) == 3
+    assert latest_iteration(tmp_path) == 3
 
 
 def test_sweep_plot_marks_failed_trials(tmp_path) -> None:
@@ -176,14 +177,14 @@ def test_sweep_cannot_vary_the_time_axis_and_stays_on_validated_iterations() -> 
 
 
 def test_explicit_concurrency_still_needs_one_trial_to_fit() -> None:
-    from raysys.train import ResourceError
+    from raysys.runtime import ResourceError
 
     with pytest.raises(ResourceError, match="one trial needs"):
         tune_mod.max_concurrent_trials(load_config(None, ["tune.max_concurrent_trials=2"]), {"CPU": 1.0})
 
 
 def test_relative_paths_resolve_against_the_submitters_repo(tmp_path) -> None:
-    from raysys.train import absolute_paths
+    from raysys.runtime import absolute_paths
 
     cfg = load_config(None, ["policy.checkpoint=runs/tiny/sft/model", "run.storage_path=s3://b/raysys"])
     out = absolute_paths(cfg, tmp_path)
