@@ -29,12 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from envs.synthetic import SyntheticFundus  # noqa: E402
 from policies.config import RewardNetConfig  # noqa: E402
-from policies.reward_net import (  # noqa: E402
-    build_reward_dataset,
-    dice_histogram,
-    predict_dataset,
-    train_reward_net,
-)
+from policies.reward_data import build_reward_dataset, dice_histogram  # noqa: E402
+from policies.reward_train import predict_dataset, train_reward_net  # noqa: E402
 
 DEFAULTS = RewardNetConfig()
 

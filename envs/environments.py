@@ -97,17 +97,18 @@ class _SingleStepEnv(gym.Env):
     def _finish(self, result: RewardResult, **info: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         s = self.samples[self._index]
         info = {"id": s.id, "components": dict(result.components), "source": result.source, **info}
-        obs = self._observe(self._index)
+        obs = self.observe(self._index)
         self._index = None
         return obs, float(result.total), True, False, info
 
-    def _observe(self, index: int) -> Any:
+    def observe(self, index: int) -> Any:
+        """The observation of image ``index`` (also used to batch-evaluate a trained policy)."""
         raise NotImplementedError
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self._index = self._pick(options)
-        return self._observe(self._index), {"id": self.samples[self._index].id}
+        return self.observe(self._index), {"id": self.samples[self._index].id}
 
 
 class VesselSegEnv(_SingleStepEnv):
@@ -144,7 +145,7 @@ class VesselSegEnv(_SingleStepEnv):
             raise ValueError(f"action_type must be 'mask' or 'prob', got {action_type!r}")
         self.action_type = action_type
 
-    def _observe(self, index: int) -> dict[str, Any]:
+    def observe(self, index: int) -> dict[str, Any]:
         s = self.samples[index]
         prompt = self.prompts.index(s.prompt) if s.prompt in self.prompts else 0
         return {"image": s.image, "prompt": prompt}
@@ -185,11 +186,11 @@ class PromptSelectionEnv(_SingleStepEnv):
         self._features: dict[int, np.ndarray] = {}
         self._cache: dict[tuple[int, int], RewardResult] = dict(outcomes or {})
         self.segmenter_calls = 0
-        dim = self._observe(0).shape[0]
+        dim = self.observe(0).shape[0]
         self.observation_space = spaces.Box(-np.inf, np.inf, (dim,), np.float32)
         self.action_space = spaces.Discrete(len(self.prompt_bank))
 
-    def _observe(self, index: int) -> np.ndarray:
+    def observe(self, index: int) -> np.ndarray:
         if index not in self._features:
             self._features[index] = np.asarray(self.featurizer(self.samples[index]), np.float32)
         return self._features[index]
@@ -235,7 +236,7 @@ class PostProcessEnv(_SingleStepEnv):
         self.featurizer = featurizer
         self._probs: dict[int, np.ndarray] = {}
         self._obs: dict[int, np.ndarray] = {}
-        dim = self._observe(0).shape[0]
+        dim = self.observe(0).shape[0]
         self.observation_space = spaces.Box(-np.inf, np.inf, (dim,), np.float32)
         self.action_space = spaces.Box(
             np.array([0.05, 0.0, 0.0], np.float32),
@@ -253,7 +254,7 @@ class PostProcessEnv(_SingleStepEnv):
             self._probs[index] = prob
         return self._probs[index]
 
-    def _observe(self, index: int) -> np.ndarray:
+    def observe(self, index: int) -> np.ndarray:
         if index not in self._obs:
             s = self.samples[index]
             hist, _ = np.histogram(self._prob(index)[s.fov], bins=self.HIST_BINS, range=(0.0, 1.0))

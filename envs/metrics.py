@@ -331,6 +331,10 @@ def junction_count(mask: ArrayLike, *, is_skeleton: bool = False, merge: bool = 
 # ------------------------------------------------------------------------------------ sweeps, summary
 
 
+SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+"""The probability thresholds a validation sweep tries (eval.thresholds, rllib.grid_thresholds defaults)."""
+
+
 def threshold_sweep(
     prob: ArrayLike, gt: ArrayLike, thresholds: ArrayLike, fov: ArrayLike | None = None
 ) -> dict[str, np.ndarray]:

@@ -76,9 +76,10 @@ class RewardWeights:
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(
-                    f"RewardWeights.{f.name} is {v!r}; weights must be finite numbers >= 0 "
-                    f"(use 0 to switch a term off)"
+                raise _invalid(
+                    f"RewardWeights.{f.name}",
+                    v,
+                    "weights must be finite numbers >= 0 (0 switches a term off)",
                 )
 
     def as_dict(self) -> dict[str, float]:
@@ -115,15 +116,12 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, RewardWeights):
-            raise ValueError(
-                f"RewardConfig.weights must be a RewardWeights, got {type(self.weights).__name__}; "
-                f"build it with RewardWeights(dice=..., recall=...)"
+            raise _invalid(
+                "RewardConfig.weights", self.weights, "build it with RewardWeights(dice=..., recall=...)"
             )
         rt = self.recall_target
         if not (isinstance(rt, int | float) and not isinstance(rt, bool) and 0.0 < rt <= 1.0):
-            raise ValueError(
-                f"RewardConfig.recall_target is {self.recall_target!r}; choose a value in (0, 1]"
-            )
+            raise _invalid("RewardConfig.recall_target", rt, "choose a value in (0, 1]")
         for name in (
             "dice_scale",
             "recall_scale",
@@ -136,23 +134,31 @@ class RewardConfig:
             _positive(self, name)
         cp = self.component_penalty
         if not (isinstance(cp, int | float) and math.isfinite(cp) and cp >= 0):
-            raise ValueError(f"RewardConfig.component_penalty is {cp!r}; it must be a finite number >= 0")
+            raise _invalid("RewardConfig.component_penalty", cp, "it must be a finite number >= 0")
         ts = self.tile_sizes
         if (
             not isinstance(ts, tuple)
             or not ts
             or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in ts)
         ):
-            raise ValueError(
-                f"RewardConfig.tile_sizes is {ts!r}; give a non-empty tuple of positive ints, e.g. (16,) or (16, 32)"
+            raise _invalid(
+                "RewardConfig.tile_sizes",
+                ts,
+                "give a non-empty tuple of positive ints, e.g. (16,) or (16, 32)",
             )
+
+
+def _invalid(name: str, value: object, allowed: str) -> ValueError:
+    """The one error style of config values: ``invalid value for '<key>': <value>; <what is allowed>`` (the
+    config loader turns ``RewardConfig.x`` into the key the user wrote, e.g. ``reward.x``)."""
+    return ValueError(f"invalid value for '{name}': {value!r}; {allowed}")
 
 
 def _positive(cfg: RewardConfig, name: str) -> None:
     v = getattr(cfg, name)
     if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
-        raise ValueError(
-            f"RewardConfig.{name} is {v!r}; it must be a finite number > 0 (set its weight to 0 instead)"
+        raise _invalid(
+            f"RewardConfig.{name}", v, "it must be a finite number > 0 (set its weight to 0 instead)"
         )
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from envs.metrics import segmentation_metrics, threshold_sweep
+from envs.metrics import SWEEP_THRESHOLDS, segmentation_metrics, threshold_sweep
 from envs.types import VesselSample
 from envs.windows import Box
 
@@ -137,7 +137,7 @@ def evaluate_probs(
     samples: Sequence[VesselSample],
     *,
     threshold: float = 0.5,
-    thresholds: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    thresholds: Sequence[float] = SWEEP_THRESHOLDS,
 ) -> EvalResult:
     """Score probability maps (one [H,W] per sample) against the samples' masks inside their FOVs.
 
@@ -195,7 +195,7 @@ def evaluate(
     samples: Sequence[VesselSample],
     *,
     threshold: float = 0.5,
-    thresholds: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    thresholds: Sequence[float] = SWEEP_THRESHOLDS,
     inference: Inference = WholeImage,
 ) -> EvalResult:
     probs = predict_probs(logits_fn, samples, inference)

@@ -84,7 +84,7 @@ def cmd_data_synth_folder(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from raysys.config import save_config
-    from raysys.pipeline import run_sft
+    from raysys.stages import run_sft
 
     cfg = _config(args)
     if cfg.policy.kind != "tiny":
@@ -102,7 +102,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_reward_net(args: argparse.Namespace) -> int:
     from raysys.config import save_config
-    from raysys.pipeline import run_reward_net
+    from raysys.stages import run_reward_net
 
     cfg = _config(args)
     out = Path(args.out) if args.out else cfg.run_dir / "reward_net"
@@ -181,7 +181,7 @@ def _seeds(args: argparse.Namespace, cfg: Config) -> list[int]:
 
 
 def cmd_prompt_rl(args: argparse.Namespace) -> int:
-    from raysys.small_rl import run_prompt_rl
+    from raysys.rllib import run_prompt_rl
 
     cfg = _config(args)
     out = (
@@ -212,7 +212,7 @@ def cmd_prompt_rl(args: argparse.Namespace) -> int:
 
 
 def cmd_postproc_rl(args: argparse.Namespace) -> int:
-    from raysys.small_rl import run_postproc_rl
+    from raysys.rllib import run_postproc_rl
 
     cfg = _config(args)
     out = Path(args.out) if args.out else cfg.run_dir / "postproc_rl"

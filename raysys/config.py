@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from envs.metrics import SWEEP_THRESHOLDS
 from envs.rewards import RewardConfig as ObjectiveConfig
 from envs.types import DEFAULT_PROMPT
 from policies.config import PolicyConfig, RewardNetConfig, SFTConfig
@@ -416,7 +417,7 @@ class RLlibConfig:
     when ``policy.kind`` is tiny and no ``policy.checkpoint`` is given); kinds: see PROMPT_TARGETS."""
     segmenter_steps: int = 400
     """SFT steps of that segmenter."""
-    grid_thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    grid_thresholds: tuple[float, ...] = SWEEP_THRESHOLDS
     """postproc-rl baseline: the global grid searched on the training images."""
     grid_closing: tuple[int, ...] = (0, 1, 2, 3)
     grid_min_size: tuple[int, ...] = (0, 8, 16, 32, 64)
@@ -448,7 +449,7 @@ class RLlibConfig:
 class EvalConfig:
     threshold: float = 0.5
     """Greedy-mask threshold on sigmoid(z)."""
-    thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    thresholds: tuple[float, ...] = SWEEP_THRESHOLDS
     """Thresholds swept on probability maps."""
     every: int = 10
     """Validate every N iterations."""
@@ -663,11 +664,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:  # validation in a package-owned node
-        if str(exc).startswith("invalid value for"):
-            raise ConfigError(str(exc)) from exc
         # Package-owned nodes name their fields as ``RewardConfig.tile_sizes``; the user knows ``reward.tile_sizes``.
-        text = str(exc).replace(f"{cls.__name__}.", f"{prefix}." if prefix else "")
-        raise ConfigError(f"invalid value in '{prefix or 'config'}': {text}") from exc
+        text = str(exc).replace(f"'{cls.__name__}.", f"'{prefix}." if prefix else "'")
+        if text.startswith("invalid value for"):
+            raise ConfigError(text) from exc
+        raise ConfigError(f"invalid value for '{prefix or 'config'}': {text}") from exc
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -800,7 +801,7 @@ def flatten(cfg: Any) -> dict[str, Any]:
 
 
 def config_hash(node: Any) -> str:
-    """Stable short hash of a config node (for stage manifests and run identities)."""
+    """Stable short hash of a config node or any JSON-able value (stage manifests, run identities)."""
     blob = json.dumps(to_dict(node), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

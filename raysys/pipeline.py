@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raysys import keys
-from raysys.config import Config, replace, save_config, to_dict
+from raysys.config import Config, config_hash, replace, save_config, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,6 @@ def dataset_fingerprint(root: str | None) -> str | None:
     return h.hexdigest()[:16]
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -122,7 +118,7 @@ class Pipeline:
         for up in stage.inputs:
             m = _read_manifest(self.root / up)
             inputs[up] = m["outputs_digest"] if m else None
-        return {"config_hash": _digest(stage_keys(self.cfg, name)), "inputs": inputs}
+        return {"config_hash": config_hash(stage_keys(self.cfg, name)), "inputs": inputs}
 
     def up_to_date(self, name: str) -> bool:
         m = _read_manifest(self.root / name)
@@ -186,7 +182,7 @@ class Pipeline:
             "stage": name,
             **exp,
             "outputs": outputs,
-            "outputs_digest": _digest(outputs),
+            "outputs_digest": config_hash(outputs),
             "seconds": round(time.perf_counter() - t0, 2),
             "summary": summary,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -224,96 +220,12 @@ def _data(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     return summary
 
 
-def run_sft(cfg: Config, out: Path):
-    """Supervised baseline of the tiny policy into ``out`` (``model/``, ``metrics.json``); `raysys sft`."""
-    import torch
-
-    from envs.datasets import load_dataset
-    from policies.sft import train_sft
-    from policies.tiny import TinySa2VA
-    from raysys.data import dataset_for_split, inference_for, train_view
-
-    train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
-    val = dataset_for_split(cfg.data, "val", load=load_dataset)
-    torch.manual_seed(cfg.run.seed)
-    return train_sft(
-        TinySa2VA(), train, val, cfg.sft, out_dir=out, seed=cfg.run.seed, threshold=cfg.eval.threshold,
-        crop=cfg.train_crop, crop_min_fov=cfg.data.crop_min_fov, inference=inference_for(cfg),
-        progress=True,
-    )  # fmt: skip
-
-
-def policy_mask_fn(checkpoint: str | Path):
-    """Masks of a tiny SFT policy (greedy + 2 samples per image) to mix into reward-net data."""
-    import numpy as np
-    import torch
-
-    from policies.checkpoint import load_base_model
-
-    model = load_base_model(checkpoint).eval()
-
-    def masks(sample, rng: np.random.Generator) -> np.ndarray:
-        with torch.no_grad():
-            prob = torch.sigmoid(model(sample.image[None], [sample.prompt])[0])
-        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        sampled = torch.rand((2, *prob.shape), generator=gen) < prob
-        return torch.cat([(prob > 0.5)[None], sampled]).numpy()
-
-    return masks
-
-
-def reward_net_images(cfg: Config, split: str, n: int) -> list:
-    """Labelled images the reward net learns from: ``n`` synthetic images of ``split``, or for folder data
-    ``n`` training-view pieces of the split (crops or whole rescaled images, in a seeded order; with crops,
-    each round over the images draws new crops), so the net sees what RL rollouts score."""
-    import numpy as np
-
-    from envs.datasets import load_dataset
-    from envs.synthetic import SyntheticFundus
-    from raysys.data import dataset_for_split, train_view
-
-    if cfg.data.kind == "synthetic":
-        return list(SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed))
-    view = train_view(cfg, dataset_for_split(cfg.data, split, load=load_dataset))
-    if len(view) == 0:
-        raise ValueError(
-            f"the {split} split of {cfg.data.root} is empty; the reward net needs labelled images"
-        )
-    # A seeded order, so n < len(view) still spans the whole split (FIVES lists its categories in turn).
-    order = np.random.default_rng([cfg.run.seed, 0x5E]).permutation(len(view))
-    pieces = [view.get(int(order[j % len(view)]), j // len(view))[1] for j in range(n)]
-    unlabelled = [p.id for p in pieces if not p.has_mask]
-    if unlabelled:
-        raise ValueError(
-            f"the reward net needs labelled images; {split} image {unlabelled[0]} of {cfg.data.root} has no mask"
-        )
-    return pieces
-
-
-def run_reward_net(cfg: Config, out: Path, *, policy_checkpoint: str | Path | None = None):
-    """Train the learned reward net on labelled images of the configured data (plus SFT policy masks when
-    given); `raysys reward-net`."""
-    from envs.rewards import MultiObjectiveReward
-    from policies.reward_net import build_reward_dataset, train_reward_net
-
-    rn = cfg.reward_net
-    reward_fn = MultiObjectiveReward(cfg.reward) if rn.target == "reward" else None
-    masks = policy_mask_fn(policy_checkpoint) if policy_checkpoint else None
-    datasets = [
-        build_reward_dataset(
-            reward_net_images(cfg, split, n),
-            masks_per_image=rn.masks_per_image, seed=cfg.run.seed + k, target=rn.target, reward_fn=reward_fn,
-            policy_masks=masks,
-        )
-        for k, (split, n) in enumerate((("train", rn.n_train), ("val", rn.n_val)))
-    ]  # fmt: skip
-    return train_reward_net(*datasets, rn, out_dir=out, seed=cfg.run.seed, reward_fn=reward_fn)
-
-
 def _sft(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     if cfg.policy.kind != "tiny":
         (out / "summary.json").write_text(json.dumps({"skipped": "a Sa2VA checkpoint is already supervised"}))
         return {"skipped": True}
+    from raysys.stages import run_sft
+
     res = run_sft(cfg, out)
     return {"val": res.val, "seconds": res.seconds, "best_step": res.best_step}
 
@@ -324,6 +236,8 @@ def _base_checkpoint(cfg: Config, inputs: dict[str, Path]) -> str | None:
 
 
 def _reward_net(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+    from raysys.stages import run_reward_net
+
     sft_model = inputs["sft"] / "model"
     report = run_reward_net(cfg, out, policy_checkpoint=sft_model if sft_model.is_dir() else None)
     return {k: getattr(report, k) for k in ("val_mse", "val_pearson", "val_spearman", "final_val_mse")}

@@ -972,7 +972,7 @@ CASES: list[Case] = [
     Case(
         "run-ctrl-c",
         "run",
-        _patched("raysys.pipeline.run_sft", KeyboardInterrupt(), ["sft"]),
+        _patched("raysys.stages.run_sft", KeyboardInterrupt(), ["sft"]),
         130,
         r"interrupted; finished outputs .* are kept",
     ),
@@ -989,7 +989,7 @@ CASES: list[Case] = [
     Case(
         "run-pipeline-ctrl-c",
         "run",
-        _patched("raysys.pipeline.run_sft", KeyboardInterrupt(), ["pipeline"]),
+        _patched("raysys.stages.run_sft", KeyboardInterrupt(), ["pipeline"]),
         130,
         r"raysys pipeline skips finished stages",
     ),

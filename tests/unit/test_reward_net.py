@@ -12,23 +12,20 @@ import torch
 from scipy.stats import spearmanr
 
 from envs.metrics import dice
+from envs.perturb import perturb_mask
 from envs.rewards import MultiObjectiveReward
 from envs.synthetic import generate_fundus
 from envs.types import VesselSample
 from policies.config import RewardNetConfig
+from policies.reward_data import build_reward_dataset, dice_histogram
 from policies.reward_net import (
     PARAM_COUNT,
     LightweightRewardNetwork,
     RewardNetScorer,
-    build_reward_dataset,
-    dice_histogram,
     load_reward_net,
-    pearson,
-    perturb_mask,
-    spearman,
     to_inputs,
-    train_reward_net,
 )
+from policies.reward_train import pearson, spearman, train_reward_net
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from envs.morphology import target_mask
 from envs.rewards import MultiObjectiveReward
 from envs.synthetic import SyntheticFundus
 from raysys.config import PROMPT_TARGETS, ConfigError, load_config
-
-small_rl = pytest.importorskip("raysys.small_rl")
+from raysys.rllib.prompt import RLlibPromptEnv, prompt_table
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,14 @@ def samples():
 
 def test_prompt_targets_differ_and_nest(samples) -> None:
     m = samples[0].mask
-    t = {k: small_rl.target_mask(m, k) for k in PROMPT_TARGETS}
+    t = {k: target_mask(m, k) for k in PROMPT_TARGETS}
     assert (t["vessels"] == m).all()
     assert t["dilated"].sum() > m.sum() and (t["dilated"] >= m).all() and t["wide"].sum() > t["dilated"].sum()
     assert (t["thick"] <= m).all() and (t["thin"] <= m).all() and not (t["thick"] & t["thin"]).any()
     assert (t["thick"] | t["thin"] == m).all()
     assert 0 < t["centerline"].sum() < m.sum() and (t["core"] <= m).all()
     with pytest.raises(ValueError, match="unknown prompt target"):
-        small_rl.target_mask(m, "arteries")
+        target_mask(m, "arteries")
 
 
 def test_bank_validation_names_the_key() -> None:
@@ -60,14 +60,14 @@ def test_prompt_table_runs_each_pair_once_and_scores_it(samples) -> None:
     bank = ["a", "bb", "ccc"]
     reward = MultiObjectiveReward()
     _PromptLength.calls = 0
-    table = small_rl.prompt_table(_PromptLength(), samples, bank, reward, batch=3)
+    table = prompt_table(_PromptLength(), samples, bank, reward, batch=3)
     assert _PromptLength.calls == len(samples) * len(bank)
     assert table.gt.shape == table.dice.shape == (4, 3) and table.embedding.shape[0] == 4
     assert table.learned is None and len(table.outcomes_gt) == 12
     assert table.gt[0, 1] == table.outcomes_gt[(0, 1)].total
     assert np.ptp(table.gt.mean(0)) > 0  # the prompt matters here
 
-    env = small_rl.RLlibPromptEnv(
+    env = RLlibPromptEnv(
         {"samples": samples, "bank": bank, "outcomes": table.outcomes_gt,
          "features": {s.id: table.embedding[i] for i, s in enumerate(samples)}}
     )  # fmt: skip
