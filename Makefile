@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/cuda.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev,sa2va]'
+	$(PY) -m pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev,sa2va,deepspeed]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -396,7 +396,7 @@ class PromptEncoder(nn.Module):
 class _HieraAttention(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)  # Hiera's names, shared with InternViT (research §2)
+        self.qkv = nn.Linear(dim, 3 * dim)  # Hiera's names, shared with InternViT
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -837,7 +837,7 @@ class QwenVLProcessor:
         self.image_processor = image_processor
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
-        # Qwen2.5-VL's template injects a default system turn (the quirk research §1.2 warns about)
+        # Qwen2.5-VL's chat template injects a default system turn
         text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         for m in messages:
             parts = []

@@ -1,6 +1,6 @@
 """The DeepSpeed ZeRO learner path (learner.strategy=deepspeed) through Ray Train, on CPU with gloo.
 
-Skipped where DeepSpeed is not installed (it is the optional `deepspeed` extra).
+`make test` installs the `deepspeed` extra, so CI runs it; skipped only where DeepSpeed is not installed.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 KINDS = ("internvl", "internlm2", "qwen_vl")
 PROMPT = "Please segment the blood vessels."
-# Decoder parts that get no gradient from the selected mask by construction (research §1.3): the IoU head only
-# ranks candidates (argmax), the object-score head is not used by Sa2VA's masks, and only the selected
+# Decoder parts that get no gradient from the selected mask by construction: the IoU head only ranks candidates
+# (argmax), the object-score head is not used by Sa2VA's masks, and only the selected
 # candidate's hypernetwork MLP reaches the logits (MLP 0 is the single-mask token, unused in multimask mode).
 UNREACHABLE = re.compile(r"\.(iou_prediction_head|pred_obj_score_head|output_hypernetworks_mlps)\.")
 
@@ -357,7 +357,7 @@ def test_dynamic_tiles_follow_internvl_tiling() -> None:
             Image.new("RGB", (w, h)), min_num=1, max_num=12, image_size=size, use_thumbnail=True
         )
 
-    assert len(tiles(565, 584, 448)) == 1  # DRIVE: one tile, no thumbnail (research §1.2)
+    assert len(tiles(565, 584, 448)) == 1  # DRIVE: one tile, no thumbnail
     wide = tiles(64, 32, 32)  # 2:1 -> grid (2, 1) + thumbnail
     assert len(wide) == 3 and all(t.size == (32, 32) for t in wide)
     # (2, 1) and (4, 2) tie on aspect; a large image fills the 4x2 grid (area > half of 8 tiles) -> 8 + thumbnail
