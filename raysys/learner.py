@@ -296,9 +296,8 @@ class Learner:
             for start in range(0, n, lc.minibatch_size):
                 rows = perm[start : start + lc.minibatch_size].to(self.device)
                 terms = self._loss(b, feats, rows, phase, adv, logp_old, ref_logits)
-                if not torch.isfinite(
-                    terms[keys.LOSS_TOTAL]
-                ):  # never step on a NaN/inf loss; count it instead
+                # never step on a NaN/inf loss; count it instead
+                if not torch.isfinite(terms[keys.LOSS_TOTAL]):
                     sums[keys.NONFINITE_STEPS] = sums.get(keys.NONFINITE_STEPS, 0.0) + 1.0
                     continue
                 terms[keys.GRAD_NORM] = self._step(terms[keys.LOSS_TOTAL])
