@@ -108,8 +108,8 @@ def cmd_reward_net(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else cfg.run_dir / "reward_net"
     save_config(cfg, out / "config.yaml")
     report = run_reward_net(cfg, out, policy_checkpoint=args.policy_checkpoint)
-    keys = ("val_mse", "val_mae", "val_pearson", "val_spearman", "val_mse_baseline", "final_val_mse")
-    _print_metrics("reward net, held-out", {k: getattr(report, k) for k in keys})
+    names = ("val_mse", "val_mae", "val_pearson", "val_spearman", "val_mse_baseline", "final_val_mse")
+    _print_metrics("reward net, held-out", {k: getattr(report, k) for k in names})
     print(f"outputs in {out}")
     return 0
 
@@ -282,10 +282,10 @@ def cmd_pipeline(args: argparse.Namespace, cfg: Config | None = None) -> int:
     comparison = cfg.run_dir / "eval" / "comparison.json"
     if comparison.is_file():
         table = json.loads(comparison.read_text())
-        keys = ("threshold", "dice", "recall", "precision", "cldice", "betti0_err", "betti1_err")
-        print("\n  " + f"{'model':<16}" + "".join(f"{k:>11}" for k in keys))
+        columns = ("threshold", "dice", "recall", "precision", "cldice", "betti0_err", "betti1_err")
+        print("\n  " + f"{'model':<16}" + "".join(f"{k:>11}" for k in columns))
         for model, vals in table.items():
-            print("  " + f"{model:<16}" + "".join(f"{vals[k]:>11.4f}" for k in keys))
+            print("  " + f"{model:<16}" + "".join(f"{vals[k]:>11.4f}" for k in columns))
     report = cfg.run_dir / "report" / "report.html"
     if report.is_file():
         print(f"\nreport: {report}")

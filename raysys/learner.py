@@ -428,8 +428,8 @@ class Learner:
             self._val = (val, FeatureCache(self.policy, max_bytes=1 << 30))
         val, cache = self._val
 
-        def logits(images: np.ndarray, prompts: list[str], keys: list) -> torch.Tensor:
-            feats = cache.get(keys, images).to(self.device)
+        def logits(images: np.ndarray, prompts: list[str], cache_keys: list) -> torch.Tensor:
+            feats = cache.get(cache_keys, images).to(self.device)
             return self.policy.mask_logits(images, prompts, features=feats)
 
         probs = predict_probs(logits, val, inference_for(self.cfg), keyed=True)

@@ -53,7 +53,7 @@ def stage_keys(cfg: Config, name: str) -> dict[str, Any]:
     """The config values a stage depends on (its identity besides its inputs)."""
     d = to_dict(cfg)
     seed = d["run"]["seed"]
-    keys: dict[str, Any] = {
+    deps: dict[str, Any] = {
         "data": {"data": d["data"]},
         "sft": {"data": d["data"], "sft": d["sft"], "policy": d["policy"], "seed": seed, "eval": d["eval"]},
         "reward_net": {"data": d["data"], "reward_net": d["reward_net"], "seed": seed},
@@ -63,10 +63,10 @@ def stage_keys(cfg: Config, name: str) -> dict[str, Any]:
         "report": {},
     }[name]
     if name == "reward_net" and cfg.reward_net.target == "reward":  # only then do reward weights matter
-        keys["reward"] = d["reward"]
+        deps["reward"] = d["reward"]
     if name == "data":  # edited, added or removed files rerun data and, through its summary, what follows
-        keys["files"] = dataset_fingerprint(cfg.data.root)
-    return keys
+        deps["files"] = dataset_fingerprint(cfg.data.root)
+    return deps
 
 
 def dataset_fingerprint(root: str | None) -> str | None:

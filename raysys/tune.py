@@ -355,12 +355,12 @@ def results_table(cfg: Config, grid) -> Any:
     """One row per trial: swept values, best and last objective, iterations, status, error."""
     import pandas as pd
 
-    keys = list(cfg.tune.search_space)
+    searched = list(cfg.tune.search_space)
     if cfg.tune.normalize_reward_weights:
-        keys += [  # the effective weights; terms switched off in the base config stay out
+        searched += [  # the effective weights; terms switched off in the base config stay out
             f"{WEIGHTS_PREFIX}{k}"
             for k, v in cfg.reward.weights.as_dict().items()
-            if f"{WEIGHTS_PREFIX}{k}" not in keys and v > 0
+            if f"{WEIGHTS_PREFIX}{k}" not in searched and v > 0
         ]
     sign = 1.0 if cfg.tune.mode == "max" else -1.0
     # The experiment state Tune saved (what --resume acts on) tells an interrupted trial (RUNNING, PENDING,
@@ -398,7 +398,7 @@ def results_table(cfg: Config, grid) -> Any:
             {
                 "trial_id": Path(result.path).name,
                 "status": status,
-                **{k: params.get(k) for k in keys},
+                **{k: params.get(k) for k in searched},
                 f"best {cfg.tune.metric}": float(valid[best_pos]) if best_pos is not None else math.nan,
                 "best_iteration": int(df[keys.ITERATIONS_DONE][best_pos]) if best_pos is not None else None,
                 f"last {cfg.tune.metric}": float(valid.iloc[-1]) if len(valid) else math.nan,

@@ -179,5 +179,5 @@ def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
-def summarise(per_seed: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
-    return {k: mean_std([r["test"][k] for r in per_seed]) for k in keys}
+def summarise(per_seed: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    return {k: mean_std([r["test"][k] for r in per_seed]) for k in names}
