@@ -1,7 +1,9 @@
-"""Config overrides for a tiny, fast RL setup shared by the unit, Ray, DeepSpeed and e2e tests, and a reader of
-a run's metrics.jsonl."""
+"""Config overrides for a tiny, fast RL setup shared by the unit, Ray, DeepSpeed and e2e tests, a reader of a
+run's metrics.jsonl, and a way to start a CLI process that Ctrl-C can interrupt."""
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 SMALL_RL = [
@@ -18,3 +20,16 @@ def metric_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def popen_interruptible(args: list[str]) -> subprocess.Popen:
+    """Start ``args`` so that a later SIGINT acts as Ctrl-C in it. A non-interactive shell that runs the suite
+    in the background (``make test &``) starts it with SIGINT ignored, every child inherits that, and a
+    Python started with SIGINT ignored never raises KeyboardInterrupt: the child gets the default back."""
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )

@@ -10,7 +10,7 @@ import time
 
 import pandas as pd
 import pytest
-from rl_small import SMALL_RL, metric_rows
+from rl_small import SMALL_RL, metric_rows, popen_interruptible
 
 from raysys.config import load_config
 
@@ -48,9 +48,7 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_best_yaml(tmp_path)
     extra = ["tune.search_space.reward.weights.dice={grid: [0.4, 0.8]}", "tune.scheduler=fifo",
              "tune.max_concurrent_trials=1", "learner.iterations=3", "learner.checkpoint_every=1"]  # fmt: skip
     trials = tmp_path / "r" / "tune" / "trials"
-    proc = subprocess.Popen(
-        _cmd(tmp_path, "r", *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = popen_interruptible(_cmd(tmp_path, "r", *extra))
     deadline = time.time() + 300
     while time.time() < deadline and sum(len(metric_rows(p)) for p in trials.glob("*/metrics.jsonl")) < 2:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
