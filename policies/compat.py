@@ -136,19 +136,24 @@ def remote_inference_on(remote: Any, device: torch.device | str) -> Iterator[Non
         return state
 
     cuda = torch.Tensor.cuda
+    own = vars(sam2).get("init_state")  # an instance attribute to put back, if there was one
     torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(device)
     sam2.init_state = _init_state
     try:
         yield
     finally:
         torch.Tensor.cuda = cuda
-        del sam2.init_state  # the instance attribute; the class method shows through again
+        if own is None:
+            del sam2.init_state  # the class method shows through again
+        else:
+            sam2.init_state = own
 
 
 @contextlib.contextmanager
 def forced_generation(lm: Any, token_ids: Sequence[int]) -> Iterator[None]:
-    """Within: ``lm.generate`` emits ``token_ids`` (then its end token), whatever the logits say. The model
-    still runs every step (cache, hidden states); only the choice of token is forced."""
+    """Within: ``lm.generate`` emits ``token_ids`` whatever the logits say (past their end, the last one again:
+    end them with the end token). The model still runs every step (cache, hidden states); only the choice of
+    token is forced."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -173,11 +178,15 @@ def forced_generation(lm: Any, token_ids: Sequence[int]) -> Iterator[None]:
         processors.append(_Force())
         return generate(*args, logits_processor=processors, **kwargs)
 
+    own = vars(lm).get("generate")  # an instance attribute to put back, if there was one
     lm.generate = _generate
     try:
         yield
     finally:
-        del lm.generate  # the instance attribute; the class method shows through again
+        if own is None:
+            del lm.generate  # the class method shows through again
+        else:
+            lm.generate = own
 
 
 def prepare(source: str | Path) -> list[str]:

@@ -658,11 +658,11 @@ class Sa2VAModel(nn.Module):
             n: t.detach().clone() for n, t in tensors.items() if t.is_floating_point() and t.dtype != dtype
         }
         prepare = getattr(remote, "preparing_for_generation", None)
-        if prepare is not None and "torch_dtype" in inspect.signature(prepare).parameters:
-            prepare(self.tokenizer, torch_dtype=dtype)
-        elif prepare is not None:
-            prepare(self.tokenizer)
         try:
+            if prepare is not None and "torch_dtype" in inspect.signature(prepare).parameters:
+                prepare(self.tokenizer, torch_dtype=dtype)
+            elif prepare is not None:
+                prepare(self.tokenizer)
             yield
         finally:
             for n, t in tensors.items():

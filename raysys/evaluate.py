@@ -127,8 +127,8 @@ def export_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path) 
             from policies.sa2va import load_sa2va, save_merged
 
             save_merged(merged, source, out / "merged")
+            _check_written_tensors(merged, out / "merged")
             reloaded = load_sa2va(str(out / "merged"), dtype=cfg.policy.dtype, trust_remote_code=True)
-            _check_same_tensors(merged, reloaded, out / "merged")
             # frozen encoders are checked tensor by tensor above; the trained path runs on shared features
             again = reloaded(images, prompts, features=features)
             # a bfloat16 backbone stores LoRA merged into bfloat16 weights: rounding, not an error
@@ -142,15 +142,26 @@ def export_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path) 
     return result
 
 
-def _check_same_tensors(written: Any, reloaded: Any, where: Path) -> None:
-    """Every tensor of the model that was saved comes back with the same name, dtype and value."""
+def _check_written_tensors(model: Any, folder: Path) -> None:
+    """Every tensor of ``model`` is in the folder's safetensors with the same name, dtype and value (read one
+    at a time: a real checkpoint does not fit twice in memory)."""
     import torch
+    from safetensors import safe_open
 
-    ours, back = written.model.state_dict(), reloaded.model.state_dict()
-    missing = sorted(set(ours) - set(back))
-    changed = [n for n in ours if n in back and not torch.equal(ours[n], back[n].to(ours[n].dtype))]
+    ours = model.model.state_dict()
+    found: set[str] = set()
+    changed = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                if name in ours:
+                    found.add(name)
+                    stored, mine = handle.get_tensor(name), ours[name].detach().cpu()
+                    if stored.dtype != mine.dtype or not torch.equal(stored, mine):
+                        changed.append(name)
+    missing = sorted(set(ours) - found)
     if missing or changed:
         raise RuntimeError(
-            f"the merged export in {where} does not load back as written: {len(missing)} tensors missing "
+            f"the merged export in {folder} does not hold the model as written: {len(missing)} tensors missing "
             f"(e.g. {missing[:1]}), {len(changed)} changed (e.g. {changed[:1]})"
         )
