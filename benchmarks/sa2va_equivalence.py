@@ -31,13 +31,6 @@ PROMPT = "Please segment the blood vessels."
 ANSWER = "It is [SEG]."
 
 
-def _set_attention(lm, name: str) -> None:
-    if hasattr(lm, "set_attn_implementation"):
-        lm.set_attn_implementation(name)
-    else:
-        lm.config._attn_implementation = name
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--remote", default=str(DEFAULT_REMOTE))
@@ -50,7 +43,7 @@ def main() -> int:
     from policies.checkpoint import save_trainable
     from policies.config import PolicyConfig
     from policies.factory import build_policy
-    from policies.sa2va import compare_with_remote, load_sa2va
+    from policies.sa2va import compare_with_remote, load_sa2va, set_attention
     from policies.sa2va_random import build_checkpoint
     from raysys.cli import main as cli
 
@@ -73,9 +66,9 @@ def main() -> int:
     lm = policy.base.model.language_model
     with torch.no_grad():
         sdpa = policy.base.seg_hidden_states(features, [PROMPT])
-        _set_attention(lm, "eager")
+        set_attention(lm, "eager")
         eager = policy.base.seg_hidden_states(features, [PROMPT])
-        _set_attention(lm, "sdpa")
+        set_attention(lm, "sdpa")
 
     save_trainable(policy, tmp / "rl")
     os.chdir(tmp)

@@ -36,24 +36,23 @@ def _finite_or_zero(value: float) -> float:
     return 0.0 if not math.isfinite(value) else float(value)
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation of two arrays [N] (scipy); 0.0 when either is constant (no association measurable)."""
+def _correlation(statistic, name: str, x: np.ndarray, y: np.ndarray) -> float:
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape or x.size < 2:
-        raise ValueError(f"pearson needs two arrays of the same length >= 2, got {x.shape} and {y.shape}")
+        raise ValueError(f"{name} needs two arrays of the same length >= 2, got {x.shape} and {y.shape}")
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return 0.0
-    return _finite_or_zero(pearsonr(x, y).statistic)
+    return _finite_or_zero(statistic(x, y).statistic)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two arrays [N] (scipy); 0.0 when either is constant (no association measurable)."""
+    return _correlation(pearsonr, "pearson", x, y)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rank correlation [N] (scipy; ties get their average rank); 0.0 if either is constant."""
-    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape or x.size < 2:
-        raise ValueError(f"spearman needs two arrays of the same length >= 2, got {x.shape} and {y.shape}")
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return 0.0
-    return _finite_or_zero(spearmanr(x, y).statistic)
+    return _correlation(spearmanr, "spearman", x, y)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -276,11 +276,16 @@ def use_sdpa(lm: nn.Module) -> str:
     current = getattr(config, "_attn_implementation", None)
     if current != "eager" or not getattr(lm, "_supports_sdpa", False):
         return str(current)
-    if hasattr(lm, "set_attn_implementation"):  # transformers >= 4.56
-        lm.set_attn_implementation("sdpa")
-    else:
-        config._attn_implementation = "sdpa"
+    set_attention(lm, "sdpa")
     return str(config._attn_implementation)
+
+
+def set_attention(lm: nn.Module, name: str) -> None:
+    """Set a transformers LLM's attention implementation ("sdpa", "eager") across transformers versions."""
+    if hasattr(lm, "set_attn_implementation"):  # transformers >= 4.56
+        lm.set_attn_implementation(name)
+    else:
+        lm.config._attn_implementation = name
 
 
 def _pooled_image_embeddings(out: Any) -> torch.Tensor:

@@ -105,22 +105,17 @@ def test_adapter_sam_heads_match_the_remote_heads(policy, image, features) -> No
     assert policy.base.sam_heads_difference(image, features=features) < 1e-4
 
 
-def _set_attention(lm, name: str) -> None:
-    if hasattr(lm, "set_attn_implementation"):  # transformers >= 4.56
-        lm.set_attn_implementation(name)
-    else:
-        lm.config._attn_implementation = name
-
-
 def test_sdpa_attention_gives_the_eager_seg_hidden_state(policy, image, features) -> None:
+    from policies.sa2va import set_attention
+
     lm = policy.base.model.language_model
     with torch.no_grad():
         sdpa = policy.base.seg_hidden_states(features, [PROMPT])
-        _set_attention(lm, "eager")
+        set_attention(lm, "eager")
         try:
             eager = policy.base.seg_hidden_states(features, [PROMPT])
         finally:
-            _set_attention(lm, "sdpa")
+            set_attention(lm, "sdpa")
     assert lm.config._attn_implementation == "sdpa"
     assert sdpa.abs().max() > 0.1  # a real comparison, not of zeros
     torch.testing.assert_close(sdpa, eager, rtol=0, atol=1e-5)
