@@ -13,6 +13,11 @@ from pathlib import Path
 from raysys.config import Config
 
 RAY_STORAGE = "ray"
+PRIVATE_RAY_ENV = {
+    "env_vars": {"PYTHONUNBUFFERED": "1"},
+    "worker_process_setup_hook": "raysys.runtime.know_own_cluster",
+}
+"""Runtime environment of a private local Ray (see know_own_cluster)."""
 
 
 class ResourceError(RuntimeError):
@@ -27,8 +32,8 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     if address:
+        env = {"env_vars": PRIVATE_RAY_ENV["env_vars"]}
         ray.init(address=address, runtime_env=None if _inside_job() else env, log_to_driver=True)
         return False
     needed = required_resources(cfg)
@@ -37,10 +42,20 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
         address="local",
         num_cpus=int(num_cpus),
         num_gpus=cfg.run.num_gpus,
-        runtime_env=env,
+        runtime_env=PRIVATE_RAY_ENV,
         log_to_driver=True,
     )
     return True
+
+
+def know_own_cluster() -> None:
+    """Worker set-up hook of a private local Ray: RAY_ADDRESS names this cluster. Without it Ray's state API in
+    the workers (Ray Train's placement-group cleaner) resolves the address from /tmp/ray/ray_current_cluster,
+    the last `ray start` on the machine: a stale file costs a GCS time-out at every Train run's end, and a live
+    other cluster tells the cleaner that this run's controller is dead, so it removes the run's workers."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def _inside_job() -> bool:

@@ -23,6 +23,7 @@ class MetricsSink:
         self.rows = 0
         self.start_iteration = start_iteration
         self.stop_at: int | None = None
+        self.actors: bool | None = None  # the rollout and reward actors started (True) or failed (False)
 
     def _truncate(self, start_iteration: int) -> None:
         """On resume, drop rows of iterations the checkpoint does not contain (they will be redone)."""
@@ -56,6 +57,13 @@ class MetricsSink:
 
     def stop_iteration(self) -> int | None:
         return self.stop_at
+
+    def set_actors_started(self, ok: bool) -> None:
+        """The driver saw every rollout and reward actor answer (or one fail in its constructor)."""
+        self.actors = ok
+
+    def actors_started(self) -> bool | None:
+        return self.actors
 
     def log(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:

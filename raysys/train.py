@@ -65,6 +65,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     coordinator = RayCoordinator(config["rollout"], config["reward"])
     sink = config["sink"]
     _record_learner_placement(sink, rank, world)
+    while (started := ray.get(sink.actors_started.remote())) is None:
+        time.sleep(0.2)
+    if not started:
+        return  # the driver raises the actor's error
     objective: dict[str, float] | None = config.get("objective")
     last_val: dict[str, float] = {}
     start = 0
@@ -277,9 +281,11 @@ def run_training(
                     ray.get_runtime_context().get_node_id(), soft=False
                 )
             ).remote(str(run_dir), start_iteration=start_iteration)
-            ready = ray.get([h.ready.remote() for h in rollout + reward])
-            ray.get(sink.record_placement.remote("rollout", ready[: len(rollout)]))
-            ray.get(sink.record_placement.remote("reward", ready[len(rollout) :]))
+            # The actors load their models while Train starts its learners; see _fit_with_progress.
+            actors = {
+                "rollout": [h.ready.remote() for h in rollout],
+                "reward": [h.ready.remote() for h in reward],
+            }
             lc = cfg.learner
             resources = {"CPU": lc.cpus_per_worker, **({"GPU": 1} if lc.use_gpu else {})}
             backend = None if lc.dist_backend == "auto" else TorchConfig(backend=lc.dist_backend)
@@ -305,7 +311,7 @@ def run_training(
                     callbacks=list(callbacks),
                 ),
             )
-            result = _fit_with_progress(trainer, sink, cfg, start_iteration, progress)
+            result = _fit_with_progress(trainer, sink, cfg, start_iteration, progress, actors)
             metrics = ray.get(sink.progress.remote())
             ray.get(sink.close.remote())
             ckpt = result.checkpoint.path if result.checkpoint is not None else None
@@ -384,8 +390,11 @@ def _export_latest(checkpoint, dst: Path) -> None:
     checkpoint.to_directory(str(dst))
 
 
-def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool):
-    """``trainer.fit()`` in a thread while the main thread shows a progress bar from the sink."""
+def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool, actors: dict[str, list]):
+    """``trainer.fit()`` in a thread while the main thread waits for the rollout and reward ``actors`` (their
+    ``ready`` refs per role) and then shows a progress bar from the sink. The learners start meanwhile and
+    wait for the sink's word before they touch an actor: an actor that fails in its constructor stops the
+    run with its own error, not with a learner failure (and its restarts) over a dead actor."""
     import ray
 
     box: dict[str, Any] = {}
@@ -405,6 +414,14 @@ def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool):
         bar = tqdm(total=cfg.learner.iterations, initial=start, desc=f"train {cfg.run.name}", unit="it")
     done = start
     try:
+        try:
+            for role, refs in actors.items():
+                ray.get(sink.record_placement.remote(role, ray.get(refs)))
+        except Exception:
+            ray.get(sink.set_actors_started.remote(False))
+            thread.join()
+            raise
+        ray.get(sink.set_actors_started.remote(True))
         while thread.is_alive():
             thread.join(timeout=1.0)
             if bar is not None:

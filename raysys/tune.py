@@ -267,9 +267,19 @@ def _scheduler(cfg: Config):
         raise ConfigError(
             "tune.scheduler=pbt mutates choice/uniform/loguniform keys; the search space has none"
         )
+
+    class RaysysPBT(PopulationBasedTraining):
+        """Lets a trial's last report end it: a perturbation there would pause (stop and restart from the
+        checkpoint) every trial only for it to finish at once, a whole Train start-up per trial."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            if result.get(keys.ITERATIONS_DONE, 0) >= cfg.learner.iterations:
+                return self.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
     # Synchronous: every trial reaches the perturbation point (with a checkpoint) before any is cloned, so
     # exploits do not depend on which trial happened to start first.
-    return PopulationBasedTraining(
+    return RaysysPBT(
         time_attr=keys.ITERATIONS_DONE,
         perturbation_interval=grace,
         hyperparam_mutations=mutations,

@@ -9,6 +9,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from raysys.runtime import PRIVATE_RAY_ENV  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def ray_local():
@@ -23,6 +25,7 @@ def ray_local():
         object_store_memory=200 * 1024 * 1024,
         include_dashboard=False,
         log_to_driver=False,
+        runtime_env=PRIVATE_RAY_ENV,
     )
     yield ray
     ray.shutdown()

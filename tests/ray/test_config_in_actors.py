@@ -38,3 +38,15 @@ def test_config_and_rewards_match_inside_an_actor(ray_local) -> None:
         assert remote_id == local_id
         assert source == "gt"
         assert np.isclose(remote_total, local_total)
+
+
+def test_workers_of_a_private_ray_name_their_own_cluster(ray_local) -> None:
+    # Ray's state API in a worker (Train's placement-group cleaner) would otherwise resolve the address from
+    # the machine's last `ray start`, which can be stale or another cluster.
+    import os
+
+    @ray_local.remote(num_cpus=0.1)
+    def address() -> str | None:
+        return os.environ.get("RAY_ADDRESS")
+
+    assert ray_local.get(address.remote()) == ray_local.get_runtime_context().gcs_address

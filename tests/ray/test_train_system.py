@@ -179,3 +179,39 @@ def test_asking_for_more_gpus_than_the_cluster_has_fails_fast(ray_local) -> None
     cfg = load_config(None, [*SMALL, "rollout.gpus_per_worker=1"])
     with pytest.raises(ResourceError, match="needs 2 GPU"):
         check_resources(cfg)
+
+
+def test_learners_start_beside_the_actors_and_wait_for_them(ray_local, tmp_path) -> None:
+    from raysys.sink import MetricsSink
+    from raysys.train import _fit_with_progress
+
+    sink = ray_local.remote(num_cpus=0.1)(MetricsSink).remote(str(tmp_path))
+    cfg = load_config(None, SMALL)
+
+    class Trainer:  # stands in for Train: its learner polls the sink as train_loop_per_worker does
+        seen = None
+
+        def fit(self):
+            while (seen := ray_local.get(sink.actors_started.remote())) is None:
+                time.sleep(0.05)
+            Trainer.seen = seen
+            return "fitted"
+
+    @ray_local.remote(num_cpus=0.1)
+    def ready(ok: bool) -> dict:
+        if not ok:
+            raise OSError("rollout actor: data.root/21_training.tif is not an image")
+        return {"pid": os.getpid()}
+
+    actors = {"rollout": [ready.remote(True)], "reward": [ready.remote(True)]}
+    assert _fit_with_progress(Trainer(), sink, cfg, 0, False, actors) == "fitted" and Trainer.seen is True
+    placement = json.loads((tmp_path / "placement.json").read_text())
+    assert set(placement) == {"rollout", "reward"} and placement["rollout"][0]["pid"] > 0
+
+    # An actor that fails while it starts: the learner is told to return without touching any actor, and
+    # the run ends with the actor's own error once Train has ended.
+    sink = ray_local.remote(num_cpus=0.1)(MetricsSink).remote(str(tmp_path / "b"))
+    actors = {"rollout": [ready.remote(False)], "reward": [ready.remote(True)]}
+    with pytest.raises(Exception, match=r"21_training\.tif is not an image"):
+        _fit_with_progress(Trainer(), sink, cfg, 0, False, actors)
+    assert Trainer.seen is False

@@ -190,3 +190,39 @@ def test_relative_paths_resolve_against_the_submitters_repo(tmp_path) -> None:
     out = absolute_paths(cfg, tmp_path)
     assert out.policy.checkpoint == str(tmp_path / "runs/tiny/sft/model")
     assert out.run.output_dir == str(tmp_path / "runs") and out.run.storage_path == "s3://b/raysys"
+
+
+def test_pbt_pauses_at_a_perturbation_point_but_lets_the_last_report_end_the_trial() -> None:
+    from ray.tune.experiment import Trial
+
+    from raysys import keys
+
+    cfg = load_config(
+        None,
+        ["tune.search_space.learner.lr={loguniform: [1.0e-4, 1.0e-2]}", "tune.scheduler=pbt", "eval.every=1",
+         "learner.checkpoint_every=1", "learner.iterations=2"],
+    )  # fmt: skip
+    scheduler = tune_mod._scheduler(cfg)
+    scheduler.set_search_properties(keys.OBJECTIVE, "max")
+    trials = [Trial("__fake", config={"learner.lr": 1e-3}, stub=True) for _ in range(2)]
+
+    class Controller:
+        search_alg = None
+
+        def get_live_trials(self):
+            return trials
+
+        get_trials = get_live_trials
+
+    for trial in trials:
+        scheduler.on_trial_add(Controller(), trial)
+    # Iteration 1 of 2: synchronous PBT pauses the trial until the other one gets there.
+    assert (
+        scheduler.on_trial_result(Controller(), trials[0], {keys.ITERATIONS_DONE: 1, keys.OBJECTIVE: 0.5})
+        == "PAUSE"
+    )
+    # Iteration 2 of 2 is the last: a pause would restart the trial just to end it.
+    assert (
+        scheduler.on_trial_result(Controller(), trials[0], {keys.ITERATIONS_DONE: 2, keys.OBJECTIVE: 0.5})
+        == "CONTINUE"
+    )
