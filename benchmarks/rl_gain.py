@@ -28,13 +28,78 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("dice", "recall", "precision", "cldice", "betti0_err", "betti1_err")
 
 
-def _scores(policy, samples, threshold: float, thresholds) -> dict:
-    from policies.evaluation import evaluate
+def scores(probs, samples, threshold: float) -> dict:
+    """Mean test metrics (KEYS) of probability maps at ``threshold``."""
+    from policies.evaluation import evaluate_probs
 
-    res = evaluate(
-        lambda im, pr: policy.mask_logits(im, pr), samples, threshold=threshold, thresholds=thresholds
+    mean = evaluate_probs(probs, samples, threshold=threshold).mean
+    return {k: mean[k] for k in KEYS}
+
+
+def best_threshold(probs, samples, thresholds) -> float:
+    from policies.evaluation import evaluate_probs
+
+    return evaluate_probs(probs, samples, thresholds=thresholds).best_threshold
+
+
+def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str, overrides) -> dict:
+    """``raysys train`` from the SFT checkpoint, then SFT, the best-validation RL checkpoint ("rl") and the
+    last one ("rl_last") scored on the test split at 0.5 and at each model's best validation threshold."""
+    from envs.datasets import load_dataset
+    from policies.evaluation import predict_probs
+    from policies.factory import load_policy
+    from raysys.config import load_config
+    from raysys.data import dataset_for_split, inference_for
+
+    overrides = [
+        f"policy.checkpoint={sft}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={output_dir}",
+        *overrides,
+    ]  # fmt: skip
+    cfg = load_config(config, overrides)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysys", "train", config, *overrides, "--no-progress"],
+        capture_output=True,
+        text=True,
     )
-    return {k: res.mean[k] for k in KEYS}
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"raysys train failed for {name}")
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val_rows = [r for r in rows if keys.VAL_DICE in r]
+    test = list(dataset_for_split(cfg.data, "test", load=load_dataset))
+    val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
+    best_meta = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
+    out = {
+        "seed": seed,
+        "train_wall_s": round(wall, 1),
+        "iterations": cfg.learner.iterations,
+        "best_iteration": best_meta["iteration"],
+        "select_metric": cfg.eval.select_metric,
+        "n_test": len(test),
+    }
+    models = {
+        "sft": load_policy(cfg.policy, seed=seed),
+        "rl": load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "best", seed=seed),
+        "rl_last": load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "latest", seed=seed),
+    }
+    th, inference = cfg.eval.thresholds, inference_for(cfg)
+    for label, pol in models.items():
+        val_p, test_p = (
+            predict_probs(lambda im, pr, p=pol: p.mask_logits(im, pr), v, inference) for v in (val, test)
+        )
+        best_t = best_threshold(val_p, val, th)
+        out[f"{label}_test_at_0.5"] = scores(test_p, test, 0.5)
+        out[f"{label}_best_val_threshold"] = best_t
+        out[f"{label}_test_at_best_threshold"] = scores(test_p, test, best_t)
+        out[f"{label}_val_at_best_threshold"] = scores(val_p, val, best_t)
+    out["val_curve"] = [
+        {k: r[k] for k in ("iteration", keys.VAL_DICE, keys.VAL_RECALL, keys.VAL_CLDICE) if k in r}
+        for r in val_rows
+    ]
+    print(json.dumps({k: v for k, v in out.items() if k != "val_curve"}, indent=1), flush=True)
+    return out
 
 
 def main() -> int:
@@ -47,63 +112,10 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for raysys train")
     args = parser.parse_args()
 
-    from envs.datasets import load_dataset
-    from policies.factory import load_policy
-    from raysys.config import load_config
-    from raysys.data import dataset_for_split
-
     torch.set_num_threads(2)
-    per_seed = []
-    for seed in args.seeds:
-        name = f"rl_gain_s{seed}"
-        overrides = [
-            f"policy.checkpoint={args.sft}",
-            f"run.seed={seed}",
-            f"run.name={name}",
-            f"run.output_dir={args.output_dir}",
-            *args.overrides,
-        ]
-        cfg = load_config(args.config, overrides)
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "raysys", "train", args.config, *overrides, "--no-progress"],
-            capture_output=True,
-            text=True,
-        )
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"raysys train failed for seed {seed}")
-        rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-        val_rows = [r for r in rows if keys.VAL_DICE in r]
-        test = list(dataset_for_split(cfg.data, "test", load=load_dataset))
-        val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
-        sft = load_policy(cfg.policy, seed=seed)
-        # "rl" = the best validation checkpoint (selection on val only); "rl_last" = the final weights.
-        rl = load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "best", seed=seed)
-        rl_last = load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "latest", seed=seed)
-        best_meta = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
-        th = cfg.eval.thresholds
-        out = {
-            "seed": seed,
-            "train_wall_s": round(wall, 1),
-            "iterations": cfg.learner.iterations,
-            "best_iteration": best_meta["iteration"],
-            "select_metric": cfg.eval.select_metric,
-        }
-        for label, pol in (("sft", sft), ("rl", rl), ("rl_last", rl_last)):
-            from policies.evaluation import evaluate
-
-            best_t = evaluate(lambda im, pr, p=pol: p.mask_logits(im, pr), val, thresholds=th).best_threshold
-            out[f"{label}_test_at_0.5"] = _scores(pol, test, 0.5, th)
-            out[f"{label}_best_val_threshold"] = best_t
-            out[f"{label}_test_at_best_threshold"] = _scores(pol, test, best_t, th)
-        out["val_curve"] = [
-            {k: r[k] for k in ("iteration", keys.VAL_DICE, keys.VAL_RECALL, keys.VAL_CLDICE)}
-            for r in val_rows
-        ]
-        per_seed.append(out)
-        print(json.dumps({k: v for k, v in out.items() if k != "val_curve"}, indent=1), flush=True)
+    per_seed = [train_and_score(args.config, args.sft, seed, f"rl_gain_s{seed}", args.output_dir, args.overrides)
+                for seed in args.seeds]  # fmt: skip
+    test_n = per_seed[0]["n_test"]
 
     def gain(metric: str, rl_key: str, sft_key: str) -> list[float]:
         return [s[rl_key][metric] - s[sft_key][metric] for s in per_seed]
@@ -113,7 +125,7 @@ def main() -> int:
         "config": args.config,
         "overrides": args.overrides,
         "seeds": args.seeds,
-        "n_test": len(test),
+        "n_test": test_n,
     }
     for metric in ("recall", "cldice", "dice", "precision"):
         g = gain(metric, "rl_test_at_0.5", "sft_test_at_0.5")

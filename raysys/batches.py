@@ -21,6 +21,8 @@ class RolloutBatch:
         iteration: training iteration that asked for them.
         temperature: sampling temperature T.
         worker: rollout worker index; seconds: time spent sampling.
+        greedy: the masks hold K + 1 per image, the last being the greedy one (probability > 0.5), scored as
+            the self-critical baseline and never trained on.
     """
 
     indices: list[int]
@@ -31,8 +33,15 @@ class RolloutBatch:
     temperature: float
     worker: int = 0
     seconds: float = 0.0
+    greedy: bool = False
 
     def unpack(self) -> np.ndarray:
+        """[B, K, H, W] sampled masks (without the greedy one)."""
+        masks = unpack_masks(self.masks)
+        return masks[:, :-1] if self.greedy else masks
+
+    def unpack_all(self) -> np.ndarray:
+        """[B, K (+ 1 greedy), H, W]: every mask to score."""
         return unpack_masks(self.masks)
 
     def __len__(self) -> int:
@@ -51,6 +60,9 @@ class ScoredRollout:
         sources: per image "gt" or "learned".
         valid: bool [B]; False for images whose reward was missing or not finite (never trained on).
         errors: per-image reason when invalid.
+        greedy_rewards: float32 [B] reward of the greedy mask (``batch.greedy``), NaN where invalid.
+        greedy_tile_rewards: float32 [B, ty, tx] its per-tile rewards.
+        greedy_components: name -> float32 [B] its reward components.
     """
 
     batch: RolloutBatch
@@ -62,6 +74,9 @@ class ScoredRollout:
     valid: np.ndarray
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    greedy_rewards: np.ndarray | None = None
+    greedy_tile_rewards: np.ndarray | None = None
+    greedy_components: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.batch)

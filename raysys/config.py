@@ -210,9 +210,11 @@ class RolloutConfig:
 class LearnerConfig:
     algorithm: Literal["grpo", "ppo", "rce_grpo"] = "grpo"
     """``grpo``: group baseline (default); ``ppo``: value-head baseline; ``rce_grpo``: RCE warm-up then GRPO."""
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    """Group baseline of ``grpo``/``rce_grpo``: ``grpo`` (R - mean) / std, ``dr_grpo`` R - mean (no std),
-    ``rloo`` leave-one-out mean (policies/losses.py ADVANTAGE_FNS)."""
+    advantage: Literal["grpo", "dr_grpo", "rloo", "self_critical"] = "grpo"
+    """Baseline of ``grpo``/``rce_grpo``: ``grpo`` (R - mean) / std, ``dr_grpo`` R - mean (no std), ``rloo``
+    leave-one-out mean (policies/losses.py ADVANTAGE_FNS); ``self_critical`` (R - R_greedy) / std: the
+    baseline is the reward of the mask users get (``eval.threshold``) on the same image and tile, which the
+    rollout actors then also return, so training improves that mask rather than the average sample."""
     policy_loss: Literal["ppo_clip", "pg"] = "ppo_clip"
     """``ppo_clip``: clipped surrogate per pixel; ``pg``: unclipped importance-weighted policy gradient
     (policies/losses.py POLICY_LOSSES)."""
@@ -282,6 +284,11 @@ class LearnerConfig:
             not (self.strategy == "deepspeed" and self.algorithm == "ppo"),
             "learner.strategy",
             "the PPO value head runs outside the DeepSpeed engine; use algorithm grpo or rce_grpo with deepspeed",
+        )
+        _check(
+            not (self.advantage == "self_critical" and self.algorithm == "ppo"),
+            "learner.advantage",
+            "ppo's baseline is its value head; self_critical goes with algorithm grpo or rce_grpo",
         )
         _check(self.checkpoint_every >= 1, "learner.checkpoint_every", "must be >= 1")
         _check(self.max_failures >= -1, "learner.max_failures", "must be >= -1 (-1: no limit)")

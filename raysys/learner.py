@@ -87,6 +87,8 @@ class _Batch:
     tile_valid: torch.Tensor  # bool [B,ty,tx]
     fov: torch.Tensor  # bool [B,H,W]
     weight: torch.Tensor  # [B] loss weight per image (reward.learned_weight for learned rewards)
+    baseline: torch.Tensor | None = None  # [B] greedy-mask rewards (self-critical)
+    tile_baseline: torch.Tensor | None = None  # [B,ty,tx] their per-tile rewards
 
 
 class Learner:
@@ -157,6 +159,9 @@ class Learner:
                     )
                     invalid += 1
                     continue
+                greedy = None
+                if s.greedy_rewards is not None:
+                    greedy = (s.greedy_rewards[i], s.greedy_tile_rewards[i])
                 rows.append(
                     (
                         s.batch.indices[i],
@@ -167,6 +172,7 @@ class Learner:
                         w,
                         key,
                         sample,
+                        greedy,
                     )
                 )
         counts = {
@@ -190,6 +196,11 @@ class Learner:
             fov=torch.from_numpy(np.stack([r[7].fov for r in rows])).to(dev),
             weight=torch.tensor([r[5] for r in rows], dtype=torch.float32, device=dev),
         )
+        if all(r[8] is not None for r in rows):
+            batch.baseline = torch.tensor(np.array([r[8][0] for r in rows]), dtype=torch.float32, device=dev)
+            batch.tile_baseline = torch.from_numpy(np.stack([r[8][1] for r in rows])).float().to(dev)
+        elif self.cfg.learner.advantage == "self_critical":
+            raise ValueError("learner.advantage=self_critical but the rollouts carry no greedy-mask rewards")
         return batch, counts
 
     def _values(self, b: _Batch, feats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,6 +221,9 @@ class Learner:
                 v_img, v_tile, _ = self._values(b, feats)
             img = baseline_advantages(b.rewards, v_img[:, None])
             tiles = baseline_advantages(b.tile_rewards, v_tile[:, None], valid=b.tile_valid)
+        elif lc.advantage == "self_critical":  # the greedy mask's reward is the baseline
+            img = baseline_advantages(b.rewards, b.baseline[:, None])
+            tiles = baseline_advantages(b.tile_rewards, b.tile_baseline[:, None], valid=b.tile_valid)
         else:
             img = get_advantage_fn(lc.advantage)(b.rewards)
             tiles = tile_advantages(b.tile_rewards, valid=b.tile_valid, method=lc.advantage)
@@ -412,6 +426,14 @@ class Learner:
                     name, f"reward/{name}"
                 )
                 out[key] = float(vals.mean())
+        greedy = [s.greedy_rewards[s.valid] for s in valid if s.greedy_rewards is not None]
+        if greedy:
+            out[keys.GREEDY_REWARD_MEAN] = float(np.concatenate(greedy).mean())
+            dice = [
+                s.greedy_components["dice_raw"][s.valid] for s in valid if "dice_raw" in s.greedy_components
+            ]
+            if dice:
+                out[keys.GREEDY_DICE] = float(np.nanmean(np.concatenate(dice)))
         out[keys.LEARNED_FRACTION] = float(
             np.mean([src == "learned" for s in valid for src, v in zip(s.sources, s.valid, strict=True) if v])
         )
@@ -528,4 +550,6 @@ def _index(b: _Batch, rows: torch.Tensor) -> _Batch:
         tile_valid=b.tile_valid[rows],
         fov=b.fov[rows],
         weight=b.weight[rows],
+        baseline=None if b.baseline is None else b.baseline[rows],
+        tile_baseline=None if b.tile_baseline is None else b.tile_baseline[rows],
     )

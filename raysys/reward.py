@@ -56,7 +56,7 @@ class RewardWorker:
     def score(self, batch: RolloutBatch) -> ScoredRollout:
         """Whole-image rewards [B, K], tiled rewards [B, K, ty, tx] and components for a rollout batch."""
         t0 = time.perf_counter()
-        masks = batch.unpack()
+        masks = batch.unpack_all()  # the greedy mask, if any, is scored like a sample and split off below
         b, k, h, w = masks.shape
         ty, tx = -(-h // self.tile), -(-w // self.tile)
         rewards = np.full((b, k), np.nan, np.float32)
@@ -90,6 +90,14 @@ class RewardWorker:
                 comps.setdefault(name, np.full((b, k), np.nan, np.float32))[i] = v
         for e in errors:
             log.warning("reward skipped: %s", e)
+        greedy: dict = {}
+        if batch.greedy:
+            greedy = {
+                "greedy_rewards": rewards[:, -1],
+                "greedy_tile_rewards": tiles[:, -1],
+                "greedy_components": {name: v[:, -1] for name, v in comps.items()},
+            }
+            rewards, tiles, comps = rewards[:, :-1], tiles[:, :-1], {n: v[:, :-1] for n, v in comps.items()}
         return ScoredRollout(
             batch=batch,
             rewards=rewards,
@@ -100,6 +108,7 @@ class RewardWorker:
             valid=valid,
             errors=errors,
             seconds=time.perf_counter() - t0,
+            **greedy,
         )
 
     def _score_image(self, key, s, masks: np.ndarray, source: str):

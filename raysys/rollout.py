@@ -7,6 +7,7 @@ so tests build it in-process.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 
@@ -63,6 +64,7 @@ class RolloutWorker:
         Bernoulli(sigmoid(z / T)) inside the FOV."""
         t0 = time.perf_counter()
         k, temperature = self.cfg.rollout.samples_per_image, self.cfg.rollout.temperature
+        greedy = self.cfg.learner.advantage == "self_critical"
         indices = [int(i) for i in indices]
         keys, samples = zip(*(self.train.get(i, iteration) for i in indices), strict=True)
         if len({smp.mask.shape for smp in samples}) > 1:
@@ -75,13 +77,19 @@ class RolloutWorker:
         logits = self.policy.mask_logits(
             np.stack([s.image for s in samples]), [s.prompt for s in samples], features=feats
         ).float()
-        masks = torch.empty((len(indices), k, *logits.shape[-2:]), dtype=torch.bool, device=logits.device)
+        shape = (len(indices), k + greedy, *logits.shape[-2:])
+        masks = torch.empty(shape, dtype=torch.bool, device=logits.device)
+        threshold = math.log(self.cfg.eval.threshold / (1 - self.cfg.eval.threshold))  # logit space
         for b, i in enumerate(indices):  # one generator per image: its masks do not depend on the batch
             gen = torch.Generator(device=logits.device).manual_seed(
                 sample_seed(self.cfg.run.seed, iteration, i)
             )
-            drawn = sample_masks(logits[b : b + 1], k=k, temperature=temperature, generator=gen)[0]
-            masks[b] = drawn & torch.tensor(samples[b].fov, device=logits.device)
+            fov = torch.tensor(samples[b].fov, device=logits.device)
+            masks[b, :k] = (
+                sample_masks(logits[b : b + 1], k=k, temperature=temperature, generator=gen)[0] & fov
+            )
+            if greedy:  # the deployed mask, the self-critical baseline
+                masks[b, k] = (logits[b] > threshold) & fov
         return RolloutBatch(
             indices=indices,
             ids=[s.id for s in samples],
@@ -91,4 +99,5 @@ class RolloutWorker:
             temperature=temperature,
             worker=self.index,
             seconds=time.perf_counter() - t0,
+            greedy=bool(greedy),
         )

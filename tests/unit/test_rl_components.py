@@ -9,7 +9,7 @@ from rl_small import SMALL_RL as SMALL
 
 from policies.distributions import kl_bernoulli
 from policies.losses import kl_penalty
-from raysys.config import load_config
+from raysys.config import ConfigError, load_config
 from raysys.coordinator import LocalCoordinator, shards
 from raysys.learner import Learner, iteration_indices
 from raysys.reward import RewardWorker
@@ -249,3 +249,48 @@ def test_learned_rewards_are_tagged_weighted_or_skipped(rollout, reward_net_path
     for key in ("val/learned_score", "val/reward_gap", "val/reward_gap_abs", "val/dice@0.5"):
         assert np.isfinite(val[key]), key
     assert val["val/reward_gap"] == pytest.approx(val["val/learned_score"] - val["val/dice"], abs=1e-6)
+
+
+def test_self_critical_baseline_is_the_greedy_masks_reward(cfg, rollout, reward) -> None:
+    sc = load_config(None, [*SMALL, "learner.advantage=self_critical"])
+    worker = RolloutWorker(sc, 0)
+    batch = worker.sample([1, 3], iteration=5)
+    # The K samples are the ones the group baselines see; the greedy mask rides along as mask K + 1.
+    np.testing.assert_array_equal(batch.unpack(), rollout.sample([1, 3], iteration=5).unpack())
+    every = batch.unpack_all()
+    assert batch.greedy and every.shape == (2, 5, 64, 64)
+    sample = worker.train[3]
+    probs = torch.sigmoid(worker.policy.mask_logits(sample.image[None], [sample.prompt]))[0].detach().numpy()
+    np.testing.assert_array_equal(every[1, -1], (probs > sc.eval.threshold) & sample.fov)
+
+    scored = RewardWorker(sc).score(batch)
+    alone = reward.score_masks([1, 3], every[:, -1:], iteration=5)
+    assert scored.rewards.shape == (2, 4) and scored.greedy_rewards.shape == (2,)
+    np.testing.assert_allclose(scored.greedy_rewards, alone.rewards[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(scored.greedy_tile_rewards, alone.tile_rewards[:, 0], rtol=1e-6)
+
+    learner = Learner(sc)
+    b, _ = learner._assemble([scored])
+    torch.testing.assert_close(b.baseline, torch.from_numpy(scored.greedy_rewards))
+    # Whole-image part (tile weight 0): A = (R - R_greedy) / std(R - R_greedy) over the batch, every pixel.
+    whole = Learner(
+        load_config(None, [*SMALL, "learner.advantage=self_critical", "learner.tile_advantage_weight=0"])
+    )
+    diff = b.rewards - b.baseline[:, None]
+    expected = (diff / (diff.std() + 1e-6))[..., None, None].expand_as(b.masks)
+    torch.testing.assert_close(whole._advantages(b, None), expected)
+    # Tile part: each tile's samples against the greedy mask's reward on that tile.
+    tiles = Learner(
+        load_config(None, [*SMALL, "learner.advantage=self_critical", "learner.tile_advantage_weight=1"])
+    )
+    tile = sc.reward.tile_sizes[0]
+    tdiff = (b.tile_rewards - b.tile_baseline[:, None]) * b.tile_valid[:, None]
+    tdiff = tdiff / (tdiff[b.tile_valid[:, None].expand_as(tdiff)].std() + 1e-6)
+    got = tiles._advantages(b, None)
+    torch.testing.assert_close(got[:, :, ::tile, ::tile], tdiff)
+    m = learner.update([scored], iteration=0)
+    assert np.isfinite(m["loss/total"]) and m["rollout/greedy_reward_mean"] == pytest.approx(
+        float(scored.greedy_rewards.mean())
+    )
+    with pytest.raises(ConfigError, match=r"learner\.advantage"):
+        load_config(None, ["learner.algorithm=ppo", "learner.advantage=self_critical"])

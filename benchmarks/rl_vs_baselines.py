@@ -1,0 +1,196 @@
+"""RL against the honest baselines on held-out images, recipe by recipe -> JSON (and a Markdown table).
+
+Rows, each the mean and std over seeds on the test split (used for nothing but these numbers):
+
+- ``sft@0.5`` and ``sft@val-best``: the SFT model at threshold 0.5 and at its best validation threshold;
+- ``sft+postproc``: the SFT model with the best global post-processing on validation (threshold, closing
+  radius, minimum component size; selected on validation Dice + clDice);
+- ``<recipe>@0.5`` and ``<recipe>@val-best`` for every RL recipe (RECIPES: one lever each, same budget).
+
+The best recipe is chosen on validation (Dice + clDice at its own best validation threshold, mean over seeds),
+then compared with SFT on test, each at its own validation-best threshold: ``dice_gain_vs_best_threshold``
+and ``cldice_gain_vs_best_threshold``. ``dpo_dice_vs_best_threshold`` stays null until a DPO row exists.
+
+    .venv/bin/python benchmarks/sft_baseline.py      # writes runs/sft_baseline_bench/sft/model
+    .venv/bin/python benchmarks/rl_vs_baselines.py --sft runs/sft_baseline_bench/sft/model \\
+        [--recipes grpo self_critical] [--seeds 0 1 2] [--config examples/tiny_synthetic.yaml]
+
+Every (recipe, seed) is one ``raysys train`` from the SFT checkpoint (``rl_gain.train_and_score``); its
+scores are kept in ``<output-dir>/<recipe>_s<seed>.json``, so an interrupted benchmark goes on where it
+stopped and a new recipe adds rows without retraining the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from rl_gain import KEYS, train_and_score
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES: dict[str, list[str]] = {
+    "grpo": [],
+    "self_critical": ["learner.advantage=self_critical"],
+    "self_critical_t0.5": ["learner.advantage=self_critical", "rollout.temperature=0.5"],
+    "cldice_betti": ["reward.weights.cldice=0.2", "reward.weights.betti=0.1"],
+}
+"""Overrides on the config, one lever per recipe (``grpo``: the config as it is)."""
+POSTPROC_GRID = {"closing_radius": (0, 1, 2), "min_size": (0, 8, 16, 32, 64)}
+
+
+def _select(scored: dict[str, float]) -> float:
+    """What recipes and post-processing settings are chosen on (validation only)."""
+    return scored["dice"] + scored["cldice"]
+
+
+def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    out = {}
+    for k in KEYS:
+        values = [r[k] for r in rows]
+        out[k], out[f"{k}_std"] = float(np.mean(values)), float(np.std(values))
+    return out
+
+
+def postprocessed_sft(config: str, sft: str) -> dict:
+    """The SFT model with the best global post-processing setting on validation, scored on test."""
+    from envs.datasets import load_dataset
+    from envs.metrics import segmentation_metrics
+    from envs.postprocess import postprocess
+    from policies.evaluation import predict_probs
+    from policies.factory import load_policy
+    from raysys.config import load_config
+    from raysys.data import dataset_for_split, inference_for
+
+    cfg = load_config(config, [f"policy.checkpoint={sft}"])
+    policy = load_policy(cfg.policy, seed=cfg.run.seed)
+    split = {s: list(dataset_for_split(cfg.data, s, load=load_dataset)) for s in ("val", "test")}
+    probs = {
+        s: predict_probs(lambda im, pr: policy.mask_logits(im, pr), v, inference_for(cfg))
+        for s, v in split.items()
+    }
+
+    def mean_metrics(name: str, threshold: float, closing: int, min_size: int) -> dict[str, float]:
+        rows = [
+            segmentation_metrics(
+                postprocess(p, threshold=threshold, closing_radius=closing, min_size=min_size, fov=s.fov),
+                s.mask,
+                s.fov,
+            )
+            for p, s in zip(probs[name], split[name], strict=True)
+            if (s.mask & s.fov).any()
+        ]
+        return {k: float(np.mean([r[k] for r in rows])) for k in KEYS}
+
+    grid = list(itertools.product(cfg.eval.thresholds, *POSTPROC_GRID.values()))
+    val = {setting: mean_metrics("val", *setting) for setting in grid}
+    best = max(grid, key=lambda setting: _select(val[setting]))
+    return {
+        "setting": dict(zip(("threshold", *POSTPROC_GRID), best, strict=True)),
+        "val": val[best],
+        "test": mean_metrics("test", *best),
+        "grid_size": len(grid),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft", required=True, help="tiny SFT checkpoint folder (model.safetensors)")
+    parser.add_argument("--config", default=str(ROOT / "examples/tiny_synthetic.yaml"))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output-dir", default=str(ROOT / "runs/rl_vs_baselines"))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/rl_vs_baselines.json"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    for recipe, seed in itertools.product(args.recipes, args.seeds):
+        cached = out_dir / f"{recipe}_s{seed}.json"
+        if cached.is_file():
+            result = json.loads(cached.read_text())
+        else:
+            result = train_and_score(
+                args.config, args.sft, seed, f"{recipe}_s{seed}", str(out_dir), RECIPES[recipe]
+            )
+            result["overrides"] = RECIPES[recipe]
+            cached.write_text(json.dumps(result, indent=1))
+        runs.setdefault(recipe, []).append(result)
+
+    first = next(iter(runs.values()))
+    table = {
+        "sft@0.5": _summary([r["sft_test_at_0.5"] for r in first]),
+        "sft@val-best": _summary([r["sft_test_at_best_threshold"] for r in first]),
+    }
+    pp = postprocessed_sft(args.config, args.sft)
+    table["sft+postproc"] = {**pp["test"], **{f"{k}_std": 0.0 for k in KEYS}}  # deterministic: one value
+    ablation = {}
+    for recipe, rs in runs.items():
+        table[f"{recipe}@0.5"] = _summary([r["rl_test_at_0.5"] for r in rs])
+        table[f"{recipe}@val-best"] = _summary([r["rl_test_at_best_threshold"] for r in rs])
+        ablation[recipe] = {
+            "overrides": RECIPES[recipe],
+            "val_select": float(np.mean([_select(r["rl_val_at_best_threshold"]) for r in rs])),
+            "dice_vs_sft_best": float(
+                np.mean(
+                    [
+                        r["rl_test_at_best_threshold"]["dice"] - r["sft_test_at_best_threshold"]["dice"]
+                        for r in rs
+                    ]
+                )
+            ),
+            "cldice_vs_sft_best": float(
+                np.mean(
+                    [
+                        r["rl_test_at_best_threshold"]["cldice"] - r["sft_test_at_best_threshold"]["cldice"]
+                        for r in rs
+                    ]
+                )
+            ),
+            "train_wall_s_mean": float(np.mean([r["train_wall_s"] for r in rs])),
+            "seeds": [r["seed"] for r in rs],
+        }
+    best = max(ablation, key=lambda k: ablation[k]["val_select"])
+    result = {
+        "benchmark": "rl_vs_baselines",
+        "config": str(Path(args.config).resolve().relative_to(ROOT))
+        if ROOT in Path(args.config).resolve().parents
+        else args.config,
+        "seeds": args.seeds,
+        "n_test": first[0]["n_test"],
+        "best_recipe": best,
+        "best_recipe_chosen_on": "validation Dice + clDice at the recipe's own best validation threshold",
+        "dice_gain_vs_best_threshold": ablation[best]["dice_vs_sft_best"],
+        "cldice_gain_vs_best_threshold": ablation[best]["cldice_vs_sft_best"],
+        "dpo_dice_vs_best_threshold": None,
+        "postproc": pp,
+        "table": table,
+        "ablation": ablation,
+    }
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(markdown(table))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("table", "postproc")}, indent=2))
+    return 0
+
+
+def markdown(table: dict[str, dict[str, float]]) -> str:
+    """The README table: one row per model, mean +- std over seeds, metrics in points (x100)."""
+    head = "| model | " + " | ".join(KEYS) + " |\n|---|" + "---|" * len(KEYS)
+    lines = [head]
+    for name, row in table.items():
+        cells = []
+        for k in KEYS:
+            scale = 1 if k.startswith("betti") else 100
+            cells.append(f"{row[k] * scale:.1f} ± {row[f'{k}_std'] * scale:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
