@@ -38,6 +38,8 @@ RECIPES: dict[str, list[str]] = {
     "self_critical": ["learner.advantage=self_critical"],
     "self_critical_t0.5": ["learner.advantage=self_critical", "rollout.temperature=0.5"],
     "cldice_betti": ["reward.weights.cldice=0.2", "reward.weights.betti=0.1"],
+    "postproc_reward": ["reward.postprocess=true"],
+    "self_critical_postproc": ["learner.advantage=self_critical", "reward.postprocess=true"],
 }
 """Overrides on the config, one lever per recipe (``grpo``: the config as it is)."""
 POSTPROC_GRID = {"closing_radius": (0, 1, 2), "min_size": (0, 8, 16, 32, 64)}

@@ -156,6 +156,10 @@ class RewardConfig(ObjectiveConfig):
     """Drop learned-reward samples from training (they are still logged)."""
     learned_weight: float = 1.0
     """Loss weight of learned-reward samples when they are kept."""
+    postprocess: bool = False
+    """Score each mask after the deployed post-processing (closing by ``eval.closing_radius``, components
+    under ``eval.min_size`` pixels removed), as ``raysys eval`` with ``eval.postprocess`` shows it: speckle
+    that post-processing removes costs no reward (the log-probabilities stay those of the raw sample)."""
     num_actors: int = 1
     """Reward actors (CPU only)."""
     cpus_per_actor: float = 0.5

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from envs.datasets import load_dataset
+from envs.postprocess import postprocess
 from envs.rewards import MultiObjectiveReward
 from raysys.batches import RolloutBatch, ScoredRollout
 from raysys.config import Config
@@ -114,6 +115,14 @@ class RewardWorker:
     def _score_image(self, key, s, masks: np.ndarray, source: str):
         if source == "gt" and not s.has_mask:
             raise ValueError("no ground-truth mask for a GT reward (use reward.source=auto or learned)")
+        if self.cfg.reward.postprocess:
+            ec = self.cfg.eval
+            masks = np.stack(
+                [
+                    postprocess(m, closing_radius=ec.closing_radius, min_size=ec.min_size, fov=s.fov)
+                    for m in masks
+                ]
+            )
         comps: dict[str, np.ndarray] = {}
         if s.has_mask:  # GT metrics are logged whenever GT exists (learned-vs-GT gap)
             target = self._target(key, s)

@@ -294,3 +294,19 @@ def test_self_critical_baseline_is_the_greedy_masks_reward(cfg, rollout, reward)
     )
     with pytest.raises(ConfigError, match=r"learner\.advantage"):
         load_config(None, ["learner.algorithm=ppo", "learner.advantage=self_critical"])
+
+
+def test_postprocessed_reward_ignores_the_speckle_deployment_removes(cfg, reward) -> None:
+    from scipy import ndimage
+
+    sample = reward.train[0]
+    far = ~ndimage.binary_dilation(sample.mask, iterations=4) & sample.fov
+    speckle = np.zeros_like(far)
+    ys, xs = np.nonzero(far)
+    speckle[ys[::40], xs[::40]] = True  # isolated single pixels away from every vessel
+    masks = np.stack([sample.mask & sample.fov, (sample.mask | speckle) & sample.fov])[None]
+    raw = reward.score_masks([0], masks)
+    assert raw.rewards[0, 1] < raw.rewards[0, 0]  # the raw reward pays for speckle
+    post = RewardWorker(load_config(None, [*SMALL, "reward.postprocess=true"])).score_masks([0], masks)
+    assert post.rewards[0, 0] == post.rewards[0, 1]
+    np.testing.assert_array_equal(post.tile_rewards[0, 0], post.tile_rewards[0, 1])
