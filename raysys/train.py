@@ -417,7 +417,7 @@ def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool, a
         try:
             for role, refs in actors.items():
                 ray.get(sink.record_placement.remote(role, ray.get(refs)))
-        except Exception:
+        except BaseException:  # also Ctrl-C while the actors load: the learners must not wait forever
             ray.get(sink.set_actors_started.remote(False))
             thread.join()
             raise
