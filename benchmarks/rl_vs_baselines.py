@@ -9,15 +9,17 @@ Rows, each the mean and std over seeds on the test split (used for nothing but t
 
 The best recipe is chosen on validation (Dice + clDice at its own best validation threshold, mean over seeds),
 then compared with SFT on test, each at its own validation-best threshold: ``dice_gain_vs_best_threshold``
-and ``cldice_gain_vs_best_threshold``. ``dpo_dice_vs_best_threshold`` stays null until a DPO row exists.
+and ``cldice_gain_vs_best_threshold``; ``dpo_dice_vs_best_threshold`` compares the offline DPO recipe the same
+way (null until it has run).
 
     .venv/bin/python benchmarks/sft_baseline.py      # writes runs/sft_baseline_bench/sft/model
     .venv/bin/python benchmarks/rl_vs_baselines.py --sft runs/sft_baseline_bench/sft/model \\
         [--recipes grpo self_critical] [--seeds 0 1 2] [--config examples/tiny_synthetic.yaml]
 
-Every (recipe, seed) is one ``raysys train`` from the SFT checkpoint (``rl_gain.train_and_score``); its
-scores are kept in ``<output-dir>/<recipe>_s<seed>.json``, so an interrupted benchmark goes on where it
-stopped and a new recipe adds rows without retraining the others.
+Every (recipe, seed) of ``--recipes`` x ``--seeds`` is one ``raysys train`` from the SFT checkpoint
+(``rl_gain.train_and_score``); its scores are kept in ``<output-dir>/<recipe>_s<seed>.json``, so an
+interrupted benchmark goes on where it stopped, and the tables hold every run in that folder (a screening of
+all recipes on one seed, then more seeds for the promising ones). Each recipe's seeds are in its row.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ RECIPES: dict[str, list[str]] = {
     "cldice_betti": ["reward.weights.cldice=0.2", "reward.weights.betti=0.1"],
     "postproc_reward": ["reward.postprocess=true"],
     "self_critical_postproc": ["learner.advantage=self_critical", "reward.postprocess=true"],
+    "dpo": ["learner.algorithm=dpo"],
 }
-"""Overrides on the config, one lever per recipe (``grpo``: the config as it is)."""
+"""Overrides on the config, one lever per recipe (``grpo``: the config as it is). ``dpo`` is the offline
+baseline RL must beat (preference pairs of the SFT model's own masks), never chosen as the best RL recipe."""
 POSTPROC_GRID = {"closing_radius": (0, 1, 2), "min_size": (0, 8, 16, 32, 64)}
 
 
@@ -112,18 +116,22 @@ def main() -> int:
     torch.set_num_threads(2)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {}
     for recipe, seed in itertools.product(args.recipes, args.seeds):
         cached = out_dir / f"{recipe}_s{seed}.json"
-        if cached.is_file():
-            result = json.loads(cached.read_text())
-        else:
+        if not cached.is_file():
             result = train_and_score(
                 args.config, args.sft, seed, f"{recipe}_s{seed}", str(out_dir), RECIPES[recipe]
             )
             result["overrides"] = RECIPES[recipe]
             cached.write_text(json.dumps(result, indent=1))
-        runs.setdefault(recipe, []).append(result)
+    # The tables hold every (recipe, seed) run in the output folder, also those of earlier calls (e.g. a
+    # screening of every recipe on one seed, then more seeds for some).
+    found: dict[str, dict[int, dict]] = {}
+    for cached in out_dir.glob("*_s*.json"):
+        recipe, seed = cached.stem.rsplit("_s", 1)
+        if recipe in RECIPES and seed.isdigit():
+            found.setdefault(recipe, {})[int(seed)] = json.loads(cached.read_text())
+    runs = {r: [found[r][s] for s in sorted(found[r])] for r in RECIPES if r in found}
 
     first = next(iter(runs.values()))
     table = {
@@ -158,19 +166,19 @@ def main() -> int:
             "train_wall_s_mean": float(np.mean([r["train_wall_s"] for r in rs])),
             "seeds": [r["seed"] for r in rs],
         }
-    best = max(ablation, key=lambda k: ablation[k]["val_select"])
+    best = max((k for k in ablation if k != "dpo"), key=lambda k: ablation[k]["val_select"])
     result = {
         "benchmark": "rl_vs_baselines",
         "config": str(Path(args.config).resolve().relative_to(ROOT))
         if ROOT in Path(args.config).resolve().parents
         else args.config,
-        "seeds": args.seeds,
+        "seeds": sorted({r["seed"] for rs in runs.values() for r in rs}),
         "n_test": first[0]["n_test"],
         "best_recipe": best,
         "best_recipe_chosen_on": "validation Dice + clDice at the recipe's own best validation threshold",
         "dice_gain_vs_best_threshold": ablation[best]["dice_vs_sft_best"],
         "cldice_gain_vs_best_threshold": ablation[best]["cldice_vs_sft_best"],
-        "dpo_dice_vs_best_threshold": None,
+        "dpo_dice_vs_best_threshold": ablation["dpo"]["dice_vs_sft_best"] if "dpo" in ablation else None,
         "postproc": pp,
         "table": table,
         "ablation": ablation,

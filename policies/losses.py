@@ -21,6 +21,7 @@ __all__ = [
     "ADVANTAGE_FNS",
     "POLICY_LOSSES",
     "baseline_advantages",
+    "dpo_loss",
     "entropy_bonus",
     "expand_tiles",
     "get_advantage_fn",
@@ -439,6 +440,56 @@ def rce_loss(
         n = f.sum(dim=(-2, -1)).clamp_min(1).to(lp.dtype)
         per_mask = torch.where(f, lp, lp.new_zeros(())).sum(dim=(-2, -1)) / n
     return -(weights.detach() * per_mask).mean()
+
+
+def dpo_loss(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    masks: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    fov: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO on each image's preference pair: its best and worst of K masks by reward.
+
+    loss = -log sigmoid(beta * ((lp(w) - lr(w)) - (lp(l) - lr(l)))), where lp / lr are the policy's /
+    reference's per-pixel log-probabilities averaged over the FOV. Pixels where the two masks agree contribute
+    the same to both sides and cancel: only the pixels the preference is about move. Images whose K rewards
+    are all equal have no pair and count for nothing.
+
+    Args:
+        logits, ref_logits: [B,H,W] policy (with grad) and reference logits.
+        masks: [B,K,H,W] sampled masks; rewards: [B,K].
+        fov: [B,H,W] bool.
+        beta: scale of the margin.
+
+    Returns:
+        (loss, {"dpo_margin": mean margin, "dpo_accuracy": share of pairs the policy already ranks right,
+        "dpo_pairs": pairs used}).
+    """
+    rows = torch.arange(masks.shape[0], device=masks.device)
+    best, worst = rewards.argmax(1), rewards.argmin(1)
+    has_pair = rewards[rows, best] > rewards[rows, worst]
+    pair = torch.stack([masks[rows, best], masks[rows, worst]], 1)  # [B,2,H,W]
+    f = fov.bool()[:, None]
+    n = f.sum((-2, -1)).clamp_min(1)
+
+    def per_image(lg: torch.Tensor) -> torch.Tensor:  # [B,2] mean log-prob over the FOV
+        return torch.where(f, pixel_log_probs(lg, pair, temperature=temperature), 0.0).sum((-2, -1)) / n
+
+    ratio = per_image(logits) - per_image(ref_logits.detach())
+    margin = beta * (ratio[:, 0] - ratio[:, 1])
+    used = has_pair.float()
+    count = used.sum()
+    loss = -(F.logsigmoid(margin) * used).sum() / count.clamp_min(1)
+    stats = {
+        "dpo_margin": (margin.detach() * used).sum() / count.clamp_min(1),
+        "dpo_accuracy": ((margin.detach() > 0).float() * used).sum() / count.clamp_min(1),
+        "dpo_pairs": count,
+    }
+    return loss, stats
 
 
 def kl_penalty(

@@ -212,8 +212,10 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    algorithm: Literal["grpo", "ppo", "rce_grpo"] = "grpo"
-    """``grpo``: group baseline (default); ``ppo``: value-head baseline; ``rce_grpo``: RCE warm-up then GRPO."""
+    algorithm: Literal["grpo", "ppo", "rce_grpo", "dpo"] = "grpo"
+    """``grpo``: group baseline (default); ``ppo``: value-head baseline; ``rce_grpo``: RCE warm-up then GRPO;
+    ``dpo``: offline direct preference optimisation: the rollout actors keep the starting (SFT) weights, and
+    each image's best and worst of its K masks (by the reward) form a preference pair."""
     advantage: Literal["grpo", "dr_grpo", "rloo", "self_critical"] = "grpo"
     """Baseline of ``grpo``/``rce_grpo``: ``grpo`` (R - mean) / std, ``dr_grpo`` R - mean (no std), ``rloo``
     leave-one-out mean (policies/losses.py ADVANTAGE_FNS); ``self_critical`` (R - R_greedy) / std: the
@@ -244,6 +246,9 @@ class LearnerConfig:
     """Entropy bonus coefficient."""
     value_coef: float = 0.5
     """Value-loss coefficient (``ppo``)."""
+    dpo_beta: float = 50.0
+    """``dpo``: beta on the pair's log-ratio margin, each log-ratio being a mean over FOV pixels (a sum over
+    ~10^4-10^5 pixels would saturate the sigmoid at once)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     tile_advantage_weight: float = 0.8
@@ -280,6 +285,7 @@ class LearnerConfig:
         for key in ("kl_coef", "entropy_coef", "value_coef", "rce_epochs"):
             _check(getattr(self, key) >= 0, f"learner.{key}", "must be >= 0")
         _check(self.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0")
+        _check(self.dpo_beta > 0, "learner.dpo_beta", "must be > 0")
         _check(0 <= self.tile_advantage_weight <= 1, "learner.tile_advantage_weight", "must be in [0, 1]")
         _check(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, "learner.cpus_per_worker", "must be > 0")
@@ -290,9 +296,9 @@ class LearnerConfig:
             "the PPO value head runs outside the DeepSpeed engine; use algorithm grpo or rce_grpo with deepspeed",
         )
         _check(
-            not (self.advantage == "self_critical" and self.algorithm == "ppo"),
+            not (self.advantage == "self_critical" and self.algorithm in ("ppo", "dpo")),
             "learner.advantage",
-            "ppo's baseline is its value head; self_critical goes with algorithm grpo or rce_grpo",
+            "self_critical goes with algorithm grpo or rce_grpo (ppo's baseline is its value head, dpo has none)",
         )
         _check(self.checkpoint_every >= 1, "learner.checkpoint_every", "must be >= 1")
         _check(self.max_failures >= -1, "learner.max_failures", "must be >= -1 (-1: no limit)")

@@ -32,6 +32,7 @@ from policies.evaluation import evaluate_probs, predict_probs
 from policies.factory import build_policy
 from policies.losses import (
     baseline_advantages,
+    dpo_loss,
     entropy_bonus,
     get_advantage_fn,
     get_policy_loss,
@@ -113,6 +114,10 @@ class Learner:
             self.value_head = ValueHead(low.shape[1]).to(self.device)
             params += list(self.value_head.parameters())
         self.optimizer = torch.optim.Adam(params, lr=cfg.learner.lr)
+        # dpo learns offline: the rollout actors keep sampling from the weights it starts from
+        self._behaviour = None
+        if cfg.learner.algorithm == "dpo":
+            self._behaviour = {k: v.detach().clone() for k, v in self.trainable_state_dict().items()}
         self.engine = None  # a DeepSpeed engine after use_deepspeed()
         self.version = 0
         self.best_reward = -math.inf
@@ -271,7 +276,7 @@ class Learner:
             return metrics
         feats = self.features.get(b.keys, [s.image for s in b.samples]).to(self.device)
         old_logits, logp_old, ref_logits = self._rollout_logprobs(b, feats)
-        adv = None if phase == "rce" else self._advantages(b, feats)
+        adv = None if phase in ("rce", "dpo") else self._advantages(b, feats)
         metrics.update(self._minibatch_steps(b, feats, phase, adv, logp_old, ref_logits, iteration))
         self.version += 1
         metrics[keys.KL_OLD_NEW] = self._drift(b, feats, old_logits)
@@ -342,6 +347,11 @@ class Learner:
         stats: dict[str, torch.Tensor] = {}
         if phase == "rce":
             pg = rce_loss(logits, b.masks[rows], rce_weights(b.rewards[rows]), fov=fov, temperature=temp)
+        elif phase == "dpo":
+            pg, stats = dpo_loss(
+                logits, ref_logits[rows], b.masks[rows], b.rewards[rows], fov=fov, beta=lc.dpo_beta,
+                temperature=temp,
+            )  # fmt: skip
         else:
             logp = pixel_log_probs(logits, b.masks[rows], temperature=temp)
             pg, stats = get_policy_loss(lc.policy_loss)(
@@ -500,6 +510,10 @@ class Learner:
     # ------------------------------------------------------------------------------------------ state
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return self.policy.trainable_state_dict()
+
+    def behaviour_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the rollout actors sample with: the current weights, or for dpo the starting ones."""
+        return self._behaviour if self._behaviour is not None else self.trainable_state_dict()
 
     def save(self, directory: str | Path, *, iteration: int) -> Path:
         """Trainable weights (safetensors + PEFT adapter) and learner state (optimizer, counters)."""

@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         # Also after Train restarted a failed learner (learner.max_failures): the rollout actors may hold
         # newer weights than the checkpoint, and the sink rows of the iterations about to be redone go.
-        coordinator.push_weights(learner.trainable_state_dict(), learner.version)
+        coordinator.push_weights(learner.behaviour_state_dict(), learner.version)
         ray.get(sink.rewind.remote(start))
     if world > 1:  # no rank samples before rank 0 has pushed the loaded weights
         torch.distributed.barrier()
@@ -142,7 +142,7 @@ def objective_value(terms: dict[str, float], metrics: dict[str, float]) -> float
 
 def _sync(coordinator, learner) -> dict[str, float]:
     t = time.perf_counter()
-    nbytes = coordinator.push_weights(learner.trainable_state_dict(), learner.version)
+    nbytes = coordinator.push_weights(learner.behaviour_state_dict(), learner.version)
     return {keys.SYNC_BYTES: float(nbytes), keys.TIME_SYNC: time.perf_counter() - t}
 
 

@@ -11,6 +11,7 @@ from policies.distributions import pixel_log_probs, sample_masks
 from policies.losses import (
     ADVANTAGE_FNS,
     POLICY_LOSSES,
+    dpo_loss,
     entropy_bonus,
     expand_tiles,
     get_advantage_fn,
@@ -306,3 +307,27 @@ def test_seg_loss_gradients_flow() -> None:
     target = torch.rand(2, 5, 5) > 0.5
     seg_loss(z, target, fov=torch.rand(2, 5, 5) > 0.2).backward()
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_dpo_moves_only_the_pixels_a_pair_disagrees_on() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 8, 8)
+    fov = torch.ones(3, 8, 8, dtype=torch.bool)
+    fov[:, :, :2] = False
+    masks = torch.rand(3, 4, 8, 8) < 0.5
+    masks[:, :, :4] = masks[:, :1, :4]  # every mask agrees on the top half
+    rewards = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.2, 0.2, 0.8, 0.0], [0.4, 0.4, 0.4, 0.4]])
+    z = logits.clone().requires_grad_(True)
+    loss, stats = dpo_loss(z, logits, masks, rewards, fov=fov, beta=10.0)
+    # The policy is the reference: every margin is 0, loss log 2 over the 2 images with a pair (the third
+    # has equal rewards and no pair).
+    assert loss.item() == pytest.approx(math.log(2)) and stats["dpo_pairs"] == 2 and stats["dpo_margin"] == 0
+    loss.backward()
+    g = z.grad
+    assert torch.all(g[2] == 0) and torch.all(g[:, :4] == 0) and torch.all(g[:, :, :2] == 0)
+    best, worst = masks[0, 1], masks[0, 0]  # rewards 0.9 and 0.1
+    differ = (best != worst) & fov[0]
+    assert torch.all(g[0][~differ] == 0) and torch.all(g[0][differ] != 0)
+    # A step against the gradient raises the best mask's log-probability over the worst one's.
+    stepped, _ = dpo_loss(logits - 50.0 * g, logits, masks, rewards, fov=fov, beta=10.0)
+    assert stepped.item() < loss.item()

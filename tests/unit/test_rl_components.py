@@ -310,3 +310,22 @@ def test_postprocessed_reward_ignores_the_speckle_deployment_removes(cfg, reward
     post = RewardWorker(load_config(None, [*SMALL, "reward.postprocess=true"])).score_masks([0], masks)
     assert post.rewards[0, 0] == post.rewards[0, 1]
     np.testing.assert_array_equal(post.tile_rewards[0, 0], post.tile_rewards[0, 1])
+
+
+def test_dpo_learns_offline_from_the_starting_policys_masks(cfg, rollout, reward) -> None:
+    dpo = load_config(None, [*SMALL, "learner.algorithm=dpo"])
+    learner = Learner(dpo)
+    start = {k: v.clone() for k, v in learner.trainable_state_dict().items()}
+    co = LocalCoordinator([RolloutWorker(dpo, 0)], [RewardWorker(dpo)])
+    for it in range(2):
+        co.push_weights(learner.behaviour_state_dict(), learner.version)
+        scored, _ = co.collect(iteration_indices(dpo, it, len(learner.train)), iteration=it)
+        m = learner.update(scored, iteration=it)
+        assert m["batch/images"] == 4 and np.isfinite(m["loss/total"]) and m["policy/dpo_pairs"] > 0
+    # The learner moved; what the rollout actors sample with did not (offline preference data).
+    assert any(not torch.equal(start[k], v) for k, v in learner.trainable_state_dict().items())
+    for k, v in learner.behaviour_state_dict().items():
+        assert torch.equal(start[k], v)
+    # Same seed and iteration: the offline masks are exactly those of a fresh starting policy.
+    fresh = RolloutWorker(dpo, 0).sample([0, 1], iteration=1).unpack()
+    np.testing.assert_array_equal(co.rollout[0].sample([0, 1], iteration=1).unpack(), fresh)
