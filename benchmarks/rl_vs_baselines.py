@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rl_gain import KEYS, train_and_score
+from rl_gain import KEYS, scores, train_and_score
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES: dict[str, list[str]] = {
@@ -65,7 +65,6 @@ def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
 def postprocessed_sft(config: str, sft: str) -> dict:
     """The SFT model with the best global post-processing setting on validation, scored on test."""
     from envs.datasets import load_dataset
-    from envs.metrics import segmentation_metrics
     from envs.postprocess import postprocess
     from policies.evaluation import predict_probs
     from policies.factory import load_policy
@@ -81,16 +80,11 @@ def postprocessed_sft(config: str, sft: str) -> dict:
     }
 
     def mean_metrics(name: str, threshold: float, closing: int, min_size: int) -> dict[str, float]:
-        rows = [
-            segmentation_metrics(
-                postprocess(p, threshold=threshold, closing_radius=closing, min_size=min_size, fov=s.fov),
-                s.mask,
-                s.fov,
-            )
+        masks = [
+            postprocess(p, threshold=threshold, closing_radius=closing, min_size=min_size, fov=s.fov)
             for p, s in zip(probs[name], split[name], strict=True)
-            if (s.mask & s.fov).any()
         ]
-        return {k: float(np.mean([r[k] for r in rows])) for k in KEYS}
+        return scores([m.astype(np.float32) for m in masks], split[name], 0.5)  # as evaluation scores masks
 
     grid = list(itertools.product(cfg.eval.thresholds, *POSTPROC_GRID.values()))
     val = {setting: mean_metrics("val", *setting) for setting in grid}

@@ -7,7 +7,6 @@ so tests build it in-process.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 
@@ -79,7 +78,6 @@ class RolloutWorker:
         ).float()
         shape = (len(indices), k + greedy, *logits.shape[-2:])
         masks = torch.empty(shape, dtype=torch.bool, device=logits.device)
-        threshold = math.log(self.cfg.eval.threshold / (1 - self.cfg.eval.threshold))  # logit space
         for b, i in enumerate(indices):  # one generator per image: its masks do not depend on the batch
             gen = torch.Generator(device=logits.device).manual_seed(
                 sample_seed(self.cfg.run.seed, iteration, i)
@@ -88,8 +86,8 @@ class RolloutWorker:
             masks[b, :k] = (
                 sample_masks(logits[b : b + 1], k=k, temperature=temperature, generator=gen)[0] & fov
             )
-            if greedy:  # the deployed mask, the self-critical baseline
-                masks[b, k] = (logits[b] > threshold) & fov
+            if greedy:  # the deployed mask (thresholded as evaluation does), the self-critical baseline
+                masks[b, k] = (torch.sigmoid(logits[b]) >= self.cfg.eval.threshold) & fov
         return RolloutBatch(
             indices=indices,
             ids=[s.id for s in samples],

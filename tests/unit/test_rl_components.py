@@ -261,7 +261,7 @@ def test_self_critical_baseline_is_the_greedy_masks_reward(cfg, rollout, reward)
     assert batch.greedy and every.shape == (2, 5, 64, 64)
     sample = worker.train[3]
     probs = torch.sigmoid(worker.policy.mask_logits(sample.image[None], [sample.prompt]))[0].detach().numpy()
-    np.testing.assert_array_equal(every[1, -1], (probs > sc.eval.threshold) & sample.fov)
+    np.testing.assert_array_equal(every[1, -1], (probs >= sc.eval.threshold) & sample.fov)
 
     scored = RewardWorker(sc).score(batch)
     alone = reward.score_masks([1, 3], every[:, -1:], iteration=5)
