@@ -41,6 +41,7 @@ RECIPES: dict[str, list[str]] = {
     "self_critical_t0.5": ["learner.advantage=self_critical", "rollout.temperature=0.5"],
     "cldice_betti": ["reward.weights.cldice=0.2", "reward.weights.betti=0.1"],
     "postproc_reward": ["reward.postprocess=true"],
+    "multiscale_tiles": ["reward.tile_sizes=[16,8,32]"],
     "self_critical_postproc": ["learner.advantage=self_critical", "reward.postprocess=true"],
     "dpo": ["learner.algorithm=dpo"],
 }

@@ -771,7 +771,7 @@ def load_dataset(
         cache_size: decoded samples kept in the LRU cache (file-based kinds; default 8, 0 disables).
         prompts: prompts for samples whose source has none (default ``(DEFAULT_PROMPT,)``).
         **kwargs: kind-specific options: ``annotator`` for stare ("ah" | "vk") and chase_db1
-            ("1stHO" | "2ndHO"); ``n``, ``size``, ``seed`` for synthetic; ``allow_outside_root`` for
+            ("1stHO" | "2ndHO"); ``n``, ``size``, ``seed``, ``domain`` for synthetic; ``allow_outside_root`` for
             polygon_json and parquet (manifest paths may then leave the dataset folder).
 
     Raises:
@@ -830,7 +830,7 @@ def _load_synthetic(
         for name, v in (("val_fraction", val_fraction), ("cache_size", cache_size), ("prompts", prompts))
         if v is not None
     ]
-    _check_kwargs("synthetic", given, ("n", "size", "seed"))
+    _check_kwargs("synthetic", given, ("n", "size", "seed", "domain"))
     if split not in SYNTHETIC_SPLITS:
         raise DatasetError(
             f"unknown split {split!r} for synthetic data; expected one of {', '.join(SYNTHETIC_SPLITS)}"

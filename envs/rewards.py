@@ -15,6 +15,7 @@ components and counts are computed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -585,48 +586,73 @@ class MultiObjectiveReward:
             valid [ty, tx] (False for tiles without any FOV pixel).
         """
         tile = self.config.tile_sizes[0] if tile is None else tile
-        if not isinstance(tile, int | np.integer) or isinstance(tile, bool) or tile <= 0:
-            raise ValueError(f"tile is {tile!r}; give a positive int number of pixels")
-        tile = int(tile)
+        return self.score_tiles_multi(preds, target, tiles=(tile,))[int(tile)]
+
+    def score_tiles_multi(
+        self, preds: ArrayLike, target: Target, *, tiles: Sequence[int] | None = None
+    ) -> dict[int, TiledRewards]:
+        """:meth:`score_tiles` at several tile sizes (default ``config.tile_sizes``) from one skeletonisation
+        and one labelling of the masks: {tile: TiledRewards}, each equal to ``score_tiles(..., tile=t)``."""
+        tiles = self.config.tile_sizes if tiles is None else tiles
+        for tile in tiles:
+            if not isinstance(tile, int | np.integer) or isinstance(tile, bool) or tile <= 0:
+                raise ValueError(f"tile is {tile!r}; give a positive int number of pixels")
+        tiles = tuple(dict.fromkeys(int(t) for t in tiles))
+        if not tiles:
+            raise ValueError("tiles is empty; give at least one tile size")
         p = as_mask(preds, "preds")
         if p.ndim != 3 or p.shape[1:] != target.shape:
             raise ValueError(
                 f"preds is {p.shape}; expected [K, H, W] with H, W = {target.shape} (use pred[None] for one mask)"
             )
-        tt = self._tile_target(target, tile)
-        p = _pad_to(p, tile) & tt.fov  # FOV (and padding) first: everything outside is background
+        # Padding to a multiple of every tile size adds background only, which changes no skeleton, label
+        # or hole; each size then reads its own grid (extra all-padding tiles are dropped).
+        pad = math.lcm(*tiles)
+        fov = np.ones(target.shape, dtype=bool) if target.fov is None else target.fov
+        p = _pad_to(p & fov, pad)  # FOV (and padding) first: everything outside is background
         k = p.shape[0]
-        ty, tx = tt.valid.shape
 
-        # 1. One skeletonisation per sample (2-D thinning has no stack API), then stack-wide counts.
+        # 1. One skeletonisation per sample (2-D thinning has no stack API), then stack-wide labels.
         sp = np.stack([skeleton(p[i]) for i in range(k)])
         labels, _ = ndi.label(p, structure=plane_structure(EIGHT, 1))
         jfirst, _ = _junction_clusters(sp)
-        junctions = np.bincount(_tile_of(jfirst, p.shape, tile), minlength=k * ty * tx).reshape(k, ty, tx)
-        holes = _distinct_per_tile(hole_labels(p)[0], tile) if self._need_holes else None
-        pc = _Counts(
-            area=_tile_sum(p, tile),
-            length=_tile_sum(sp, tile),
-            junctions=junctions.astype(np.int64),
-            components=_distinct_per_tile(labels, tile),
-            holes=holes,
-        )
-        # 2. Cross counts against the (padded) GT, broadcast over K.
-        tp = _tile_sum(p & tt.gt, tile)
-        sp_in_g = _tile_sum(sp & tt.gt, tile)
-        sg_in_p = _tile_sum(p & tt.skeleton, tile)
-        total, comps = self._terms(pc, tt.counts, tp, sp_in_g, sg_in_p)
-        _check_finite(total, comps)
-        # 3. Tiles without FOV pixels carry no reward at all (not the "perfect" score of empty vs empty).
-        valid = tt.valid
-        out = {name: np.where(valid, v, 0.0).astype(np.float32) for name, v in comps.items()}
-        return TiledRewards(
-            total=np.where(valid, total, 0.0).astype(np.float32),
-            components=out,
-            valid=valid.copy(),
-            tile=tile,
-            source="gt",
-        )
+        holes = hole_labels(p)[0] if self._need_holes else None
+        out = {}
+        for tile in tiles:
+            tt = self._tile_target(target, tile)
+            ty, tx = tt.valid.shape
+            hp, wp = ty * tile, tx * tile
+            if (hp, wp) == p.shape[1:]:
+                pt, spt, lt, ht = p, sp, labels, holes
+            else:
+                pt, spt, lt = p[:, :hp, :wp], sp[:, :hp, :wp], labels[:, :hp, :wp]
+                ht = None if holes is None else holes[:, :hp, :wp]
+            kk, rem = np.divmod(jfirst, p.shape[1] * p.shape[2])
+            r, c = np.divmod(rem, p.shape[2])
+            junctions = np.bincount((kk * ty + r // tile) * tx + c // tile, minlength=k * ty * tx)
+            pc = _Counts(
+                area=_tile_sum(pt, tile),
+                length=_tile_sum(spt, tile),
+                junctions=junctions.reshape(k, ty, tx).astype(np.int64),
+                components=_distinct_per_tile(lt, tile),
+                holes=None if ht is None else _distinct_per_tile(ht, tile),
+            )
+            # 2. Cross counts against the (padded) GT, broadcast over K.
+            tp = _tile_sum(pt & tt.gt, tile)
+            sp_in_g = _tile_sum(spt & tt.gt, tile)
+            sg_in_p = _tile_sum(pt & tt.skeleton, tile)
+            total, comps = self._terms(pc, tt.counts, tp, sp_in_g, sg_in_p)
+            _check_finite(total, comps)
+            # 3. Tiles without FOV pixels carry no reward at all (not the "perfect" score of empty vs empty).
+            valid = tt.valid
+            out[tile] = TiledRewards(
+                total=np.where(valid, total, 0.0).astype(np.float32),
+                components={name: np.where(valid, v, 0.0).astype(np.float32) for name, v in comps.items()},
+                valid=valid.copy(),
+                tile=tile,
+                source="gt",
+            )
+        return out
 
 
 def _check_finite(total: np.ndarray, comps: dict[str, np.ndarray]) -> None:

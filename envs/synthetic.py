@@ -54,6 +54,46 @@ _STEP = 0.009  # growth step and trunk node spacing (2.3 px at 256)
 _ATTRACTORS_AT_256 = 640  # x (size / 256)^1.3: larger images resolve more, finer vessels
 
 
+@dataclass(frozen=True)
+class Domain:
+    """How a camera, a population and a protocol render fundus images: the knobs a domain shift turns.
+
+    ``source`` is the generator as calibrated (the training domain); ``shifted`` is a second site with a
+    smaller field of view, thinner vessels, lower vessel contrast, more blur and noise and a paler,
+    yellower background, for adaptation experiments (a model trained on ``source`` loses recall there).
+    """
+
+    fov_radius: float = _FOV_RADIUS
+    """FOV radius in image widths."""
+    width_scale: float = 1.0
+    """Multiplies every vessel width (trunk caps too); terminal branches stay 1 px."""
+    contrast: tuple[float, float] = (0.85, 1.15)
+    """Range of the vessel absorption factor."""
+    blur: tuple[float, float] = (0.5, 1.0)
+    """Range of the camera blur sigma in pixels."""
+    noise: tuple[float, float] = (0.006, 0.014)
+    """Range of the sensor noise std (intensities in [0, 1])."""
+    base_rgb: tuple[float, float, float] = (0.80, 0.36, 0.14)
+    """Background pigment colour."""
+    vignetting: float = 0.45
+    """Illumination loss at the FOV rim."""
+
+
+DOMAINS: dict[str, Domain] = {
+    "source": Domain(),
+    "shifted": Domain(
+        fov_radius=0.42,
+        width_scale=0.8,
+        contrast=(0.6, 0.8),
+        blur=(0.8, 1.2),
+        noise=(0.012, 0.02),
+        base_rgb=(0.86, 0.52, 0.22),
+        vignetting=0.6,
+    ),
+}
+"""Named domains of ``generate_fundus`` (``data.domain``)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Geometry: vessel trees in normalised coordinates (x, y in units of the image width, y down)
 # ----------------------------------------------------------------------------------------------
@@ -239,14 +279,14 @@ def _trunks(
     return np.concatenate(pos), np.concatenate(parent)
 
 
-def _attractors(layout: _Layout, rng: np.random.Generator, n: int) -> np.ndarray:
+def _attractors(layout: _Layout, rng: np.random.Generator, n: int, fov_radius: float) -> np.ndarray:
     """About ``n`` attraction points [n', 2] over the retina.
 
     None in the fovea or on the disc, and fewer towards the fovea, whose surroundings are
     supplied by a few fine branches only.
     """
     # Points stop just inside the FOV: twigs drawn along the rim would be cut into fragments.
-    r = (_FOV_RADIUS - 0.01) * np.sqrt(rng.uniform(0.0, 1.0, 3 * n))
+    r = (fov_radius - 0.01) * np.sqrt(rng.uniform(0.0, 1.0, 3 * n))
     phi = rng.uniform(0.0, 2 * np.pi, 3 * n)
     pts = 0.5 + np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
     to_fovea = np.hypot(pts[:, 0] - layout.fovea[0], pts[:, 1] - layout.fovea[1])
@@ -450,7 +490,13 @@ class _TreeSpec:
 
 
 def _grow_forest(
-    layout: _Layout, rng: np.random.Generator, specs: Sequence[_TreeSpec], *, size: int, n_attractors: int
+    layout: _Layout,
+    rng: np.random.Generator,
+    specs: Sequence[_TreeSpec],
+    *,
+    size: int,
+    n_attractors: int,
+    fov_radius: float = _FOV_RADIUS,
 ) -> list[_Tree]:
     """Trunks of all trees, then space colonisation with one shared attractor set, then widths.
 
@@ -473,7 +519,7 @@ def _grow_forest(
         np.concatenate(pos_l),
         np.concatenate(parent_l),
         np.concatenate(label_l),
-        _attractors(layout, rng, n_attractors),
+        _attractors(layout, rng, n_attractors, fov_radius),
         rng,
         step=_STEP,
         influence=0.1,
@@ -631,7 +677,9 @@ def _rasterise_trees(trees: Sequence[_Tree], size: int, ss: int = _SUPERSAMPLE) 
     return _VesselMaps(depth[0], depth[1], _downsample(reflex, ss), mask)
 
 
-def _paint(layout: _Layout, maps: _VesselMaps, fov: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _paint(
+    layout: _Layout, maps: _VesselMaps, fov: np.ndarray, rng: np.random.Generator, domain: Domain
+) -> np.ndarray:
     """Compose the colour photograph: uint8 [H, W, 3], black outside ``fov`` (bool [H, W])."""
     size = fov.shape[0]
     f32 = np.float32
@@ -639,11 +687,11 @@ def _paint(layout: _Layout, maps: _VesselMaps, fov: np.ndarray, rng: np.random.G
     xx, yy = coords[None, :], coords[:, None]
 
     # 1. Fundus background: pigment colour, choroidal texture, uneven illumination.
-    base = np.array([0.80, 0.36, 0.14], dtype=f32) * rng.uniform(0.85, 1.1, 3).astype(f32)
+    base = np.array(domain.base_rgb, dtype=f32) * rng.uniform(0.85, 1.1, 3).astype(f32)
     texture = f32(0.07) * _smooth_noise(rng, size, 6) + f32(0.03) * _smooth_noise(rng, size, 24)
     cx, cy = (0.5 + rng.normal(0.0, 0.05, 2)).astype(f32)
-    rho2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / f32(_FOV_RADIUS**2)
-    illum = (f32(1.0) - f32(0.45) * rho2**1.25) * (f32(1.0) + texture)
+    rho2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / f32(domain.fov_radius**2)
+    illum = (f32(1.0) - f32(domain.vignetting) * rho2**1.25) * (f32(1.0) + texture)
     img = illum[..., None] * base
 
     # 2. Darker macula (pigment absorbs green and blue more than red).
@@ -666,7 +714,7 @@ def _paint(layout: _Layout, maps: _VesselMaps, fov: np.ndarray, rng: np.random.G
     )
 
     # 4. Vessels absorb (mostly green; veins more than arteries); wide ones reflect centrally.
-    contrast = f32(rng.uniform(0.85, 1.15))
+    contrast = f32(rng.uniform(*domain.contrast))
     density = contrast * (
         maps.artery[..., None] * np.array([0.12, 0.55, 0.35], dtype=f32)
         + maps.vein[..., None] * np.array([0.22, 0.85, 0.55], dtype=f32)
@@ -674,9 +722,9 @@ def _paint(layout: _Layout, maps: _VesselMaps, fov: np.ndarray, rng: np.random.G
     img = img * np.exp(-density) * (f32(1.0) + f32(0.12) * maps.reflex[..., None])
 
     # 5. Camera: blur, sensor noise, black outside the field of view.
-    sigma = rng.uniform(0.5, 1.0)
+    sigma = rng.uniform(*domain.blur)
     img = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0), truncate=3.0)
-    img += f32(rng.uniform(0.006, 0.014)) * rng.standard_normal(img.shape, dtype=f32)
+    img += f32(rng.uniform(*domain.noise)) * rng.standard_normal(img.shape, dtype=f32)
     img = np.clip(img * f32(255.0), 0.0, 255.0) * fov[..., None]
     return np.rint(img).astype(np.uint8)
 
@@ -686,8 +734,19 @@ def _paint(layout: _Layout, maps: _VesselMaps, fov: np.ndarray, rng: np.random.G
 # ----------------------------------------------------------------------------------------------
 
 
+def _domain(name: str) -> Domain:
+    if name not in DOMAINS:
+        raise ValueError(f"unknown synthetic domain {name!r}; expected one of {', '.join(DOMAINS)}")
+    return DOMAINS[name]
+
+
 def generate_fundus(
-    seed: int, size: int = 256, *, prompt: str | None = None, sample_id: str | None = None
+    seed: int,
+    size: int = 256,
+    *,
+    prompt: str | None = None,
+    sample_id: str | None = None,
+    domain: str = "source",
 ) -> VesselSample:
     """One synthetic colour fundus image with its exact vessel mask.
 
@@ -695,7 +754,10 @@ def generate_fundus(
         seed: non-negative integer; the same ``(seed, size)`` gives bit-identical output.
         size: width = height in pixels, >= 64.
         prompt: text prompt stored in the sample (default: the project's vessel prompt).
-        sample_id: id of the sample (default ``"synthetic-<seed>"``).
+        sample_id: id of the sample (default ``"synthetic-<seed>"``, ``"synthetic-<domain>-<seed>"`` for
+            other domains).
+        domain: a key of ``DOMAINS``; other domains draw from their own seed stream, so the same seed gives
+            a different eye, not the same eye through another camera.
 
     Returns:
         VesselSample with image uint8 [size, size, 3], mask bool [size, size] (inside the FOV only),
@@ -704,7 +766,9 @@ def generate_fundus(
     _check_size(size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    geo_seq, look_seq = np.random.SeedSequence(int(seed)).spawn(2)
+    look_of = _domain(domain)
+    entropy = int(seed) if domain == "source" else [int(seed), list(DOMAINS).index(domain)]
+    geo_seq, look_seq = np.random.SeedSequence(entropy).spawn(2)
     rng = np.random.default_rng(geo_seq)
     look = np.random.default_rng(look_seq)
 
@@ -716,34 +780,40 @@ def generate_fundus(
     specs = [
         _TreeSpec(
             murray_k=2.6,
-            width_gain=1.5,
-            max_width=rng.uniform(7.5, 9.0),
+            width_gain=1.5 * look_of.width_scale,
+            max_width=rng.uniform(7.5, 9.0) * look_of.width_scale,
             root_shift=-0.15,
             arcade_height=(float(artery_height[0]), float(artery_height[1])),
         ),
         _TreeSpec(
             murray_k=2.0,
-            width_gain=1.3,
-            max_width=rng.uniform(10.0, 12.0),
+            width_gain=1.3 * look_of.width_scale,
+            max_width=rng.uniform(10.0, 12.0) * look_of.width_scale,
             root_shift=0.15,
             arcade_height=(float(vein_height[0]), float(vein_height[1])),
         ),
     ]
     n_attractors = round(_ATTRACTORS_AT_256 * (size / 256) ** 1.3)
-    artery, vein = _grow_forest(layout, rng, specs, size=size, n_attractors=n_attractors)
+    artery, vein = _grow_forest(
+        layout, rng, specs, size=size, n_attractors=n_attractors, fov_radius=look_of.fov_radius
+    )
 
     # 2. Rasterise at supersampled resolution, then paint the photograph.
     coords = (np.arange(size) + 0.5) / size
-    fov = (coords[None, :] - 0.5) ** 2 + (coords[:, None] - 0.5) ** 2 <= _FOV_RADIUS**2
+    fov = (coords[None, :] - 0.5) ** 2 + (coords[:, None] - 0.5) ** 2 <= look_of.fov_radius**2
     maps = _rasterise_trees([artery, vein], size)
-    image = _paint(layout, maps, fov, look)
+    image = _paint(layout, maps, fov, look, look_of)
     mask = maps.mask & fov
 
     return VesselSample(
         image=image,
         mask=mask,
         fov=fov,
-        id=sample_id if sample_id is not None else f"synthetic-{int(seed)}",
+        id=sample_id
+        if sample_id is not None
+        else f"synthetic-{int(seed)}"
+        if domain == "source"
+        else f"synthetic-{domain}-{int(seed)}",
         prompts=(prompt,) if prompt is not None else (DEFAULT_PROMPT,),
     )
 
@@ -787,9 +857,12 @@ class SyntheticFundus(Sequence[VesselSample]):
         n: number of images, 1..1_000_000.
         size: image width = height in pixels, >= 64.
         seed: non-negative base seed.
+        domain: a key of ``DOMAINS`` (``source``: the calibrated generator).
     """
 
-    def __init__(self, split: str = "train", n: int = 100, size: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self, split: str = "train", n: int = 100, size: int = 256, seed: int = 0, domain: str = "source"
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= _MAX_INDEX:
@@ -797,7 +870,8 @@ class SyntheticFundus(Sequence[VesselSample]):
         _check_size(size)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.split, self.n, self.size, self.seed = split, int(n), int(size), int(seed)
+        _domain(domain)
+        self.split, self.n, self.size, self.seed, self.domain = split, int(n), int(size), int(seed), domain
         self._cached = functools.lru_cache(maxsize=self._cache_size())(self._generate)
 
     def _cache_size(self) -> int:
@@ -808,11 +882,14 @@ class SyntheticFundus(Sequence[VesselSample]):
         return self.seed * _SEED_STRIDE + _SPLIT_OFFSET[self.split] + index
 
     def sample_id(self, index: int) -> str:
-        prefix = f"synthetic-{self.split}" if self.seed == 0 else f"synthetic-s{self.seed}-{self.split}"
+        prefix = "synthetic" if self.domain == "source" else f"synthetic-{self.domain}"
+        prefix += f"-{self.split}" if self.seed == 0 else f"-s{self.seed}-{self.split}"
         return f"{prefix}-{index:04d}"
 
     def _generate(self, index: int) -> VesselSample:
-        sample = generate_fundus(self.image_seed(index), self.size, sample_id=self.sample_id(index))
+        sample = generate_fundus(
+            self.image_seed(index), self.size, sample_id=self.sample_id(index), domain=self.domain
+        )
         for arr in (sample.image, sample.mask, sample.fov):
             arr.flags.writeable = False
         return sample
@@ -841,7 +918,10 @@ class SyntheticFundus(Sequence[VesselSample]):
             yield self._cached(i)
 
     def __repr__(self) -> str:
-        return f"SyntheticFundus(split={self.split!r}, n={self.n}, size={self.size}, seed={self.seed})"
+        domain = "" if self.domain == "source" else f", domain={self.domain!r}"
+        return (
+            f"SyntheticFundus(split={self.split!r}, n={self.n}, size={self.size}, seed={self.seed}{domain})"
+        )
 
     # The LRU cache wraps a bound method, which does not pickle (Ray ships datasets to workers).
     def __getstate__(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ LLM tokens): an image with a larger FOV contributes more pixels to the mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -192,19 +192,22 @@ def expand_tiles(adv: torch.Tensor, *, tile: int, height: int, width: int) -> to
 
 def mixed_advantages(
     image_adv: torch.Tensor,
-    tile_adv: torch.Tensor,
+    tile_adv: torch.Tensor | Sequence[torch.Tensor],
     *,
-    tile: int,
+    tile: int | Sequence[int],
     height: int,
     width: int,
     tile_weight: float | torch.Tensor,
 ) -> torch.Tensor:
     """Per-pixel advantage mixing scales: (1 - w) * image advantage + w * its tile's advantage.
 
+    With several tile sizes (multi-scale tiles) a pixel's tile advantage is the mean over the sizes of the
+    advantage of the tile holding it.
+
     Args:
         image_adv: [B,K] whole-image advantages.
-        tile_adv: [B,K,ty,tx] per-tile advantages.
-        tile, height, width: see `expand_tiles`.
+        tile_adv: [B,K,ty,tx] per-tile advantages, or one such tensor per size in ``tile``.
+        tile, height, width: see `expand_tiles`; ``tile`` is a sequence when ``tile_adv`` is.
         tile_weight: w in [0, 1], one for the batch or one per image ([B]; e.g. 0 for images without tile
             rewards); 0 = pure image-level GRPO, 1 = pure tile-level.
 
@@ -219,11 +222,19 @@ def mixed_advantages(
         tile_weight = tile_weight[:, None, None, None]
     elif not 0.0 <= tile_weight <= 1.0:
         raise ValueError(f"tile_weight must be in [0, 1], got {tile_weight}")
-    if image_adv.shape != tile_adv.shape[:2]:
-        raise ValueError(
-            f"image_adv {tuple(image_adv.shape)} must be [B,K] matching tile_adv {tuple(tile_adv.shape)}"
-        )
-    tiles = expand_tiles(tile_adv, tile=tile, height=height, width=width)
+    advs, sizes = ([tile_adv], [tile]) if torch.is_tensor(tile_adv) else (list(tile_adv), list(tile))
+    if not advs or len(advs) != len(sizes):
+        raise ValueError(f"give one tile size per tile advantage tensor, got {len(sizes)} for {len(advs)}")
+    for a in advs:
+        if image_adv.shape != a.shape[:2]:
+            raise ValueError(
+                f"image_adv {tuple(image_adv.shape)} must be [B,K] matching tile_adv {tuple(a.shape)}"
+            )
+    tiles = expand_tiles(advs[0], tile=sizes[0], height=height, width=width)
+    for a, t in zip(advs[1:], sizes[1:], strict=True):
+        tiles = tiles + expand_tiles(a, tile=t, height=height, width=width)
+    if len(advs) > 1:
+        tiles = tiles / len(advs)
     return (1.0 - tile_weight) * image_adv[..., None, None] + tile_weight * tiles
 
 

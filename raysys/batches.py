@@ -63,6 +63,8 @@ class ScoredRollout:
         greedy_rewards: float32 [B] reward of the greedy mask (``batch.greedy``), NaN where invalid.
         greedy_tile_rewards: float32 [B, ty, tx] its per-tile rewards.
         greedy_components: name -> float32 [B] its reward components.
+        scales: tile size -> (tile rewards [B, K, ty, tx], tile valid [B, ty, tx], greedy tile rewards
+            [B, ty, tx] or None) for every ``reward.tile_sizes`` size after the first (multi-scale tiles).
     """
 
     batch: RolloutBatch
@@ -77,6 +79,7 @@ class ScoredRollout:
     greedy_rewards: np.ndarray | None = None
     greedy_tile_rewards: np.ndarray | None = None
     greedy_components: dict[str, np.ndarray] = field(default_factory=dict)
+    scales: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.batch)

@@ -105,6 +105,9 @@ class DataConfig:
     """Synthetic held-out images (never used for training or selection)."""
     seed: int = 0
     """Synthetic data seed; splits use disjoint seed ranges."""
+    domain: Literal["source", "shifted"] = "source"
+    """Synthetic domain (``envs.synthetic.DOMAINS``): ``shifted`` is a second site (smaller field of view,
+    thinner and fainter vessels, more blur and noise) for domain-adaptation runs."""
     val_fraction: float = 0.0
     """For folder datasets without a validation split: fraction of train carved out as ``val`` (the last
     images by sorted id, or in file order for polygon_json/parquet; the test split is never touched)."""
@@ -141,6 +144,11 @@ class DataConfig:
             "must be null for kind 'synthetic' (set data.kind to a folder dataset to use a root)",
         )
         _check(self.kind == "synthetic" or bool(self.root), "data.root", f"kind '{self.kind}' needs a root")
+        _check(
+            self.kind == "synthetic" or self.domain == "source",
+            "data.domain",
+            "only synthetic data has domains; a folder dataset is its own domain",
+        )
 
 
 @dataclass(frozen=True)
@@ -530,6 +538,12 @@ class Config:
             side is None or tile <= side,
             "reward.tile_sizes",
             f"tile {tile} is larger than the {side}-px images the rewards score (data.crop / data.size)",
+        )
+        _check(
+            len(self.reward.tile_sizes) == 1 or self.learner.algorithm != "ppo",
+            "reward.tile_sizes",
+            "several tile sizes need a group baseline (learner.algorithm grpo or rce_grpo); "
+            "the ppo value head predicts one tile grid",
         )
 
     @property

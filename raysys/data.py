@@ -42,7 +42,7 @@ def dataset_for_split(
     kwargs: dict[str, Any]
     if cfg.kind == "synthetic":
         n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
-        kwargs = {"n": n, "size": cfg.size, "seed": cfg.seed}
+        kwargs = {"n": n, "size": cfg.size, "seed": cfg.seed, "domain": cfg.domain}
     else:
         kwargs = {"val_fraction": cfg.val_fraction} if cfg.val_fraction > 0 else {}
         if cfg.kind in ("polygon_json", "parquet") and cfg.allow_outside_root:

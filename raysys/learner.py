@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,8 @@ class _Batch:
     weight: torch.Tensor  # [B] loss weight per image (reward.learned_weight for learned rewards)
     baseline: torch.Tensor | None = None  # [B] greedy-mask rewards (self-critical)
     tile_baseline: torch.Tensor | None = None  # [B,ty,tx] their per-tile rewards
+    # more tile sizes: size -> (tile rewards [B,K,ty,tx], valid [B,ty,tx], greedy tile rewards [B,ty,tx] | None)
+    scales: dict = field(default_factory=dict)
 
 
 class Learner:
@@ -178,6 +180,10 @@ class Learner:
                         key,
                         sample,
                         greedy,
+                        {
+                            t: (tr[i], tv[i], None if g is None else g[i])
+                            for t, (tr, tv, g) in s.scales.items()
+                        },
                     )
                 )
         counts = {
@@ -201,6 +207,17 @@ class Learner:
             fov=torch.from_numpy(np.stack([r[7].fov for r in rows])).to(dev),
             weight=torch.tensor([r[5] for r in rows], dtype=torch.float32, device=dev),
         )
+        for t in self.cfg.reward.tile_sizes[1:]:
+            if not all(t in r[9] for r in rows):
+                raise ValueError(f"reward.tile_sizes has {t} but the scored rollouts carry no {t}-px tiles")
+            per = [r[9][t] for r in rows]
+            batch.scales[t] = (
+                torch.from_numpy(np.stack([x[0] for x in per])).float().to(dev),
+                torch.from_numpy(np.stack([x[1] for x in per])).to(dev),
+                None
+                if per[0][2] is None
+                else torch.from_numpy(np.stack([x[2] for x in per])).float().to(dev),
+            )
         if all(r[8] is not None for r in rows):
             batch.baseline = torch.tensor(np.array([r[8][0] for r in rows]), dtype=torch.float32, device=dev)
             batch.tile_baseline = torch.from_numpy(np.stack([r[8][1] for r in rows])).float().to(dev)
@@ -232,10 +249,16 @@ class Learner:
         else:
             img = get_advantage_fn(lc.advantage)(b.rewards)
             tiles = tile_advantages(b.tile_rewards, valid=b.tile_valid, method=lc.advantage)
+        sizes, advs = [self.cfg.reward.tile_sizes[0]], [tiles]
+        for t, (tr, tv, greedy) in b.scales.items():  # multi-scale tiles (never with a value head)
+            sizes.append(t)
+            if lc.advantage == "self_critical":
+                advs.append(baseline_advantages(tr, greedy[:, None], valid=tv))
+            else:
+                advs.append(tile_advantages(tr, valid=tv, method=lc.advantage))
         # Images without tile rewards (learned reward net) use the whole-image advantage only.
         w_tile = lc.tile_advantage_weight * b.tile_valid.flatten(1).any(1).float()
-        tile = self.cfg.reward.tile_sizes[0]
-        adv = mixed_advantages(img, tiles, tile=tile, height=h, width=w, tile_weight=w_tile)
+        adv = mixed_advantages(img, advs, tile=sizes, height=h, width=w, tile_weight=w_tile)
         return adv * b.weight[:, None, None, None]
 
     def _logits(self, b: _Batch, feats, rows: torch.Tensor | slice, *, module=None) -> torch.Tensor:
@@ -566,4 +589,7 @@ def _index(b: _Batch, rows: torch.Tensor) -> _Batch:
         weight=b.weight[rows],
         baseline=None if b.baseline is None else b.baseline[rows],
         tile_baseline=None if b.tile_baseline is None else b.tile_baseline[rows],
+        scales={
+            t: (tr[rows], tv[rows], None if g is None else g[rows]) for t, (tr, tv, g) in b.scales.items()
+        },
     )

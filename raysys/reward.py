@@ -27,7 +27,7 @@ class RewardWorker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.reward = MultiObjectiveReward(cfg.reward)
-        self.tile = cfg.reward.tile_sizes[0]
+        self.tile, *self.more_tiles = cfg.reward.tile_sizes
         self.train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
         self._targets: OrderedDict[object, object] = OrderedDict()  # GT skeletons etc. per image or crop
         self.scorer = None
@@ -63,6 +63,13 @@ class RewardWorker:
         rewards = np.full((b, k), np.nan, np.float32)
         tiles = np.zeros((b, k, ty, tx), np.float32)
         tile_valid = np.zeros((b, ty, tx), bool)
+        scales = {
+            t: (
+                np.zeros((b, k, -(-h // t), -(-w // t)), np.float32),
+                np.zeros((b, -(-h // t), -(-w // t)), bool),
+            )
+            for t in self.more_tiles
+        }
         comps: dict[str, np.ndarray] = {}
         sources, valid, errors = [], np.zeros(b, bool), []
         for i, index in enumerate(batch.indices):
@@ -80,13 +87,15 @@ class RewardWorker:
             except (ValueError, FloatingPointError) as exc:  # NaN guards and malformed masks
                 errors.append(f"{batch.ids[i]}: {exc}")
                 continue
-            r, tr, tv, c = row
+            r, tiled, c = row
             if not np.all(np.isfinite(r)):
                 errors.append(f"{batch.ids[i]}: non-finite reward {r.tolist()}")
                 continue
             rewards[i], valid[i] = r, True
-            if tr is not None:
-                tiles[i], tile_valid[i] = tr, tv
+            if tiled is not None:
+                tiles[i], tile_valid[i] = tiled[self.tile].total, tiled[self.tile].valid
+                for t, (tr, tv) in scales.items():
+                    tr[i], tv[i] = tiled[t].total, tiled[t].valid
             for name, v in c.items():
                 comps.setdefault(name, np.full((b, k), np.nan, np.float32))[i] = v
         for e in errors:
@@ -99,6 +108,10 @@ class RewardWorker:
                 "greedy_components": {name: v[:, -1] for name, v in comps.items()},
             }
             rewards, tiles, comps = rewards[:, :-1], tiles[:, :-1], {n: v[:, :-1] for n, v in comps.items()}
+        scales_out = {
+            t: (tr[:, :-1], tv, tr[:, -1]) if batch.greedy else (tr, tv, None)
+            for t, (tr, tv) in scales.items()
+        }
         return ScoredRollout(
             batch=batch,
             rewards=rewards,
@@ -109,6 +122,7 @@ class RewardWorker:
             valid=valid,
             errors=errors,
             seconds=time.perf_counter() - t0,
+            scales=scales_out,
             **greedy,
         )
 
@@ -134,9 +148,8 @@ class RewardWorker:
         if source == "learned":
             learned = self.scorer.score(s.image, masks, fov=s.fov).values.astype(np.float32)
             comps["learned_score"] = learned
-            return learned, None, None, comps
-        tiled = self.reward.score_tiles(masks, target, tile=self.tile)
-        return gt_total, tiled.total, tiled.valid, comps
+            return learned, None, comps
+        return gt_total, self.reward.score_tiles_multi(masks, target), comps
 
     def score_masks(self, indices: Sequence[int], masks: np.ndarray, *, iteration: int = 0) -> ScoredRollout:
         """Score masks [B, K, H, W] that did not come from a rollout worker (benchmarks, tests); with crops,

@@ -58,7 +58,9 @@ def reward_net_images(cfg: Config, split: str, n: int) -> list:
     from raysys.data import dataset_for_split, train_view
 
     if cfg.data.kind == "synthetic":
-        return list(SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed))
+        return list(
+            SyntheticFundus(split, n=n, size=cfg.data.size, seed=cfg.data.seed, domain=cfg.data.domain)
+        )
     view = train_view(cfg, dataset_for_split(cfg.data, split, load=load_dataset))
     if len(view) == 0:
         raise ValueError(

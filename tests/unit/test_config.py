@@ -76,6 +76,7 @@ def test_overrides_apply_after_the_file(tmp_path) -> None:
         ("learner.lr", "must look like 'section.key=value'"),
         ("learner.lr.x=1", "'learner.lr' has no sub-keys"),
         ("data.root=/tmp", "must be null for kind 'synthetic'"),
+        ("data.domain=mars", "allowed: 'source', 'shifted'"),
         ("reward.source=learned", "reward.reward_net"),
         ("reward.weights.dice=-1", "dice"),
     ],
@@ -164,3 +165,9 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path) -> None:
     path.write_text("learner:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
     with pytest.raises(ConfigError, match="duplicate key 'lr'"):
         load_config(path)
+
+
+def test_only_synthetic_data_has_domains() -> None:
+    assert load_config(None, ["data.domain=shifted"]).data.domain == "shifted"
+    with pytest.raises(ConfigError, match=r"data\.domain.*only synthetic data has domains"):
+        load_config(None, ["data.kind=drive", "data.root=/data/DRIVE", "data.domain=shifted"])

@@ -89,6 +89,12 @@ def test_mixed_advantages_hand_values() -> None:
     torch.testing.assert_close(out, torch.tensor([[1.5, 1.5, 2.5, 2.5]] * 2).reshape(1, 1, 2, 4))
     with pytest.raises(ValueError, match="tile_weight"):
         mixed_advantages(image_adv, tile_adv, tile=2, height=2, width=4, tile_weight=1.5)
+    # Two sizes: a pixel's tile advantage is the mean of its tiles' advantages, (0 + 8) / 2 and (4 + 8) / 2.
+    whole = torch.tensor([[8.0]]).reshape(1, 1, 1, 1)
+    out = mixed_advantages(image_adv, [tile_adv, whole], tile=[2, 4], height=2, width=4, tile_weight=0.25)
+    torch.testing.assert_close(out, torch.tensor([[2.5, 2.5, 3.0, 3.0]] * 2).reshape(1, 1, 2, 4))
+    with pytest.raises(ValueError, match="one tile size per"):
+        mixed_advantages(image_adv, [tile_adv, whole], tile=[2], height=2, width=4, tile_weight=0.25)
 
 
 # --- reductions -------------------------------------------------------------------------------

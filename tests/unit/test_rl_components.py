@@ -329,3 +329,58 @@ def test_dpo_learns_offline_from_the_starting_policys_masks(cfg, rollout, reward
     # Same seed and iteration: the offline masks are exactly those of a fresh starting policy.
     fresh = RolloutWorker(dpo, 0).sample([0, 1], iteration=1).unpack()
     np.testing.assert_array_equal(co.rollout[0].sample([0, 1], iteration=1).unpack(), fresh)
+
+
+def test_multi_scale_tiles_reach_the_advantage_as_the_mean_over_sizes(cfg, rollout) -> None:
+    ms = load_config(None, [*SMALL, "reward.tile_sizes=[16,8,32]"])
+    batch = rollout.sample([1, 3], iteration=2)
+    worker = RewardWorker(ms)
+    scored = worker.score(batch)
+    # The first size fills the usual fields; every other size rides in ``scales``, each equal to scoring
+    # that size alone.
+    assert sorted(scored.scales) == [8, 32]
+    single = RewardWorker(load_config(None, [*SMALL, "reward.tile_sizes=[16]"])).score(batch)
+    np.testing.assert_array_equal(scored.tile_rewards, single.tile_rewards)
+    np.testing.assert_array_equal(scored.rewards, single.rewards)
+    masks = batch.unpack()
+    for t, (tr, tv, greedy) in scored.scales.items():
+        assert tr.shape == (2, 4, 64 // t, 64 // t) and tv.shape == (2, 64 // t, 64 // t) and greedy is None
+        for i, index in enumerate(batch.indices):
+            sample = worker.train.get(index, 2)[1]
+            alone = worker.reward.score_tiles(
+                masks[i], worker.reward.prepare_target(sample.mask, sample.fov), tile=t
+            )
+            np.testing.assert_array_equal(tr[i], alone.total)
+            np.testing.assert_array_equal(tv[i], alone.valid)
+
+    # Tile weight 1: a pixel's advantage is the mean of its three tiles' group advantages.
+    learner = Learner(
+        load_config(None, [*SMALL, "reward.tile_sizes=[16,8,32]", "learner.tile_advantage_weight=1"])
+    )
+    b, _ = learner._assemble([scored])
+    assert sorted(b.scales) == [8, 32]
+    from policies.losses import expand_tiles, tile_advantages
+
+    expected = (
+        sum(
+            expand_tiles(tile_advantages(tr, valid=tv), tile=t, height=64, width=64)
+            for t, (tr, tv) in [(16, (b.tile_rewards, b.tile_valid))]
+            + [(t, s[:2]) for t, s in b.scales.items()]
+        )
+        / 3
+    )
+    torch.testing.assert_close(learner._advantages(b, None), expected)
+    m = learner.update([scored], iteration=0)
+    assert np.isfinite(m["loss/total"])
+    # Self-critical: every size has the greedy mask's tile rewards as its baseline.
+    sc = load_config(None, [*SMALL, "reward.tile_sizes=[16,32]", "learner.advantage=self_critical"])
+    greedy_batch = RolloutWorker(sc, 0).sample([1, 3], iteration=2)
+    sc_scored = RewardWorker(sc).score(greedy_batch)
+    tr, tv, greedy = sc_scored.scales[32]
+    alone = RewardWorker(sc).score_masks([1, 3], greedy_batch.unpack_all()[:, -1:], iteration=2)
+    np.testing.assert_allclose(greedy, alone.scales[32][0][:, 0], rtol=1e-6)
+    assert tr.shape == (2, 4, 2, 2)
+    b, _ = Learner(sc)._assemble([sc_scored])
+    torch.testing.assert_close(b.scales[32][2], torch.from_numpy(greedy))
+    with pytest.raises(ConfigError, match=r"reward\.tile_sizes"):
+        load_config(None, ["learner.algorithm=ppo", "reward.tile_sizes=[16,32]"])

@@ -12,6 +12,7 @@ from scipy import ndimage
 from skimage.measure import label
 
 from envs.synthetic import (
+    DOMAINS,
     SPLITS,
     SyntheticFundus,
     _rasterise_trees,
@@ -247,3 +248,44 @@ def test_generate_rejects_bad_arguments() -> None:
         generate_fundus(0, 16)
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         generate_fundus(-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Domains
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shifted_domain_is_another_site_with_fainter_thinner_vessels(
+    samples_256: list[VesselSample], stats_256: list[dict[str, float]]
+) -> None:
+    shifted = [generate_fundus(s, 256, domain="shifted") for s in SEEDS_256]
+    assert shifted[0].id == "synthetic-shifted-0" and samples_256[0].id == "synthetic-0"
+    # Another eye, not the same eye through another camera: its own seed stream.
+    assert not np.array_equal(shifted[0].mask, samples_256[0].mask[:256, :256])
+    # A smaller field of view (radius 0.42 vs 0.475 of the width), black outside.
+    ratio = shifted[0].fov.sum() / samples_256[0].fov.sum()
+    assert ratio == pytest.approx(
+        (DOMAINS["shifted"].fov_radius / DOMAINS["source"].fov_radius) ** 2, rel=0.02
+    )
+    assert (shifted[0].image[~shifted[0].fov] == 0).all() and not (shifted[0].mask & ~shifted[0].fov).any()
+    # Thinner vessels (a larger share of 1-2 px skeleton) and lower green contrast.
+    thin = np.mean([vessel_stats(s)["thin_skeleton_share"] for s in shifted])
+    assert thin > np.mean([st["thin_skeleton_share"] for st in stats_256]) + 0.02
+    contrast = np.mean([_local_contrast(s, 1) for s in shifted])
+    assert contrast < 0.8 * np.mean([_local_contrast(s, 1) for s in samples_256])
+    # The source domain is the default and is the calibrated generator.
+    same = generate_fundus(3, 64, domain="source")
+    assert np.array_equal(same.image, generate_fundus(3, 64).image)
+
+
+def test_dataset_domain_names_its_images_and_pickles() -> None:
+    ds = SyntheticFundus("val", n=2, size=64, seed=1, domain="shifted")
+    assert ds.sample_id(1) == "synthetic-shifted-s1-val-0001" and ds[1].id == ds.sample_id(1)
+    assert np.array_equal(ds[0].image, generate_fundus(ds.image_seed(0), 64, domain="shifted").image)
+    assert "domain='shifted'" in repr(ds)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert np.array_equal(clone[0].image, ds[0].image)
+    with pytest.raises(ValueError, match="unknown synthetic domain 'mars'; expected one of source, shifted"):
+        SyntheticFundus("val", n=2, domain="mars")
+    with pytest.raises(ValueError, match="unknown synthetic domain"):
+        generate_fundus(0, 64, domain="mars")
