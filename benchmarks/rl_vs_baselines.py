@@ -9,12 +9,19 @@ Rows, each the mean and std over seeds on the test split (used for nothing but t
 
 The best recipe is chosen on validation (Dice + clDice at its own best validation threshold, mean over seeds),
 then compared with SFT on test, each at its own validation-best threshold: ``dice_gain_vs_best_threshold``
-and ``cldice_gain_vs_best_threshold``; ``dpo_dice_vs_best_threshold`` compares the offline DPO recipe the same
-way (null until it has run).
+and ``cldice_gain_vs_best_threshold``; ``dpo_dice_vs_best_threshold`` compares the offline DPO recipe chosen
+the same way among the ``dpo*`` recipes (null until one has run).
 
     .venv/bin/python benchmarks/sft_baseline.py      # writes runs/sft_baseline_bench/sft/model
     .venv/bin/python benchmarks/rl_vs_baselines.py --sft runs/sft_baseline_bench/sft/model \\
-        [--recipes grpo self_critical] [--seeds 0 1 2] [--config examples/tiny_synthetic.yaml]
+        [--recipes grpo self_critical] [--seeds 0 1 2] [--config examples/tiny_synthetic.yaml] [key=value ...]
+
+The DRIVE-layout folder at native resolution (565x584; written and SFT-trained by
+benchmarks/real_layout_pipeline.py):
+
+    .venv/bin/python benchmarks/rl_vs_baselines.py --config examples/drive.yaml \\
+        --sft runs/real_layout_bench/drive/sft/model --output-dir runs/rl_vs_baselines_drive \\
+        --json benchmarks/results/rl_vs_baselines_drive.json data.root=runs/real_layout_bench/DRIVE_synth
 
 Every (recipe, seed) of ``--recipes`` x ``--seeds`` is one ``raysys train`` from the SFT checkpoint
 (``rl_gain.train_and_score``); its scores are kept in ``<output-dir>/<recipe>_s<seed>.json``, so an
@@ -44,9 +51,12 @@ RECIPES: dict[str, list[str]] = {
     "multiscale_tiles": ["reward.tile_sizes=[16,8,32]"],
     "self_critical_postproc": ["learner.advantage=self_critical", "reward.postprocess=true"],
     "dpo": ["learner.algorithm=dpo"],
+    "dpo_lr3e-5": ["learner.algorithm=dpo", "learner.lr=3e-5"],
+    "dpo_lr3e-5_beta500": ["learner.algorithm=dpo", "learner.lr=3e-5", "learner.dpo_beta=500"],
 }
-"""Overrides on the config, one lever per recipe (``grpo``: the config as it is). ``dpo`` is the offline
-baseline RL must beat (preference pairs of the SFT model's own masks), never chosen as the best RL recipe."""
+"""Overrides on the config, one lever per recipe (``grpo``: the config as it is). The ``dpo*`` recipes are the
+offline baseline RL must beat (preference pairs of the SFT model's own masks), with its own small sweep; they
+are never chosen as the best RL recipe, and the best of them on validation is the one reported."""
 POSTPROC_GRID = {"closing_radius": (0, 1, 2), "min_size": (0, 8, 16, 32, 64)}
 
 
@@ -63,7 +73,7 @@ def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def postprocessed_sft(config: str, sft: str) -> dict:
+def postprocessed_sft(config: str, sft: str, overrides: list[str]) -> dict:
     """The SFT model with the best global post-processing setting on validation, scored on test."""
     from envs.datasets import load_dataset
     from envs.postprocess import postprocess
@@ -72,7 +82,7 @@ def postprocessed_sft(config: str, sft: str) -> dict:
     from raysys.config import load_config
     from raysys.data import dataset_for_split, inference_for
 
-    cfg = load_config(config, [f"policy.checkpoint={sft}"])
+    cfg = load_config(config, [*overrides, f"policy.checkpoint={sft}"])
     policy = load_policy(cfg.policy, seed=cfg.run.seed)
     split = {s: list(dataset_for_split(cfg.data, s, load=load_dataset)) for s in ("val", "test")}
     probs = {
@@ -106,6 +116,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output-dir", default=str(ROOT / "runs/rl_vs_baselines"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/rl_vs_baselines.json"))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. data.root=...)")
     args = parser.parse_args()
 
     torch.set_num_threads(2)
@@ -115,7 +126,12 @@ def main() -> int:
         cached = out_dir / f"{recipe}_s{seed}.json"
         if not cached.is_file():
             result = train_and_score(
-                args.config, args.sft, seed, f"{recipe}_s{seed}", str(out_dir), RECIPES[recipe]
+                args.config,
+                args.sft,
+                seed,
+                f"{recipe}_s{seed}",
+                str(out_dir),
+                [*args.overrides, *RECIPES[recipe]],
             )
             result["overrides"] = RECIPES[recipe]
             cached.write_text(json.dumps(result, indent=1))
@@ -133,7 +149,7 @@ def main() -> int:
         "sft@0.5": _summary([r["sft_test_at_0.5"] for r in first]),
         "sft@val-best": _summary([r["sft_test_at_best_threshold"] for r in first]),
     }
-    pp = postprocessed_sft(args.config, args.sft)
+    pp = postprocessed_sft(args.config, args.sft, args.overrides)
     table["sft+postproc"] = {**pp["test"], **{f"{k}_std": 0.0 for k in KEYS}}  # deterministic: one value
     ablation = {}
     for recipe, rs in runs.items():
@@ -161,19 +177,24 @@ def main() -> int:
             "train_wall_s_mean": float(np.mean([r["train_wall_s"] for r in rs])),
             "seeds": [r["seed"] for r in rs],
         }
-    best = max((k for k in ablation if k != "dpo"), key=lambda k: ablation[k]["val_select"])
+    best = max((k for k in ablation if not k.startswith("dpo")), key=lambda k: ablation[k]["val_select"])
+    dpos = [k for k in ablation if k.startswith("dpo")]
+    best_dpo = max(dpos, key=lambda k: ablation[k]["val_select"]) if dpos else None
     result = {
         "benchmark": "rl_vs_baselines",
         "config": str(Path(args.config).resolve().relative_to(ROOT))
         if ROOT in Path(args.config).resolve().parents
         else args.config,
+        "overrides": args.overrides,
         "seeds": sorted({r["seed"] for rs in runs.values() for r in rs}),
         "n_test": first[0]["n_test"],
         "best_recipe": best,
         "best_recipe_chosen_on": "validation Dice + clDice at the recipe's own best validation threshold",
         "dice_gain_vs_best_threshold": ablation[best]["dice_vs_sft_best"],
         "cldice_gain_vs_best_threshold": ablation[best]["cldice_vs_sft_best"],
-        "dpo_dice_vs_best_threshold": ablation["dpo"]["dice_vs_sft_best"] if "dpo" in ablation else None,
+        "dpo_recipe": best_dpo,
+        "dpo_dice_vs_best_threshold": ablation[best_dpo]["dice_vs_sft_best"] if best_dpo else None,
+        "dpo_cldice_vs_best_threshold": ablation[best_dpo]["cldice_vs_sft_best"] if best_dpo else None,
         "postproc": pp,
         "table": table,
         "ablation": ablation,

@@ -38,7 +38,7 @@ VAL_METRICS = tuple(
     f"val/{k}"
     for k in (
         "dice", "iou", "precision", "recall", "specificity", "accuracy", "cldice", "betti0_err", "betti1_err",
-        "best_threshold_dice", "learned_score", "reward_gap", "reward_gap_abs",
+        "best_threshold_dice", "best_threshold_cldice", "learned_score", "reward_gap", "reward_gap_abs",
     )
 )  # fmt: skip
 """Metrics validation reports (``Learner.validate``), so a typo in ``eval.select_metric`` stops at once."""

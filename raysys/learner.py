@@ -494,6 +494,14 @@ class Learner:
         out = {f"val/{k}": v for k, v in res.mean.items()}
         out[keys.VAL_BEST_THRESHOLD] = res.best_threshold
         out["val/best_threshold_dice"] = float(max(res.sweep["dice"]))
+        # clDice at the best threshold too, so a sweep can select on Dice + clDice as deployed (tune.metric
+        # "val/best_threshold_dice + val/best_threshold_cldice").
+        at_best = (
+            res
+            if res.best_threshold == res.threshold
+            else evaluate_probs(probs, val, threshold=res.best_threshold)
+        )
+        out["val/best_threshold_cldice"] = at_best.mean["cldice"]
         for t, d in zip(res.sweep["thresholds"], res.sweep["dice"], strict=True):
             out[f"val/dice@{t:g}"] = float(d)
         if self.cfg.reward.reward_net:

@@ -249,6 +249,17 @@ def test_learned_rewards_are_tagged_weighted_or_skipped(rollout, reward_net_path
     for key in ("val/learned_score", "val/reward_gap", "val/reward_gap_abs", "val/dice@0.5"):
         assert np.isfinite(val[key]), key
     assert val["val/reward_gap"] == pytest.approx(val["val/learned_score"] - val["val/dice"], abs=1e-6)
+    # Dice and clDice at the validation-best threshold (what a sweep selects on) are those of a plain
+    # evaluation at that threshold.
+    from envs.datasets import load_dataset
+    from policies.evaluation import evaluate_probs, predict_probs
+    from raysys.data import dataset_for_split, inference_for
+
+    images = list(dataset_for_split(zero.cfg.data, "val", load=load_dataset))
+    probs = predict_probs(lambda im, pr: zero.policy.mask_logits(im, pr), images, inference_for(zero.cfg))
+    at_best = evaluate_probs(probs, images, threshold=val["val/best_threshold"]).mean
+    assert val["val/best_threshold_dice"] == pytest.approx(at_best["dice"], abs=1e-6)
+    assert val["val/best_threshold_cldice"] == pytest.approx(at_best["cldice"], abs=1e-6)
 
 
 def test_self_critical_baseline_is_the_greedy_masks_reward(cfg, rollout, reward) -> None:
