@@ -23,6 +23,8 @@ class RolloutBatch:
         worker: rollout worker index; seconds: time spent sampling.
         greedy: the masks hold K + 1 per image, the last being the greedy one (probability > 0.5), scored as
             the self-critical baseline and never trained on.
+        logits: float16 [B, H, W] the sampling policy's mask logits (``rollout.max_staleness`` >= 1 only):
+            the learner's importance weights for a stale batch; one map per image, as the K samples share it.
     """
 
     indices: list[int]
@@ -34,6 +36,7 @@ class RolloutBatch:
     worker: int = 0
     seconds: float = 0.0
     greedy: bool = False
+    logits: np.ndarray | None = None
 
     def unpack(self) -> np.ndarray:
         """[B, K, H, W] sampled masks (without the greedy one)."""

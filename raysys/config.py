@@ -208,9 +208,19 @@ class RolloutConfig:
     """Ray restarts of a dead rollout actor before the run fails."""
     torch_threads: int = 1
     """torch intra-op threads per rollout actor (several actors share the cores)."""
+    max_staleness: int = 0
+    """0: lock step (sample, then update, then sync). N >= 1: the rollout actors sample the batches of the
+    next N iterations while the learner updates; a batch sampled by policy version v is trained on only while
+    ``learner version - v <= N`` (else dropped and counted in ``batch/stale``), with a truncated
+    importance-sampling correction for the lag (``learner.is_cap``)."""
+    timeout_s: float = 600.0
+    """Longest wait on any actor call (sampling, scoring, a weight sync, a restarted actor answering); past it
+    the run fails with an error naming the actor and what it was doing."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        _check(0 <= self.max_staleness <= 8, "rollout.max_staleness", "must be in 0..8")
+        _check(self.timeout_s > 0 and math.isfinite(self.timeout_s), "rollout.timeout_s", "must be > 0")
         _check(self.gpus_per_worker >= 0, "rollout.gpus_per_worker", "must be >= 0")
         _check(self.cpus_per_worker > 0, "rollout.cpus_per_worker", "must be > 0")
         _check(self.samples_per_image >= 2, "rollout.samples_per_image", "needs >= 2 for a group baseline")
@@ -254,6 +264,10 @@ class LearnerConfig:
     """Entropy bonus coefficient."""
     value_coef: float = 0.5
     """Value-loss coefficient (``ppo``)."""
+    is_cap: float = 2.0
+    """``rollout.max_staleness`` >= 1: per-pixel importance weights pi_learner / pi_behaviour of a stale batch
+    are truncated at this value (truncated IS); the learner's weights before the update stay the PPO ratio's
+    reference."""
     dpo_beta: float = 50.0
     """``dpo``: beta on the pair's log-ratio margin, each log-ratio being a mean over FOV pixels (a sum over
     ~10^4-10^5 pixels would saturate the sigmoid at once)."""
@@ -294,6 +308,7 @@ class LearnerConfig:
             _check(getattr(self, key) >= 0, f"learner.{key}", "must be >= 0")
         _check(self.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0")
         _check(self.dpo_beta > 0, "learner.dpo_beta", "must be > 0")
+        _check(self.is_cap >= 1 and math.isfinite(self.is_cap), "learner.is_cap", "must be >= 1")
         _check(0 <= self.tile_advantage_weight <= 1, "learner.tile_advantage_weight", "must be in [0, 1]")
         _check(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, "learner.cpus_per_worker", "must be > 0")

@@ -32,10 +32,14 @@ class CollectStats:
     """Sum of reward workers' scoring time."""
     retries: int = 0
     """Shards resubmitted after an actor failure."""
+    wait_s: float = 0.0
+    """How long the learner waited for the batch (less than ``rollout_s`` when sampling overlapped the
+    previous update: asynchronous rollouts)."""
 
     def as_metrics(self) -> dict[str, float]:
         return {
             keys.TIME_ROLLOUT: self.rollout_s,
+            keys.TIME_ROLLOUT_WAIT: self.wait_s,
             keys.TIME_SAMPLE: self.sample_s,
             keys.TIME_REWARD: self.reward_s,
             "fault/retries": float(self.retries),
@@ -57,110 +61,200 @@ class LocalCoordinator:
     def __init__(self, rollout_workers: Sequence, reward_workers: Sequence) -> None:
         self.rollout, self.reward = list(rollout_workers), list(reward_workers)
 
-    def push_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+    def push_weights(self, state_dict: dict[str, torch.Tensor], version: int, *, wait: bool = True) -> int:
         for w in self.rollout:
             w.set_weights(state_dict, version)
         return state_bytes(state_dict)
 
-    def collect(self, indices: Sequence[int], *, iteration: int) -> tuple[list[ScoredRollout], CollectStats]:
+    def dispatch(self, indices: Sequence[int], *, iteration: int) -> tuple[list[ScoredRollout], CollectStats]:
+        """Sample and score now, with the weights the workers hold now (as actors run tasks in order)."""
         t0 = time.perf_counter()
         out = []
         for j, shard in enumerate(shards(indices, len(self.rollout))):
             batch = self.rollout[j].sample(shard, iteration=iteration)
             out.append(self.reward[j % len(self.reward)].score(batch))
         stats = CollectStats(rollout_s=time.perf_counter() - t0)
+        stats.wait_s = stats.rollout_s
         stats.sample_s = sum(s.batch.seconds for s in out)
         stats.reward_s = sum(s.seconds for s in out)
         return out, stats
 
+    def gather(self, pending, *, version: int | None = None) -> tuple[list[ScoredRollout], CollectStats]:
+        return pending
+
+    def collect(
+        self, indices: Sequence[int], *, iteration: int, version: int | None = None
+    ) -> tuple[list[ScoredRollout], CollectStats]:
+        return self.dispatch(indices, iteration=iteration)
+
+
+class ActorTimeoutError(TimeoutError):
+    """An actor did not answer within ``rollout.timeout_s``; the message names the actor and its task."""
+
+
+@dataclass
+class PendingCollect:
+    """Shards of one iteration submitted to the rollout and reward actors, not yet gathered."""
+
+    iteration: int
+    parts: list[list[int]]
+    refs: dict[int, tuple]  # shard -> (sample ref, score ref)
+    t0: float
+
 
 class RayCoordinator:
-    """Drives Ray actor handles of RolloutWorker and RewardWorker."""
+    """Drives Ray actor handles of RolloutWorker and RewardWorker.
 
-    def __init__(self, rollout_handles: Sequence, reward_handles: Sequence, *, max_attempts: int = 3) -> None:
+    Every wait on an actor is bounded by ``timeout_s`` (an :class:`ActorTimeoutError` names the actor and
+    what it was doing). ``max_staleness`` >= 1 accepts shards sampled up to that many policy versions ago
+    (they were submitted before the last weight syncs: see ``dispatch``)."""
+
+    def __init__(
+        self,
+        rollout_handles: Sequence,
+        reward_handles: Sequence,
+        *,
+        max_attempts: int = 3,
+        timeout_s: float = 600.0,
+        max_staleness: int = 0,
+    ) -> None:
         self.rollout, self.reward = list(rollout_handles), list(reward_handles)
-        self.max_attempts = max_attempts
+        self.max_attempts, self.timeout_s, self.max_staleness = max_attempts, timeout_s, max_staleness
         self._weights = None  # (ObjectRef, version) of the latest push; re-sent to restarted actors
+        self._syncs: list[tuple[int, int, object]] = []  # (actor, version, ref) of unconfirmed weight loads
 
-    def push_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+    def _get(self, ref, what: str):
+        import ray
+
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise ActorTimeoutError(
+                f"{what} did not answer within rollout.timeout_s={self.timeout_s:g}s"
+            ) from exc
+
+    def push_weights(self, state_dict: dict[str, torch.Tensor], version: int, *, wait: bool = True) -> int:
+        """Send the weights to every rollout actor. ``wait=False`` (asynchronous rollouts) returns at once: an
+        actor runs its tasks in order, so samples submitted later use these weights, and the loads are
+        confirmed (or their actors recovered) at the next ``gather``."""
         import ray
 
         ref = ray.put(state_dict)  # one copy in the object store, read by every worker
         self._weights = (ref, version)
-        pending = [(w, w.set_weights.remote(ref, version)) for w in self.rollout]
-        for w, done in pending:
-            try:
-                ray.get(done)
-            except ray.exceptions.RayActorError:  # died before or while loading: restarted, sent again
-                log.warning("a rollout actor died while receiving weights version %d; retrying", version)
-                self._recover(w, rollout=True)
+        self._syncs += [(j, version, w.set_weights.remote(ref, version)) for j, w in enumerate(self.rollout)]
+        if wait:
+            self._confirm_syncs()
         return state_bytes(state_dict)
 
-    def _recover(self, handle, *, rollout: bool) -> None:
+    def _confirm_syncs(self) -> None:
+        import ray
+
+        syncs, self._syncs = self._syncs, []
+        for j, version, done in syncs:
+            try:
+                self._get(done, f"rollout actor {j} (loading weights version {version})")
+            except ray.exceptions.RayActorError:  # died before or while loading: restarted, sent again
+                log.warning("rollout actor %d died while receiving weights version %d; retrying", j, version)
+                self._recover(self.rollout[j], rollout=True, name=f"rollout actor {j}")
+
+    def _recover(self, handle, *, rollout: bool, name: str) -> None:
         """Wait until a restarted actor answers; give a rollout actor the current weights again."""
         import ray
 
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                ray.get(handle.ready.remote(), timeout=60)
+                ray.get(handle.ready.remote(), timeout=min(60.0, self.timeout_s))
                 break
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise ActorTimeoutError(
+                        f"{name} (restarting after a failure) did not answer within "
+                        f"rollout.timeout_s={self.timeout_s:g}s"
+                    ) from exc
                 time.sleep(1.0)
         if rollout and self._weights is not None:
-            ray.get(handle.set_weights.remote(*self._weights))
+            self._get(handle.set_weights.remote(*self._weights), f"{name} (loading weights after a restart)")
+
+    def _submit(self, j: int, shard: list[int], iteration: int) -> tuple:
+        w, r = self.rollout[j], self.reward[j % len(self.reward)]
+        sample_ref = w.sample.remote(shard, iteration=iteration)
+        return sample_ref, r.score.remote(sample_ref)
+
+    def dispatch(self, indices: Sequence[int], *, iteration: int) -> PendingCollect:
+        """Submit the sampling and scoring of ``indices`` and return at once (``gather`` waits for them)."""
+        parts = shards(indices, len(self.rollout))
+        refs = {j: self._submit(j, part, iteration) for j, part in enumerate(parts)}
+        return PendingCollect(iteration, parts, refs, time.perf_counter())
 
     def collect(
         self, indices: Sequence[int], *, iteration: int, version: int | None = None
     ) -> tuple[list[ScoredRollout], CollectStats]:
         """Sample and score ``indices``. ``version``: the policy version the shards must come from (every
         learner rank passes its own; only rank 0 pushes weights, so only its coordinator knows by itself)."""
+        return self.gather(self.dispatch(indices, iteration=iteration), version=version)
+
+    def gather(
+        self, pending: PendingCollect, *, version: int | None = None
+    ) -> tuple[list[ScoredRollout], CollectStats]:
+        """Wait for a dispatched iteration; resubmit the shards of failed actors (restarted and given the
+        current weights first) and of versions more than ``max_staleness`` behind ``version``."""
         import ray
 
-        t0 = time.perf_counter()
+        t_wait = time.perf_counter()
+        self._confirm_syncs()
         stats = CollectStats()
-        parts = shards(indices, len(self.rollout))
+        it, parts = pending.iteration, pending.parts
         results: dict[int, ScoredRollout] = {}
         attempts = dict.fromkeys(range(len(parts)), 0)
+        refs = dict(pending.refs)
         while len(results) < len(parts):
-            pending = {}
-            for j in (j for j in range(len(parts)) if j not in results):
-                w, r = self.rollout[j], self.reward[j % len(self.reward)]
-                sample_ref = w.sample.remote(parts[j], iteration=iteration)
-                pending[j] = (sample_ref, r.score.remote(sample_ref))
-            for j, (sample_ref, score_ref) in pending.items():
+            for j, (sample_ref, score_ref) in refs.items():
+                reward_j = j % len(self.reward)
                 try:
-                    scored = ray.get(score_ref)
+                    try:
+                        scored = ray.get(score_ref, timeout=self.timeout_s)
+                    except ray.exceptions.GetTimeoutError as exc:
+                        sampled = bool(ray.wait([sample_ref], timeout=0)[0])
+                        what = (
+                            f"reward actor {reward_j} (scoring shard {j} of iteration {it})"
+                            if sampled
+                            else f"rollout actor {j} (sampling {len(parts[j])} images of iteration {it})"
+                        )
+                        raise ActorTimeoutError(
+                            f"{what} did not answer within rollout.timeout_s={self.timeout_s:g}s"
+                        ) from exc
                     expected = version if version is not None else self._weights[1] if self._weights else 0
-                    if scored.batch.version != expected:
+                    if not 0 <= expected - scored.batch.version <= self.max_staleness:
                         # A restarted actor that has not been given the current weights yet.
                         raise _StaleVersion(
                             f"shard sampled at version {scored.batch.version}, expected {expected}"
+                            + (f" (at most {self.max_staleness} behind)" if self.max_staleness else "")
                         )
                     results[j] = scored
                 except (ray.exceptions.RayError, _StaleVersion) as exc:
                     attempts[j] += 1
                     if attempts[j] >= self.max_attempts:
                         raise RuntimeError(
-                            f"iteration {iteration}: shard {j} failed {attempts[j]} times; last error: {exc}"
+                            f"iteration {it}: shard {j} failed {attempts[j]} times; last error: {exc}"
                         ) from exc
                     stats.retries += 1
                     rollout_failed = isinstance(exc, _StaleVersion) or _failed(sample_ref)
                     log.warning(
                         "iteration %d: %s actor failed on shard %d (%s); retrying",
-                        iteration,
+                        it,
                         "rollout" if rollout_failed else "reward",
                         j,
                         type(exc).__name__,
                     )
                     if rollout_failed:
-                        self._recover(self.rollout[j], rollout=True)
+                        self._recover(self.rollout[j], rollout=True, name=f"rollout actor {j}")
                     else:
-                        self._recover(self.reward[j % len(self.reward)], rollout=False)
+                        self._recover(self.reward[reward_j], rollout=False, name=f"reward actor {reward_j}")
+            refs = {j: self._submit(j, parts[j], it) for j in range(len(parts)) if j not in results}
         out = [results[j] for j in range(len(parts))]
-        stats.rollout_s = time.perf_counter() - t0
+        stats.rollout_s = time.perf_counter() - pending.t0
+        stats.wait_s = time.perf_counter() - t_wait
         stats.sample_s = sum(s.batch.seconds for s in out)
         stats.reward_s = sum(s.seconds for s in out)
         return out, stats

@@ -92,6 +92,8 @@ class _Batch:
     tile_baseline: torch.Tensor | None = None  # [B,ty,tx] their per-tile rewards
     # more tile sizes: size -> (tile rewards [B,K,ty,tx], valid [B,ty,tx], greedy tile rewards [B,ty,tx] | None)
     scales: dict = field(default_factory=dict)
+    lag: torch.Tensor | None = None  # [B] learner version - sampling version (rollout.max_staleness >= 1)
+    behaviour_logits: torch.Tensor | None = None  # [B,H,W] the sampling policy's logits (idem)
 
 
 class Learner:
@@ -145,8 +147,10 @@ class Learner:
         """Valid, on-policy rows only; counts of what was dropped and why."""
         rows, stale, invalid, skipped_learned = [], 0, 0, 0
         rc = self.cfg.reward
+        max_lag = self.cfg.rollout.max_staleness
         for s in scored:
-            if s.batch.version != self.version:
+            lag = self.version - s.batch.version
+            if not 0 <= lag <= max_lag:
                 stale += len(s)
                 continue
             masks = s.batch.unpack()
@@ -184,11 +188,13 @@ class Learner:
                             t: (tr[i], tv[i], None if g is None else g[i])
                             for t, (tr, tv, g) in s.scales.items()
                         },
+                        lag,
+                        None if s.batch.logits is None else s.batch.logits[i],
                     )
                 )
         counts = {
             "batch/images": float(len(rows)),
-            "batch/stale": float(stale),
+            keys.STALE: float(stale),
             "batch/invalid": float(invalid),
             "batch/skipped_learned": float(skipped_learned),
         }
@@ -207,6 +213,11 @@ class Learner:
             fov=torch.from_numpy(np.stack([r[7].fov for r in rows])).to(dev),
             weight=torch.tensor([r[5] for r in rows], dtype=torch.float32, device=dev),
         )
+        if max_lag > 0:
+            if any(r[11] is None for r in rows):
+                raise ValueError("rollout.max_staleness >= 1 but the rollouts carry no behaviour logits")
+            batch.lag = torch.tensor([r[10] for r in rows], device=dev)
+            batch.behaviour_logits = torch.from_numpy(np.stack([r[11] for r in rows])).float().to(dev)
         for t in self.cfg.reward.tile_sizes[1:]:
             if not all(t in r[9] for r in rows):
                 raise ValueError(f"reward.tile_sizes has {t} but the scored rollouts carry no {t}-px tiles")
@@ -300,6 +311,11 @@ class Learner:
         feats = self.features.get(b.keys, [s.image for s in b.samples]).to(self.device)
         old_logits, logp_old, ref_logits = self._rollout_logprobs(b, feats)
         adv = None if phase in ("rce", "dpo") else self._advantages(b, feats)
+        if b.lag is not None:
+            is_weight, async_metrics = self._importance_weights(b, logp_old)
+            metrics.update(async_metrics)
+            if adv is not None:
+                adv = adv * is_weight
         metrics.update(self._minibatch_steps(b, feats, phase, adv, logp_old, ref_logits, iteration))
         self.version += 1
         metrics[keys.KL_OLD_NEW] = self._drift(b, feats, old_logits)
@@ -307,6 +323,32 @@ class Learner:
         metrics["learner/lr"] = self.optimizer.param_groups[0]["lr"]
         metrics[keys.TIME_UPDATE] = time.perf_counter() - t0
         return metrics
+
+    @torch.no_grad()
+    def _importance_weights(self, b: _Batch, logp_old: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Truncated per-pixel importance weights min(pi_learner / pi_behaviour, is_cap) [B,K,H,W] for stale
+        rows (1 for fresh ones), and the asynchronous metrics: staleness counts, the weights' mean / max /
+        clipped share on stale rows, and on fresh rows the log-probability mismatch between the rollout
+        actors and the learner for the same weights (float16 logits on the wire: ~1e-3 on CPU)."""
+        lc, temp = self.cfg.learner, self.cfg.rollout.temperature
+        logp_b = pixel_log_probs(b.behaviour_logits, b.masks, temperature=temp)
+        stale = (b.lag > 0)[:, None, None, None].expand_as(logp_old)
+        ratio = torch.exp(logp_old - logp_b)
+        weight = torch.where(stale, ratio.clamp(max=lc.is_cap), torch.ones_like(ratio))
+        fov = b.fov[:, None].expand_as(ratio)
+        out = {keys.STALENESS_MEAN: float(b.lag.float().mean()), keys.STALENESS_MAX: float(b.lag.max())}
+        for lag in range(self.cfg.rollout.max_staleness + 1):
+            out[f"{keys.STALENESS_COUNT}{lag}"] = float((b.lag == lag).sum())
+        pix = stale & fov
+        if pix.any():
+            r = ratio[pix]
+            out[keys.IS_RATIO_MEAN] = float(r.mean())
+            out[keys.IS_RATIO_MAX] = float(r.max())
+            out[keys.IS_CLIPPED] = float((r > lc.is_cap).float().mean())
+        fresh = ~stale & fov
+        if fresh.any():
+            out[keys.LOGPROB_MISMATCH] = float((logp_old - logp_b)[fresh].abs().mean())
+        return weight, out
 
     @torch.no_grad()
     def _rollout_logprobs(self, b: _Batch, feats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -597,6 +639,8 @@ def _index(b: _Batch, rows: torch.Tensor) -> _Batch:
         weight=b.weight[rows],
         baseline=None if b.baseline is None else b.baseline[rows],
         tile_baseline=None if b.tile_baseline is None else b.tile_baseline[rows],
+        lag=None if b.lag is None else b.lag[rows],
+        behaviour_logits=None if b.behaviour_logits is None else b.behaviour_logits[rows],
         scales={
             t: (tr[rows], tv[rows], None if g is None else g[rows]) for t, (tr, tv, g) in b.scales.items()
         },

@@ -98,4 +98,8 @@ class RolloutWorker:
             worker=self.index,
             seconds=time.perf_counter() - t0,
             greedy=bool(greedy),
+            # float16 holds |z| <= 65504; clamped first so a saturated logit stays finite
+            logits=logits.clamp(-3e4, 3e4).cpu().numpy().astype(np.float16)
+            if self.cfg.rollout.max_staleness > 0
+            else None,
         )

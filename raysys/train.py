@@ -44,7 +44,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from raysys.coordinator import RayCoordinator
+    from raysys.coordinator import ActorTimeoutError, RayCoordinator
     from raysys.learner import Learner, iteration_indices
 
     cfg: Config = config["cfg"]
@@ -62,10 +62,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         learner.use_deepspeed()
     elif world > 1:
         learner.use_ddp(lambda module: ray.train.torch.prepare_model(module, move_to_device=False))
-    coordinator = RayCoordinator(config["rollout"], config["reward"])
+    rc = cfg.rollout
+    coordinator = RayCoordinator(
+        config["rollout"], config["reward"], timeout_s=rc.timeout_s, max_staleness=rc.max_staleness
+    )
     sink = config["sink"]
-    _record_learner_placement(sink, rank, world)
-    while (started := ray.get(sink.actors_started.remote())) is None:
+
+    def sink_get(ref, what: str):
+        try:
+            return ray.get(ref, timeout=rc.timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise ActorTimeoutError(
+                f"the metrics sink ({what}) did not answer within rollout.timeout_s={rc.timeout_s:g}s"
+            ) from exc
+
+    _record_learner_placement(sink, rank, world, sink_get)
+    t_wait = time.monotonic()
+    while (started := sink_get(sink.actors_started.remote(), "actors started?")) is None:
+        if time.monotonic() - t_wait > rc.timeout_s + 60:  # the driver names a late actor before this
+            raise ActorTimeoutError("the driver did not confirm that the rollout and reward actors started")
         time.sleep(0.2)
     if not started:
         return  # the driver raises the actor's error
@@ -83,31 +98,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Also after Train restarted a failed learner (learner.max_failures): the rollout actors may hold
         # newer weights than the checkpoint, and the sink rows of the iterations about to be redone go.
         coordinator.push_weights(learner.behaviour_state_dict(), learner.version)
-        ray.get(sink.rewind.remote(start))
+        sink_get(sink.rewind.remote(start), "rewind")
     if world > 1:  # no rank samples before rank 0 has pushed the loaded weights
         torch.distributed.barrier()
     n_train = len(learner.train)
+    pending: dict[int, Any] = {}  # iteration -> its dispatched collection
     for it in range(start, cfg.learner.iterations):
-        stop_at = ray.get(sink.stop_iteration.remote())
+        stop_at = sink_get(sink.stop_iteration.remote(), "stop requested?")
         if stop_at is not None and it >= stop_at:
             log.info("stopping before iteration %d (Ctrl-C on the driver)", it)
             break
         t_iter = time.perf_counter()
         last = it + 1 == cfg.learner.iterations
-        # 1. collect: rollout actors sample, reward actors score (this rank's share of the images)
-        scored, cstats = coordinator.collect(
-            iteration_indices(cfg, it, n_train)[rank::world], iteration=it, version=learner.version
-        )
+        # 1. collect: rollout actors sample, reward actors score (this rank's share of the images). With
+        # rollout.max_staleness N the next N iterations are dispatched too: the actors sample them while this
+        # rank updates, with the weights they hold (each actor runs its tasks in submission order).
+        for j in range(it, min(it + rc.max_staleness, cfg.learner.iterations - 1) + 1):
+            if j not in pending:
+                pending[j] = coordinator.dispatch(
+                    iteration_indices(cfg, j, n_train)[rank::world], iteration=j
+                )
+        scored, cstats = coordinator.gather(pending.pop(it), version=learner.version)
         # 2. update: advantages and E epochs of minibatch steps (DDP/DeepSpeed across ranks)
         metrics = learner.update(scored, iteration=it)
         metrics.update(cstats.as_metrics())
         ckpt = None
         if rank == 0:
-            # 3. sync the new trainable weights to every rollout actor
-            metrics.update(_sync(coordinator, learner))
+            # 3. sync the new trainable weights to every rollout actor (asynchronously: confirmed when the
+            # next batch is gathered)
+            metrics.update(_sync(coordinator, learner, wait=rc.max_staleness == 0))
             # 4. validate (and keep the best weights), 5. checkpoint
             if (it + 1) % cfg.eval.every == 0 or last:
-                val = _validate(learner, sink, cfg, it)
+                val = _validate(learner, sink, cfg, it, sink_get)
                 metrics.update(val)
                 last_val.update(val)
             if (it + 1) % cfg.learner.checkpoint_every == 0 or last:
@@ -117,19 +139,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics[keys.OBJECTIVE] = objective_value(objective, last_val)
             metrics[keys.ITERATIONS_DONE] = it + 1  # survives resumes, unlike Tune's training_iteration
         metrics[keys.TIME_ITERATION] = time.perf_counter() - t_iter
-        _report(metrics, ckpt, sink if rank == 0 else None, it)
+        _report(metrics, ckpt, sink if rank == 0 else None, it, sink_get)
 
 
-def _record_learner_placement(sink, rank: int, world: int) -> None:
+def _record_learner_placement(sink, rank: int, world: int, sink_get) -> None:
     """This rank's placement into placement.json (every rank reports its own; the sink sorts by rank)."""
-    import ray
-
     from raysys.placement import placement
 
-    ray.get(
+    sink_get(
         sink.record_placement.remote(
             "learner", [{**placement(), "rank": rank, "world_size": world}], add=True
-        )
+        ),
+        "placement",
     )
 
 
@@ -140,16 +161,14 @@ def objective_value(terms: dict[str, float], metrics: dict[str, float]) -> float
     return float(sum(w * metrics[k] for k, w in terms.items()))
 
 
-def _sync(coordinator, learner) -> dict[str, float]:
+def _sync(coordinator, learner, *, wait: bool = True) -> dict[str, float]:
     t = time.perf_counter()
-    nbytes = coordinator.push_weights(learner.behaviour_state_dict(), learner.version)
+    nbytes = coordinator.push_weights(learner.behaviour_state_dict(), learner.version, wait=wait)
     return {keys.SYNC_BYTES: float(nbytes), keys.TIME_SYNC: time.perf_counter() - t}
 
 
-def _validate(learner, sink, cfg: Config, iteration: int) -> dict[str, float]:
+def _validate(learner, sink, cfg: Config, iteration: int, sink_get) -> dict[str, float]:
     """Validation metrics; the weights go to checkpoints/best when eval.select_metric improves."""
-    import ray
-
     from policies.checkpoint import trainable_meta
 
     t = time.perf_counter()
@@ -159,7 +178,7 @@ def _validate(learner, sink, cfg: Config, iteration: int) -> dict[str, float]:
         meta = trainable_meta(
             learner.policy, {"iteration": iteration, "version": learner.version, key: val[key]}
         )
-        ray.get(sink.save_best.remote(learner.trainable_state_dict(), meta))
+        sink_get(sink.save_best.remote(learner.trainable_state_dict(), meta), "saving the best weights")
     return {**val, keys.TIME_VALIDATE: time.perf_counter() - t}
 
 
@@ -171,13 +190,12 @@ def _checkpoint(learner, iteration: int):
     return ray.train.Checkpoint.from_directory(str(tmp))
 
 
-def _report(metrics: dict[str, Any], ckpt, sink, iteration: int) -> None:
+def _report(metrics: dict[str, Any], ckpt, sink, iteration: int, sink_get) -> None:
     """Metrics to the sink (rank 0) and to Ray Train (every rank: report is a barrier)."""
-    import ray
     import ray.train
 
     if sink is not None:
-        ray.get(sink.log.remote(metrics))
+        sink_get(sink.log.remote(metrics), "logging metrics")
     name = f"iter_{iteration:06d}" if ckpt is not None else None
     ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
     if ckpt is not None:  # Train has copied it into the run's storage
@@ -352,6 +370,7 @@ RESUME_MAY_CHANGE = frozenset(
         "run.log_level",
         "learner.iterations",
         "learner.max_failures",
+        "rollout.timeout_s",
     }
 )
 """Keys a resumed run may change: where it runs, how it logs, and how long it goes on."""
@@ -390,6 +409,21 @@ def _export_latest(checkpoint, dst: Path) -> None:
     checkpoint.to_directory(str(dst))
 
 
+def _ready(role: str, refs: list, timeout_s: float) -> list:
+    """The actors' ``ready`` answers, or an error naming the first that did not answer within ``timeout_s``."""
+    import ray
+
+    from raysys.coordinator import ActorTimeoutError
+
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if len(done) < len(refs):
+        late = next(i for i, ref in enumerate(refs) if ref not in done)
+        raise ActorTimeoutError(
+            f"{role} actor {late} (loading its model) did not answer within rollout.timeout_s={timeout_s:g}s"
+        )
+    return ray.get(refs)
+
+
 def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool, actors: dict[str, list]):
     """``trainer.fit()`` in a thread while the main thread waits for the rollout and reward ``actors`` (their
     ``ready`` refs per role) and then shows a progress bar from the sink. The learners start meanwhile and
@@ -416,7 +450,7 @@ def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool, a
     try:
         try:
             for role, refs in actors.items():
-                ray.get(sink.record_placement.remote(role, ray.get(refs)))
+                ray.get(sink.record_placement.remote(role, _ready(role, refs, cfg.rollout.timeout_s)))
         except BaseException:  # also Ctrl-C while the actors load: the learners must not wait forever
             ray.get(sink.set_actors_started.remote(False))
             thread.join()

@@ -45,8 +45,10 @@ def test_a_failing_trial_is_reported_as_failed(tmp_path) -> None:
 
 
 def test_interrupted_sweep_resumes_and_writes_table_plot_and_best_yaml(tmp_path) -> None:
+    # Asynchronous rollouts (rollout.max_staleness=1): trials of either mode run, stop and resume.
     extra = ["tune.search_space.reward.weights.dice={grid: [0.4, 0.8]}", "tune.scheduler=fifo",
-             "tune.max_concurrent_trials=1", "learner.iterations=3", "learner.checkpoint_every=1"]  # fmt: skip
+             "tune.max_concurrent_trials=1", "learner.iterations=3", "learner.checkpoint_every=1",
+             "rollout.max_staleness=1"]  # fmt: skip
     trials = tmp_path / "r" / "tune" / "trials"
     proc = popen_interruptible(_cmd(tmp_path, "r", *extra))
     deadline = time.time() + 300
@@ -77,6 +79,8 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_best_yaml(tmp_path)
     for trial_id in table["trial_id"]:
         rows = metric_rows(trials / trial_id / "metrics.jsonl")
         assert [r["iteration"] for r in rows] == [0, 1, 2] and all("tune/objective" in r for r in rows)
+        # One version behind, but for the first iteration of a run and of a resumed one.
+        assert any(r.get("async/staleness_1") == 4 for r in rows[1:])
     best = table.loc[table["best val/dice"].idxmax()]
     best_cfg = load_config(out / "best_config.yaml")
     assert best_cfg.reward.weights.dice == best["reward.weights.dice"]

@@ -97,6 +97,89 @@ def test_weight_versions_reach_every_rollout_actor(ray_local) -> None:
     )
 
 
+def _biased(sd: dict[str, torch.Tensor], bias: float) -> dict[str, torch.Tensor]:
+    """Weights whose every mask logit is ~``bias``: +100 samples the whole FOV, -100 samples nothing."""
+    return {k: torch.full_like(v, bias) if k.endswith("local_head.bias") else v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_masks_sampled_after_a_sync_come_from_the_new_weights(ray_local, max_staleness: int) -> None:
+    cfg = load_config(None, [*SMALL, f"rollout.max_staleness={max_staleness}"])
+    cls = ray_local.remote(num_cpus=0.25)(RolloutWorker)
+    workers = [cls.remote(cfg, i) for i in range(2)]
+    reward = [ray_local.remote(num_cpus=0.25)(RewardWorker).remote(cfg)]
+    co = RayCoordinator(workers, reward, max_staleness=max_staleness)
+    sd = RolloutWorker(cfg, 9).policy.trainable_state_dict()
+    full, empty = _biased(sd, 100.0), _biased(sd, -100.0)
+    fov = {i: RolloutWorker(cfg, 9).train[i].fov for i in range(4)}
+
+    def masks_are(scored, what: str) -> bool:
+        return all(
+            (m == (fov[i] if what == "full" else False)).all()
+            for s in scored
+            for i, m in zip(s.batch.indices, s.batch.unpack(), strict=True)
+        )
+
+    co.push_weights(full, 1)
+    before = co.dispatch([0, 1, 2, 3], iteration=0)
+    # Asynchronously the push returns at once, and the batch dispatched before it keeps the old weights.
+    co.push_weights(empty, 2, wait=max_staleness == 0)
+    after = co.dispatch([0, 1, 2, 3], iteration=1)
+    old, _ = co.gather(before, version=2 if max_staleness else 1)
+    new, _ = co.gather(after, version=2)
+    if max_staleness:
+        assert masks_are(old, "full") and {s.batch.version for s in old} == {1}
+    assert masks_are(new, "empty") and {s.batch.version for s in new} == {2}
+    co.push_weights(full, 3, wait=max_staleness == 0)
+    assert masks_are(co.collect([0, 1, 2, 3], iteration=2, version=3)[0], "full")
+
+
+def _hanging(hang: str) -> type:
+    """A rollout worker class whose ``sample`` or ``set_weights`` never returns in time (defined in a function
+    so that Ray ships it by value: the actor processes cannot import this test module's helpers)."""
+
+    class Hanging(RolloutWorker):
+        def sample(self, indices, *, iteration: int):
+            if hang == "sample":
+                time.sleep(60)
+            return super().sample(indices, iteration=iteration)
+
+        def set_weights(self, state_dict, version: int) -> int:
+            if hang == "set_weights" and version > 0:
+                time.sleep(60)
+            return super().set_weights(state_dict, version)
+
+    return Hanging
+
+
+@pytest.mark.parametrize(
+    ("hang", "message"),
+    [
+        ("sample", r"rollout actor 0 \(sampling 2 images of iteration 0\) did not answer within rollout"),
+        ("set_weights", r"rollout actor 0 \(loading weights version 3\) did not answer within rollout"),
+    ],
+)
+def test_an_actor_that_does_not_answer_fails_the_call_with_its_name(
+    ray_local, hang: str, message: str
+) -> None:
+    from raysys.coordinator import ActorTimeoutError
+
+    cfg = load_config(None, SMALL)
+    workers = [ray_local.remote(num_cpus=0.25)(_hanging(hang)).remote(cfg, 0)]
+    reward = [ray_local.remote(num_cpus=0.25)(RewardWorker).remote(cfg)]
+    ray_local.get([workers[0].ready.remote(), reward[0].ready.remote()])
+    co = RayCoordinator(workers, reward, timeout_s=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(ActorTimeoutError, match=message):
+        if hang == "sample":
+            co.collect([0, 1], iteration=0)
+        else:
+            co.push_weights(RolloutWorker(cfg, 9).policy.trainable_state_dict(), 3)
+    assert time.monotonic() - t0 < 30
+    for handle in (*workers, *reward):
+        ray_local.kill(handle)
+
+
 def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(ray_local) -> None:
     cfg = load_config(None, SMALL)
     cls = ray_local.remote(num_cpus=0.25, max_restarts=2, max_task_retries=0)(RolloutWorker)
@@ -173,6 +256,26 @@ def test_a_restarted_learner_and_a_resumed_run_both_match_one_run(ray_local, tmp
     assert [r["iteration"] for r in rows_full] == [r["iteration"] for r in rows_resumed] == [0, 1, 2, 3]
     for rf, rr in zip(rows_full, rows_resumed, strict=True):
         assert rf["rollout/reward_mean"] == pytest.approx(rr["rollout/reward_mean"], rel=1e-5)
+
+
+def test_an_asynchronous_run_trains_on_one_step_old_batches(ray_local, tmp_path) -> None:
+    # Resume, Tune trials and `ray job submit` of asynchronous runs: tests/e2e (job stop and resume, the
+    # interrupted sweep) run with rollout.max_staleness=1.
+    cfg = load_config(
+        None,
+        [*SMALL, f"run.output_dir={tmp_path}", "run.name=async", "rollout.max_staleness=1", "eval.every=100",
+         "learner.iterations=3"],
+    )  # fmt: skip
+    rows = _rows(run_training(cfg, progress=False).run_dir)
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and [r["policy/version"] for r in rows] == [1, 2, 3]
+    # The first batch is sampled by the weights it is trained from; every later one while the previous
+    # update ran, one version behind, and importance-weighted.
+    assert rows[0]["async/staleness_0"] == 4 and rows[0]["batch/stale"] == 0
+    assert 0 <= rows[0]["async/logprob_mismatch"] < 2e-3  # the same weights on both sides
+    for r in rows[1:]:
+        assert r["async/staleness_1"] == 4 and r["batch/stale"] == 0 and np.isfinite(r["loss/total"])
+        assert r["async/is_ratio_mean"] > 0 and r["async/is_ratio_max"] >= 1.0
+        assert r["time/rollout_wait_s"] <= r["time/rollout_s"]
 
 
 def test_asking_for_more_gpus_than_the_cluster_has_fails_fast(ray_local) -> None:

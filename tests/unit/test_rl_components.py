@@ -395,3 +395,41 @@ def test_multi_scale_tiles_reach_the_advantage_as_the_mean_over_sizes(cfg, rollo
     torch.testing.assert_close(b.scales[32][2], torch.from_numpy(greedy))
     with pytest.raises(ConfigError, match=r"reward\.tile_sizes"):
         load_config(None, ["learner.algorithm=ppo", "reward.tile_sizes=[16,32]"])
+
+
+def test_stale_batches_within_max_staleness_train_with_truncated_importance_weights(rollout) -> None:
+    from policies.distributions import pixel_log_probs
+
+    cfg = load_config(None, [*SMALL, "rollout.max_staleness=1", "learner.is_cap=1.5"])
+    worker, scorer = RolloutWorker(cfg, 0), RewardWorker(cfg)
+    learner = Learner(cfg)
+    co = LocalCoordinator([worker], [scorer])
+    co.push_weights(learner.trainable_state_dict(), learner.version)
+    # Both iterations are sampled before the first update, as asynchronous rollouts do.
+    first, _ = co.dispatch(iteration_indices(cfg, 0, 6), iteration=0)
+    second, _ = co.dispatch(iteration_indices(cfg, 1, 6), iteration=1)
+    batch = first[0].batch
+    assert batch.logits.dtype == np.float16 and batch.logits.shape == (4, 64, 64)
+    # The masks are the lock-step ones (same seeds); only the logits ride along.
+    np.testing.assert_array_equal(batch.unpack(), rollout.sample(batch.indices, iteration=0).unpack())
+    assert rollout.sample(batch.indices, iteration=0).logits is None
+
+    m = learner.update(first, iteration=0)
+    # Same weights on both sides: the rollout's float16 logits give the learner's log-probabilities.
+    assert m["async/staleness_0"] == 4 and m["async/staleness_mean"] == 0.0
+    assert 0 <= m["async/logprob_mismatch"] < 2e-3 and "async/is_ratio_mean" not in m
+    co.push_weights(learner.trainable_state_dict(), learner.version)
+    b, counts = learner._assemble(second)
+    assert counts["batch/stale"] == 0 and b.lag.tolist() == [1, 1, 1, 1]
+    # The weights are pi_learner / pi_behaviour per pixel, truncated at learner.is_cap.
+    feats = learner.features.get(b.keys, [s.image for s in b.samples])
+    _, logp_old, _ = learner._rollout_logprobs(b, feats)
+    b.behaviour_logits = b.behaviour_logits + 2.0  # a behaviour policy far enough away to be truncated
+    weight, stats = learner._importance_weights(b, logp_old)
+    ratio = torch.exp(logp_old - pixel_log_probs(b.behaviour_logits, b.masks))
+    torch.testing.assert_close(weight, ratio.clamp(max=1.5))
+    assert stats["async/is_clipped_frac"] > 0 and stats["async/is_ratio_max"] > 1.5
+    m = learner.update(second, iteration=1)
+    assert m["async/staleness_1"] == 4 and np.isfinite(m["loss/total"]) and m["async/is_ratio_mean"] > 0
+    # Two versions behind is more than max_staleness 1: dropped and counted.
+    assert learner._assemble(second)[1]["batch/stale"] == 4
