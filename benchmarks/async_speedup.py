@@ -1,0 +1,201 @@
+"""Asynchronous rollouts against lock step: iterations per second, wall time to the same validation Dice and
+held-out quality for ``rollout.max_staleness`` 0, 1, 2 -> JSON.
+
+    .venv/bin/python benchmarks/async_speedup.py --sft runs/sft_baseline_bench/sft/model \\
+        [--seeds 0 1 2] [--staleness 0 1 2] [--iterations 150] [key=value ...]
+
+For each (seed, staleness): ``raysys train`` from the SFT checkpoint (the real CLI). Times come from the run's
+own ``time/iteration_s`` (start-up excluded, validations included, the same in every mode). "Time to the same
+val Dice" is the training time until a run's validation Dice first reaches the lock-step run's final one
+(same seed); ``speedup_to_same_val_dice`` is the lock-step time over the max_staleness 1 time, mean over
+seeds (null for a seed whose asynchronous run never gets there). The last checkpoint of each run is scored on
+the test split at ``eval.threshold``: ``test_dice_delta`` = max_staleness 1 minus 0, mean over seeds.
+
+``--heavy`` adds a rollout-bound case (``rollout.samples_per_image=16``, 384-px images, from scratch, a few
+iterations): the share of each iteration the learner waits for samples, lock step against one step off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rl_gain import scores
+
+from raysys import keys
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ["rollout.samples_per_image=16", "data.size=384", "data.n_train=32", "data.n_val=4", "eval.every=100"]
+
+
+def train(config: str, overrides: list[str]) -> tuple[list[dict], float, object]:
+    """Run ``raysys train``; its metrics rows, wall time and resolved config."""
+    from raysys.config import load_config
+
+    cfg = load_config(config, overrides)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysys", "train", config, *overrides, "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"raysys train {overrides} failed")
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows, wall, cfg
+
+
+def curve(rows: list[dict]) -> list[tuple[float, float]]:
+    """(training seconds so far, val Dice) at every validation."""
+    out, t = [], 0.0
+    for r in rows:
+        t += r[keys.TIME_ITERATION]
+        if keys.VAL_DICE in r:
+            out.append((t, r[keys.VAL_DICE]))
+    return out
+
+
+def time_to(points: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, d in points if d >= target - 1e-9), None)
+
+
+def test_scores(cfg) -> dict[str, float]:
+    from envs.datasets import load_dataset
+    from policies.evaluation import predict_probs
+    from policies.factory import load_policy
+    from raysys.data import dataset_for_split, inference_for
+
+    pol = load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "latest", seed=cfg.run.seed)
+    test = list(dataset_for_split(cfg.data, "test", load=load_dataset))
+    probs = predict_probs(lambda im, pr: pol.mask_logits(im, pr), test, inference_for(cfg))
+    return scores(probs, test, cfg.eval.threshold)
+
+
+def summary(rows: list[dict], wall: float) -> dict[str, float]:
+    it_s = [r[keys.TIME_ITERATION] for r in rows]
+    wait = [r.get(keys.TIME_ROLLOUT_WAIT, r[keys.TIME_ROLLOUT]) for r in rows]
+    out = {
+        "iterations": len(rows),
+        "wall_s": round(wall, 1),
+        "train_s": round(float(np.sum(it_s)), 1),
+        "iterations_per_s": float(len(rows) / np.sum(it_s)),
+        "rollout_wait_share": float(np.sum(wait) / np.sum(it_s)),
+        "update_s_mean": float(np.mean([r[keys.TIME_UPDATE] for r in rows])),
+        "batch_stale_total": float(sum(r.get(keys.STALE, 0.0) for r in rows)),
+    }
+    for k in (keys.STALENESS_MEAN, keys.IS_RATIO_MEAN, keys.IS_CLIPPED, keys.LOGPROB_MISMATCH):
+        vals = [r[k] for r in rows if k in r]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft", required=True, help="tiny SFT checkpoint every run starts from")
+    parser.add_argument("--config", default=str(ROOT / "examples/tiny_synthetic.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iterations", type=int, default=150)
+    parser.add_argument("--heavy", action="store_true", help="also the rollout-bound case")
+    parser.add_argument("--output-dir", default=str(ROOT / "runs/async_speedup"))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/async_speedup.json"))
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    args = parser.parse_args()
+    if 0 not in args.staleness:
+        raise SystemExit("--staleness must include 0 (the lock-step reference)")
+    torch.set_num_threads(2)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    runs: dict[int, dict[int, dict]] = {}
+    for seed in args.seeds:
+        for n in args.staleness:
+            cached = out_dir / f"ms{n}_s{seed}.json"
+            if not cached.is_file():
+                overrides = [
+                    f"policy.checkpoint={args.sft}", f"run.seed={seed}", f"run.name=ms{n}_s{seed}",
+                    f"run.output_dir={out_dir}", f"rollout.max_staleness={n}",
+                    f"learner.iterations={args.iterations}", *args.overrides,
+                ]  # fmt: skip
+                rows, wall, cfg = train(args.config, overrides)
+                result = {**summary(rows, wall), "curve": curve(rows), "test": test_scores(cfg)}
+                cached.write_text(json.dumps(result))
+            runs.setdefault(n, {})[seed] = json.loads(cached.read_text())
+
+    per_mode = {}
+    for n, by_seed in runs.items():
+        speedups, deltas, cl_deltas, reach = [], [], [], []
+        for seed, r in by_seed.items():
+            ref = runs[0][seed]
+            target = ref["curve"][-1][1]  # the lock-step run's final validation Dice
+            t_ref, t_n = time_to(ref["curve"], target), time_to(r["curve"], target)
+            reach.append(t_n)
+            speedups.append(None if t_n is None else t_ref / t_n)
+            deltas.append(r["test"]["dice"] - ref["test"]["dice"])
+            cl_deltas.append(r["test"]["cldice"] - ref["test"]["cldice"])
+        got = [s for s in speedups if s is not None]
+        per_mode[f"max_staleness_{n}"] = {
+            "iterations_per_s": float(np.mean([r["iterations_per_s"] for r in by_seed.values()])),
+            "iterations_per_s_std": float(np.std([r["iterations_per_s"] for r in by_seed.values()])),
+            "rollout_wait_share": float(np.mean([r["rollout_wait_share"] for r in by_seed.values()])),
+            "speedup_to_same_val_dice": float(np.mean(got)) if got else None,
+            "seeds_reaching_lock_step_val_dice": len(got),
+            "time_to_lock_step_val_dice_s": reach,
+            "test_dice": float(np.mean([r["test"]["dice"] for r in by_seed.values()])),
+            "test_cldice": float(np.mean([r["test"]["cldice"] for r in by_seed.values()])),
+            "test_dice_delta": float(np.mean(deltas)),
+            "test_cldice_delta": float(np.mean(cl_deltas)),
+            "per_seed": by_seed,
+        }
+    heavy = None
+    if args.heavy:
+        heavy = {}
+        for n in (0, 1):
+            cached = out_dir / f"heavy_ms{n}.json"
+            if not cached.is_file():
+                overrides = [f"run.name=heavy_ms{n}", f"run.output_dir={out_dir}", f"rollout.max_staleness={n}",
+                             "learner.iterations=6", *HEAVY, *args.overrides]  # fmt: skip
+                rows, wall, _ = train(args.config, overrides)
+                cached.write_text(json.dumps(summary(rows, wall)))
+            heavy[f"max_staleness_{n}"] = json.loads(cached.read_text())
+        heavy["speedup_iterations_per_s"] = (
+            heavy["max_staleness_1"]["iterations_per_s"] / heavy["max_staleness_0"]["iterations_per_s"]
+        )
+        heavy["overrides"] = HEAVY
+    one = per_mode.get("max_staleness_1", {})
+    result = {
+        "benchmark": "async_speedup",
+        "machine": f"{os.cpu_count()} CPUs, no GPU",
+        "config": str(Path(args.config).resolve().relative_to(ROOT))
+        if ROOT in Path(args.config).resolve().parents
+        else args.config,
+        "overrides": args.overrides,
+        "iterations": args.iterations,
+        "seeds": args.seeds,
+        "speedup_to_same_val_dice": one.get("speedup_to_same_val_dice"),
+        "test_dice_delta": one.get("test_dice_delta"),
+        "iterations_per_s_ratio": (
+            one["iterations_per_s"] / per_mode["max_staleness_0"]["iterations_per_s"] if one else None
+        ),
+        "modes": per_mode,
+        "rollout_heavy": heavy,
+    }
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "modes"}, indent=2))
+    for name, m in per_mode.items():
+        print(name, {k: v for k, v in m.items() if k != "per_seed"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
