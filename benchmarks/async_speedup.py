@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rl_gain import scores
+from rl_gain import resume_flag, scores
 
 from raysys import keys
 
@@ -42,7 +42,7 @@ def train(config: str, overrides: list[str]) -> tuple[list[dict], float, object]
     cfg = load_config(config, overrides)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "raysys", "train", config, *overrides, "--no-progress"],
+        [sys.executable, "-m", "raysys", "train", config, *overrides, "--no-progress", *resume_flag(cfg)],
         capture_output=True,
         text=True,
     )

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rl_gain import KEYS, best_threshold, scores
+from rl_gain import KEYS, best_threshold, resume_flag, scores
 
 from raysys import keys
 
@@ -112,7 +112,7 @@ def run_seed(config: str, sft: str, rn: Path, seed: int, out_dir: Path, extra: l
         f"reward.reward_net={rn}", *TARGET, *extra,
     ]  # fmt: skip
     cfg = load_config(config, overrides)
-    wall = _raysys("train", config, *overrides, "--no-progress")
+    wall = _raysys("train", config, *overrides, "--no-progress", *resume_flag(cfg))
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     best = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
     ckpts = cfg.run_dir / "checkpoints"

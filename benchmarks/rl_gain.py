@@ -42,6 +42,14 @@ def best_threshold(probs, samples, thresholds) -> float:
     return evaluate_probs(probs, samples, thresholds=thresholds).best_threshold
 
 
+def resume_flag(cfg) -> list[str]:
+    """``--resume`` for a run an interrupted benchmark left behind (its own folder), so it goes on from its
+    last checkpoint instead of refusing to overwrite it (the wall time then covers the rest only)."""
+    from raysys.runtime import holds_results
+
+    return ["--resume"] if holds_results(cfg.run_dir) else []
+
+
 def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str, overrides) -> dict:
     """``raysys train`` from the SFT checkpoint, then SFT, the best-validation RL checkpoint ("rl") and the
     last one ("rl_last") scored on the test split at 0.5 and at each model's best validation threshold."""
@@ -58,7 +66,7 @@ def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str
     cfg = load_config(config, overrides)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "raysys", "train", config, *overrides, "--no-progress"],
+        [sys.executable, "-m", "raysys", "train", config, *overrides, "--no-progress", *resume_flag(cfg)],
         capture_output=True,
         text=True,
     )
