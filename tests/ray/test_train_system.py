@@ -102,16 +102,15 @@ def _biased(sd: dict[str, torch.Tensor], bias: float) -> dict[str, torch.Tensor]
     return {k: torch.full_like(v, bias) if k.endswith("local_head.bias") else v for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("max_staleness", [0, 1])
-def test_masks_sampled_after_a_sync_come_from_the_new_weights(ray_local, max_staleness: int) -> None:
-    cfg = load_config(None, [*SMALL, f"rollout.max_staleness={max_staleness}"])
+def test_masks_sampled_after_a_sync_come_from_the_new_weights(ray_local) -> None:
+    cfg = load_config(None, [*SMALL, "rollout.max_staleness=1"])
     cls = ray_local.remote(num_cpus=0.25)(RolloutWorker)
     workers = [cls.remote(cfg, i) for i in range(2)]
     reward = [ray_local.remote(num_cpus=0.25)(RewardWorker).remote(cfg)]
-    co = RayCoordinator(workers, reward, max_staleness=max_staleness)
-    sd = RolloutWorker(cfg, 9).policy.trainable_state_dict()
+    local = RolloutWorker(cfg, 9)
+    sd = local.policy.trainable_state_dict()
     full, empty = _biased(sd, 100.0), _biased(sd, -100.0)
-    fov = {i: RolloutWorker(cfg, 9).train[i].fov for i in range(4)}
+    fov = {i: local.train[i].fov for i in range(4)}
 
     def masks_are(scored, what: str) -> bool:
         return all(
@@ -120,18 +119,23 @@ def test_masks_sampled_after_a_sync_come_from_the_new_weights(ray_local, max_sta
             for i, m in zip(s.batch.indices, s.batch.unpack(), strict=True)
         )
 
+    # Lock step: each push is loaded before the next batch is sampled.
+    co = RayCoordinator(workers, reward)
     co.push_weights(full, 1)
-    before = co.dispatch([0, 1, 2, 3], iteration=0)
-    # Asynchronously the push returns at once, and the batch dispatched before it keeps the old weights.
-    co.push_weights(empty, 2, wait=max_staleness == 0)
-    after = co.dispatch([0, 1, 2, 3], iteration=1)
-    old, _ = co.gather(before, version=2 if max_staleness else 1)
-    new, _ = co.gather(after, version=2)
-    if max_staleness:
-        assert masks_are(old, "full") and {s.batch.version for s in old} == {1}
-    assert masks_are(new, "empty") and {s.batch.version for s in new} == {2}
-    co.push_weights(full, 3, wait=max_staleness == 0)
-    assert masks_are(co.collect([0, 1, 2, 3], iteration=2, version=3)[0], "full")
+    assert masks_are(co.collect([0, 1, 2, 3], iteration=0)[0], "full")
+    co.push_weights(empty, 2)
+    assert masks_are(co.collect([0, 1, 2, 3], iteration=1)[0], "empty")
+    # Asynchronous: the push returns at once; a batch dispatched before it keeps the old weights, one
+    # dispatched after it has the new ones.
+    co = RayCoordinator(workers, reward, max_staleness=1)
+    co.push_weights(full, 3, wait=False)
+    before = co.dispatch([0, 1, 2, 3], iteration=2)
+    co.push_weights(empty, 4, wait=False)
+    after = co.dispatch([0, 1, 2, 3], iteration=3)
+    old, _ = co.gather(before, version=4)
+    new, _ = co.gather(after, version=4)
+    assert masks_are(old, "full") and {s.batch.version for s in old} == {3}
+    assert masks_are(new, "empty") and {s.batch.version for s in new} == {4}
 
 
 def _hanging(hang: str) -> type:
@@ -152,31 +156,28 @@ def _hanging(hang: str) -> type:
     return Hanging
 
 
-@pytest.mark.parametrize(
-    ("hang", "message"),
-    [
-        ("sample", r"rollout actor 0 \(sampling 2 images of iteration 0\) did not answer within rollout"),
-        ("set_weights", r"rollout actor 0 \(loading weights version 3\) did not answer within rollout"),
-    ],
-)
-def test_an_actor_that_does_not_answer_fails_the_call_with_its_name(
-    ray_local, hang: str, message: str
-) -> None:
+def test_an_actor_that_does_not_answer_fails_the_call_with_its_name(ray_local) -> None:
     from raysys.coordinator import ActorTimeoutError
 
     cfg = load_config(None, SMALL)
-    workers = [ray_local.remote(num_cpus=0.25)(_hanging(hang)).remote(cfg, 0)]
     reward = [ray_local.remote(num_cpus=0.25)(RewardWorker).remote(cfg)]
-    ray_local.get([workers[0].ready.remote(), reward[0].ready.remote()])
-    co = RayCoordinator(workers, reward, timeout_s=2.0)
+    slow_sample = ray_local.remote(num_cpus=0.25)(_hanging("sample")).remote(cfg, 0)
+    slow_load = ray_local.remote(num_cpus=0.25)(_hanging("set_weights")).remote(cfg, 0)
+    ray_local.get([slow_sample.ready.remote(), slow_load.ready.remote(), reward[0].ready.remote()])
     t0 = time.monotonic()
-    with pytest.raises(ActorTimeoutError, match=message):
-        if hang == "sample":
-            co.collect([0, 1], iteration=0)
-        else:
-            co.push_weights(RolloutWorker(cfg, 9).policy.trainable_state_dict(), 3)
+    with pytest.raises(
+        ActorTimeoutError,
+        match=r"rollout actor 0 \(sampling 2 images of iteration 0\) did not answer within rollout.timeout_s=2s",
+    ):
+        RayCoordinator([slow_sample], reward, timeout_s=2.0).collect([0, 1], iteration=0)
+    with pytest.raises(
+        ActorTimeoutError, match=r"rollout actor 0 \(loading weights version 3\) did not answer within"
+    ):
+        RayCoordinator([slow_load], reward, timeout_s=2.0).push_weights(
+            RolloutWorker(cfg, 9).policy.trainable_state_dict(), 3
+        )
     assert time.monotonic() - t0 < 30
-    for handle in (*workers, *reward):
+    for handle in (slow_sample, slow_load, *reward):
         ray_local.kill(handle)
 
 
