@@ -555,6 +555,11 @@ class Config:
             f"tile {tile} is larger than the {side}-px images the rewards score (data.crop / data.size)",
         )
         _check(
+            self.rollout.max_staleness == 0 or self.learner.algorithm != "dpo",
+            "rollout.max_staleness",
+            "dpo learns from the starting policy's own masks, which are never stale; use 0",
+        )
+        _check(
             len(self.reward.tile_sizes) == 1 or self.learner.algorithm != "ppo",
             "reward.tile_sizes",
             "several tile sizes need a group baseline (learner.algorithm grpo or rce_grpo); "

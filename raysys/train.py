@@ -124,9 +124,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(cstats.as_metrics())
         ckpt = None
         if rank == 0:
-            # 3. sync the new trainable weights to every rollout actor (asynchronously: confirmed when the
-            # next batch is gathered)
-            metrics.update(_sync(coordinator, learner, wait=rc.max_staleness == 0))
+            # 3. sync the new trainable weights to every rollout actor. Asynchronously with one rank it is
+            # confirmed when the next batch is gathered; other ranks dispatch after the report barrier, and
+            # Ray orders an actor's tasks per caller only, so with several ranks the load is confirmed first.
+            metrics.update(_sync(coordinator, learner, wait=rc.max_staleness == 0 or world > 1))
             # 4. validate (and keep the best weights), 5. checkpoint
             if (it + 1) % cfg.eval.every == 0 or last:
                 val = _validate(learner, sink, cfg, it, sink_get)

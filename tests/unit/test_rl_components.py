@@ -433,3 +433,5 @@ def test_stale_batches_within_max_staleness_train_with_truncated_importance_weig
     assert m["async/staleness_1"] == 4 and np.isfinite(m["loss/total"]) and m["async/is_ratio_mean"] > 0
     # Two versions behind is more than max_staleness 1: dropped and counted.
     assert learner._assemble(second)[1]["batch/stale"] == 4
+    with pytest.raises(ConfigError, match=r"rollout\.max_staleness.*dpo"):
+        load_config(None, ["learner.algorithm=dpo", "rollout.max_staleness=1"])
