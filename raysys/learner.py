@@ -144,7 +144,7 @@ class Learner:
 
     # ------------------------------------------------------------------------------------------ batch
     def _assemble(self, scored: Sequence[ScoredRollout]) -> tuple[_Batch | None, dict[str, float]]:
-        """Valid, on-policy rows only; counts of what was dropped and why."""
+        """Valid rows at most ``rollout.max_staleness`` versions old; counts of what was dropped and why."""
         rows, stale, invalid, skipped_learned = [], 0, 0, 0
         rc = self.cfg.reward
         max_lag = self.cfg.rollout.max_staleness
