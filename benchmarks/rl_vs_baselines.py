@@ -49,6 +49,7 @@ RECIPES: dict[str, list[str]] = {
     "cldice_betti": ["reward.weights.cldice=0.2", "reward.weights.betti=0.1"],
     "postproc_reward": ["reward.postprocess=true"],
     "multiscale_tiles": ["reward.tile_sizes=[16,8,32]"],
+    "select_at_best_threshold": ["eval.select_metric=val/best_threshold_dice"],
     "self_critical_postproc": ["learner.advantage=self_critical", "reward.postprocess=true"],
     "dpo": ["learner.algorithm=dpo"],
     "dpo_lr3e-5": ["learner.algorithm=dpo", "learner.lr=3e-5"],
