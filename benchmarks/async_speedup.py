@@ -4,7 +4,8 @@ held-out quality for ``rollout.max_staleness`` 0, 1, 2 -> JSON.
     .venv/bin/python benchmarks/async_speedup.py --sft runs/sft_baseline_bench/sft/model \\
         [--seeds 0 1 2] [--staleness 0 1 2] [--iterations 150] [key=value ...]
 
-For each (seed, staleness): ``raysys train`` from the SFT checkpoint (the real CLI). Times come from the run's
+For each (seed, staleness): ``raysys train`` from the SFT checkpoint (the real CLI; the reward of raw masks,
+``reward.postprocess=false``, as first measured). Times come from the run's
 own ``time/iteration_s`` (start-up excluded, validations included, the same in every mode). "Time to the same
 val Dice" is the training time until a run's validation Dice first reaches the lock-step run's final one
 (same seed); ``speedup_to_same_val_dice`` is the lock-step time over the max_staleness 1 time, mean over
@@ -125,7 +126,7 @@ def main() -> int:
                 overrides = [
                     f"policy.checkpoint={args.sft}", f"run.seed={seed}", f"run.name=ms{n}_s{seed}",
                     f"run.output_dir={out_dir}", f"rollout.max_staleness={n}",
-                    f"learner.iterations={args.iterations}", *args.overrides,
+                    f"learner.iterations={args.iterations}", "reward.postprocess=false", *args.overrides,
                 ]  # fmt: skip
                 rows, wall, cfg = train(args.config, overrides)
                 result = {**summary(rows, wall), "curve": curve(rows), "test": test_scores(cfg)}

@@ -41,8 +41,12 @@ from rl_gain import KEYS, best_threshold, resume_flag, scores
 from raysys import keys
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = ["data.domain=shifted", "reward.source=learned", "eval.select_metric=val/learned_score"]
-"""RL on the target: the learned reward alone, and a checkpoint chosen without labels."""
+TARGET = [
+    "data.domain=shifted", "reward.source=learned", "eval.select_metric=val/learned_score",
+    "reward.postprocess=false",
+]  # fmt: skip
+"""RL on the target: the learned reward alone (of the raw masks, as first measured), and a checkpoint chosen
+without labels."""
 CURVE_KEYS = (
     "custom/reward_net_score",
     "custom/gt_dice",
