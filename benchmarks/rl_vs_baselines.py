@@ -15,14 +15,16 @@ the same way among the ``dpo*`` recipes (null until one has run).
 
     .venv/bin/python benchmarks/sft_baseline.py      # writes runs/sft_baseline_bench/sft/model
     .venv/bin/python benchmarks/rl_vs_baselines.py --sft runs/sft_baseline_bench/sft/model \\
-        [--recipes grpo self_critical] [--seeds 0 1 2] [--config examples/tiny_synthetic.yaml] [key=value ...]
+        [key=value ...] [--recipes grpo self_critical] [--seeds 0 1 2] [--config examples/tiny_synthetic.yaml]
+
+(key=value overrides go before the options: ``--recipes`` and ``--seeds`` take every word after them.)
 
 The DRIVE-layout folder at native resolution (565x584; written and SFT-trained by
 benchmarks/real_layout_pipeline.py):
 
-    .venv/bin/python benchmarks/rl_vs_baselines.py --config examples/drive.yaml \\
-        --sft runs/real_layout_bench/drive/sft/model --output-dir runs/rl_vs_baselines_drive \\
-        --json benchmarks/results/rl_vs_baselines_drive.json data.root=runs/real_layout_bench/DRIVE_synth
+    .venv/bin/python benchmarks/rl_vs_baselines.py data.root=runs/real_layout_bench/DRIVE_synth \\
+        --config examples/drive.yaml --sft runs/real_layout_bench/drive/sft/model \\
+        --output-dir runs/rl_vs_baselines_drive --json benchmarks/results/rl_vs_baselines_drive.json
 
 Every (recipe, seed) of ``--recipes`` x ``--seeds`` is one ``raysys train`` from the SFT checkpoint
 (``rl_gain.train_and_score``); its scores are kept in ``<output-dir>/<recipe>_s<seed>.json``, so an
