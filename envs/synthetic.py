@@ -22,7 +22,8 @@ Calibrated for 256-768 px (vessel fraction 10-12 % of the FOV, see
 ``benchmarks/synthetic_speed.py``). Smaller images work but have denser masks, because terminal
 vessels never get thinner than 1 px.
 
-Everything is a pure function of ``(seed, size)``: the same pair gives bit-identical images.
+Everything is a pure function of ``(seed, size, domain)``: the same triple gives bit-identical images.
+``DOMAINS`` holds the calibrated ``source`` look and a ``shifted`` second site for adaptation experiments.
 """
 
 from __future__ import annotations
