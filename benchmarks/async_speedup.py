@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from rl_gain import resume_flag, scores
+from rl_gain import raysys_cli, resume_flag, scores
 
 from raysys import keys
 
@@ -46,16 +44,7 @@ def train(config: str, overrides: list[str]) -> tuple[list[dict], float, object]
     from raysys.config import load_config
 
     cfg = load_config(config, overrides)
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "raysys", "train", config, *overrides, "--no-progress", *resume_flag(cfg)],
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"raysys train {overrides} failed")
+    wall = raysys_cli("train", config, *overrides, "--no-progress", *resume_flag(cfg))
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     return rows, wall, cfg
 

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from rl_gain import KEYS, best_threshold, resume_flag, scores
+from rl_gain import best_threshold, raysys_cli, resume_flag, scores
+from rl_vs_baselines import _summary, markdown
 
 from raysys import keys
 
@@ -56,21 +56,11 @@ CURVE_KEYS = (
 )
 
 
-def _raysys(*argv: str) -> float:
-    """Run the real CLI; its wall time in seconds."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "raysys", *argv], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"raysys {argv[0]} failed")
-    return time.perf_counter() - t0
-
-
 def reward_net(config: str, sft: str, out: Path) -> Path:
     """The learned reward net, trained on labelled source images only (cached in ``out``)."""
     ckpt = out / "best_reward_net.pth"
     if not ckpt.is_file():
-        _raysys("reward-net", config, "data.domain=source", "--out", str(out), "--policy-checkpoint", sft)
+        raysys_cli("reward-net", config, "data.domain=source", "--out", str(out), "--policy-checkpoint", sft)
     return ckpt
 
 
@@ -116,7 +106,7 @@ def run_seed(config: str, sft: str, rn: Path, seed: int, out_dir: Path, extra: l
         f"reward.reward_net={rn}", *TARGET, *extra,
     ]  # fmt: skip
     cfg = load_config(config, overrides)
-    wall = _raysys("train", config, *overrides, "--no-progress", *resume_flag(cfg))
+    wall = raysys_cli("train", config, *overrides, "--no-progress", *resume_flag(cfg))
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     best = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
     ckpts = cfg.run_dir / "checkpoints"
@@ -136,14 +126,6 @@ def run_seed(config: str, sft: str, rn: Path, seed: int, out_dir: Path, extra: l
     }
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=1), flush=True)
     return result
-
-
-def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
-    out = {}
-    for k in KEYS:
-        values = [r[k] for r in rows]
-        out[k], out[f"{k}_std"] = float(np.mean(values)), float(np.std(values))
-    return out
 
 
 def gap_curve(runs: list[dict], every: int = 10) -> list[dict[str, float]]:
@@ -224,8 +206,6 @@ def main() -> int:
         "reward_gap_curve": gap_curve(runs),
     }
     Path(args.json).write_text(json.dumps(result, indent=2))
-    from rl_vs_baselines import markdown
-
     print(markdown(table))
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
     return 0

@@ -42,6 +42,16 @@ def best_threshold(probs, samples, thresholds) -> float:
     return evaluate_probs(probs, samples, thresholds=thresholds).best_threshold
 
 
+def raysys_cli(*argv: str) -> float:
+    """Run the real CLI (``raysys <argv>``); its wall time in seconds. A failure stops with its stderr."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "raysys", *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"raysys {' '.join(argv[:2])} failed")
+    return time.perf_counter() - t0
+
+
 def resume_flag(cfg) -> list[str]:
     """``--resume`` for a run an interrupted benchmark left behind (its own folder), so it goes on from its
     last checkpoint instead of refusing to overwrite it (the wall time then covers the rest only)."""
@@ -64,16 +74,7 @@ def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str
         *overrides,
     ]  # fmt: skip
     cfg = load_config(config, overrides)
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "raysys", "train", config, *overrides, "--no-progress", *resume_flag(cfg)],
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"raysys train failed for {name}")
+    wall = raysys_cli("train", config, *overrides, "--no-progress", *resume_flag(cfg))
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     val_rows = [r for r in rows if keys.VAL_DICE in r]
     test = list(dataset_for_split(cfg.data, "test", load=load_dataset))
