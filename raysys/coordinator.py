@@ -92,6 +92,16 @@ class ActorTimeoutError(TimeoutError):
     """An actor did not answer within ``rollout.timeout_s``; the message names the actor and its task."""
 
 
+def get_within(ref, timeout_s: float, what: str):
+    """``ray.get(ref)``, or an :class:`ActorTimeoutError` naming ``what`` after ``timeout_s`` seconds."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise ActorTimeoutError(f"{what} did not answer within rollout.timeout_s={timeout_s:g}s") from exc
+
+
 @dataclass
 class PendingCollect:
     """Shards of one iteration submitted to the rollout and reward actors, not yet gathered."""
@@ -124,14 +134,7 @@ class RayCoordinator:
         self._syncs: list[tuple[int, int, object]] = []  # (actor, version, ref) of unconfirmed weight loads
 
     def _get(self, ref, what: str):
-        import ray
-
-        try:
-            return ray.get(ref, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise ActorTimeoutError(
-                f"{what} did not answer within rollout.timeout_s={self.timeout_s:g}s"
-            ) from exc
+        return get_within(ref, self.timeout_s, what)
 
     def push_weights(self, state_dict: dict[str, torch.Tensor], version: int, *, wait: bool = True) -> int:
         """Send the weights to every rollout actor. ``wait=False`` (asynchronous rollouts) returns at once: an

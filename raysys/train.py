@@ -44,7 +44,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from raysys.coordinator import ActorTimeoutError, RayCoordinator
+    from raysys.coordinator import ActorTimeoutError, RayCoordinator, get_within
     from raysys.learner import Learner, iteration_indices
 
     cfg: Config = config["cfg"]
@@ -69,12 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sink = config["sink"]
 
     def sink_get(ref, what: str):
-        try:
-            return ray.get(ref, timeout=rc.timeout_s)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise ActorTimeoutError(
-                f"the metrics sink ({what}) did not answer within rollout.timeout_s={rc.timeout_s:g}s"
-            ) from exc
+        return get_within(ref, rc.timeout_s, f"the metrics sink ({what})")
 
     _record_learner_placement(sink, rank, world, sink_get)
     t_wait = time.monotonic()
