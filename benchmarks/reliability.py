@@ -5,7 +5,9 @@
    message) or ``data_loss`` (a file that existed before the command changed or vanished).
 2. Faults during ``raysys train`` (a small run in its own process): a rollout actor, the reward actor and the
    learner (Ray Train worker) are SIGKILLed mid-run, the driver is SIGKILLed, and the driver gets Ctrl-C
-   (SIGINT). A run that stops is continued with the same command plus ``--resume``. A fault is survived when
+   (SIGINT). A run that stops is continued with the same command plus ``--resume``. On a simulated multi-node
+   cluster (a head and four labelled worker nodes on this machine) the node hosting a rollout actor, then in a
+   second run the node hosting a learner rank, is removed mid-run. A fault is survived when
    the run then completes and ``metrics.jsonl`` holds every iteration exactly once, in order. Two
    uninterrupted runs check that one config and seed give the same weights, and each fault run is compared
    with them.
@@ -222,10 +224,84 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
     }
 
 
+NODE_FAULTS = ("rollout_node_loss", "learner_node_loss")
+NODE_ROLES = ("rollout", "rollout", "learner", "learner")
+PLACED = [
+    "rollout.num_workers=2", "rollout.gpus_per_worker=1", "rollout.label_selector.role=rollout",
+    "rollout.scheduling=spread", "reward.scheduling=spread", "learner.num_workers=2", "learner.use_gpu=true",
+    "learner.dist_backend=gloo", "learner.label_selector.role=learner", "learner.placement=spread",
+]  # fmt: skip
+"""The 4-node example's shape on a simulated cluster: two labelled rollout nodes, two labelled learner nodes."""
+
+
+def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
+    """A head and four worker nodes (``ray.cluster_utils.Cluster``, 2 fake GPUs each). An uninterrupted run,
+    then one run per fault that removes the node hosting rollout actor 0 or learner rank 0 after 2 iterations
+    (the node comes back, empty, before the next run). Survived: the run finishes by itself with every
+    iteration logged once; its weights are compared with the uninterrupted run's."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    nodes = {cluster.add_node(num_cpus=2, num_gpus=2, labels={"role": r}): r for r in NODE_ROLES}
+    results = []
+    try:
+
+        def args(name: str) -> list[str]:
+            return [*_train_args(out, name, base), *PLACED, f"run.ray_address={cluster.address}"]
+
+        subprocess.run(args("node_reference"), capture_output=True, cwd=ROOT, timeout=900, check=True)
+        for name in names:
+            role = name.split("_")[0]
+            t0 = time.perf_counter()
+            log = (out / f"{name}.log").open("w")
+            proc = subprocess.Popen(args(name), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            metrics, injected = out / name / "metrics.jsonl", False
+            if _wait_for_rows(metrics, 2, proc):
+                node_id = json.loads((out / name / "placement.json").read_text())[role][0]["node_id"]
+                victim = next(n for n in nodes if n.node_id == node_id)
+                cluster.remove_node(victim)
+                injected = True
+            rc = proc.wait(timeout=900)
+            log.close()
+            if injected:  # the cluster back to full strength for the next fault
+                label = nodes.pop(victim)
+                nodes[cluster.add_node(num_cpus=2, num_gpus=2, labels={"role": label})] = label
+            rows = metric_rows(metrics)
+            iterations = [r["iteration"] for r in rows]
+            survived = injected and rc == 0 and iterations == list(range(ITERATIONS))
+            placed = json.loads((out / name / "placement.json").read_text())
+            results.append(
+                {
+                    "fault": name,
+                    "injected": injected,
+                    "first_exit": rc,
+                    "resumed": False,
+                    "resume_exit": None,
+                    "iterations_logged": iterations,
+                    "shard_retries": sum(r.get("fault/retries", 0) for r in rows),
+                    "actor_restarts": placed.get("restarts", []),
+                    "survived": survived,
+                    "max_abs_weight_diff_vs_uninterrupted": max_abs_diff(
+                        _weights(out / name), _weights(out / "node_reference")
+                    )
+                    if survived
+                    else None,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "log_tail": None if survived else _tail(out / f"{name}.log"),
+                }
+            )
+            print(
+                f"{name}: survived={survived} exit {rc} iterations {iterations} ({results[-1]['seconds']} s)"
+            )
+    finally:
+        cluster.shutdown()
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-runs", action="store_true", help="the fault matrix only")
-    ap.add_argument("--faults", nargs="+", choices=sorted(FAULTS), default=list(FAULTS))
+    ap.add_argument("--faults", nargs="+", choices=[*FAULTS, *NODE_FAULTS], default=[*FAULTS, *NODE_FAULTS])
     ap.add_argument("--no-reference", action="store_true", help="skip the two uninterrupted runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.json"))
     args = ap.parse_args()
@@ -239,11 +315,14 @@ def main() -> None:
             if not args.no_reference:
                 reference = run_reference(Path(tmp), base)
                 print(f"reference: {reference}")
-            for i, name in enumerate(args.faults):
+            for i, name in enumerate(n for n in args.faults if n in FAULTS):
                 res = run_fault(name, Path(tmp) / f"try{i}", base)
                 print(f"{name}: survived={res['survived']} first exit {res['first_exit']} "
                       f"resume exit {res['resume_exit']} iterations {res['iterations_logged']} ({res['seconds']} s)")  # fmt: skip
                 faults.append(res)
+            node_faults = [n for n in args.faults if n in NODE_FAULTS]
+            if node_faults:
+                faults += run_node_faults(Path(tmp) / "nodes", base, node_faults)
     result = {
         "benchmark": "reliability",
         "cases": matrix["cases"],

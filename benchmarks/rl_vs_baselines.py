@@ -57,9 +57,16 @@ RECIPES: dict[str, list[str]] = {
     "multiscale_tiles": ["reward.tile_sizes=[16,8,32]"],
     "select_at_best_threshold": ["eval.select_metric=val/best_threshold_dice"],
     "self_critical_postproc": ["learner.advantage=self_critical", "reward.postprocess=true"],
+    "postproc_cldice_select": [
+        "reward.postprocess=true",
+        "reward.weights.cldice=0.2",
+        "reward.weights.betti=0.1",
+        "eval.select_metric=val/best_threshold_dice",
+    ],
     "dpo": ["learner.algorithm=dpo"],
     "dpo_lr3e-5": ["learner.algorithm=dpo", "learner.lr=3e-5"],
     "dpo_lr3e-5_beta500": ["learner.algorithm=dpo", "learner.lr=3e-5", "learner.dpo_beta=500"],
+    "dpo_lr3e-5_beta5000": ["learner.algorithm=dpo", "learner.lr=3e-5", "learner.dpo_beta=5000"],
 }
 """Overrides on the config and BASE, one lever per recipe (``grpo``: no lever). The ``dpo*`` recipes are the
 offline baseline RL must beat (preference pairs of the SFT model's own masks), with its own small sweep; they

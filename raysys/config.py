@@ -55,6 +55,17 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"invalid value for '{key}': {msg}")
 
 
+def _check_label_selector(selector: dict[str, str], key: str) -> None:
+    """Ray's own syntax check of a node-label selector (keys like ``role`` or ``example.com/role``; values
+    ``v``, ``!v``, ``in(a,b)``, ``!in(a,b)``), so a typo stops here and not as an actor that never starts."""
+    try:
+        from ray._private.label_utils import validate_label_selector
+    except ImportError:  # config without Ray (e.g. reading a run's config.yaml): Ray checks it at launch
+        return
+    error = validate_label_selector(selector)
+    _check(error is None, key, f"{selector!r}: {error}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "tiny"
@@ -172,6 +183,12 @@ class RewardConfig(ObjectiveConfig):
     """Reward actors (CPU only)."""
     cpus_per_actor: float = 0.5
     """Logical CPUs reserved by each reward actor."""
+    label_selector: dict[str, str] = field(default_factory=dict)
+    """Ray node labels a reward actor's node must have, e.g. ``{role: reward}`` for nodes started with
+    ``ray start --labels role=reward``; empty: any node."""
+    scheduling: Literal["default", "spread"] = "default"
+    """Placement of the reward actors over the nodes the selector allows: ``default`` (Ray's) or ``spread``
+    (over as many nodes as fit)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -188,6 +205,7 @@ class RewardConfig(ObjectiveConfig):
         )
         _check(self.num_actors >= 1, "reward.num_actors", "must be >= 1")
         _check(self.cpus_per_actor > 0, "reward.cpus_per_actor", "must be > 0")
+        _check_label_selector(self.label_selector, "reward.label_selector")
 
 
 @dataclass(frozen=True)
@@ -216,9 +234,17 @@ class RolloutConfig:
     timeout_s: float = 600.0
     """Longest wait on any actor call (sampling, scoring, a weight sync, a restarted actor answering); past it
     the run fails with an error naming the actor and what it was doing."""
+    label_selector: dict[str, str] = field(default_factory=dict)
+    """Ray node labels a rollout actor's node must have, e.g. ``{role: rollout}`` for nodes started with
+    ``ray start --labels role=rollout``; empty: any node. A restarted actor (its node lost) is placed by the
+    same rule."""
+    scheduling: Literal["default", "spread"] = "default"
+    """Placement of the rollout actors over the nodes the selector allows: ``default`` (Ray's) or ``spread``
+    (over as many nodes as fit: losing one node then costs the fewest actors)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        _check_label_selector(self.label_selector, "rollout.label_selector")
         _check(0 <= self.max_staleness <= 8, "rollout.max_staleness", "must be in 0..8")
         _check(self.timeout_s > 0 and math.isfinite(self.timeout_s), "rollout.timeout_s", "must be > 0")
         _check(self.gpus_per_worker >= 0, "rollout.gpus_per_worker", "must be >= 0")
@@ -281,6 +307,11 @@ class LearnerConfig:
     """Train workers take one GPU each."""
     cpus_per_worker: float = 0.5
     """Logical CPUs per Train worker."""
+    label_selector: dict[str, str] = field(default_factory=dict)
+    """Ray node labels a Train worker's node must have, e.g. ``{role: learner}``; empty: any node."""
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+    """Ray Train's placement strategy of the learner ranks: ``pack`` fills a node first (fastest all-reduce),
+    ``spread`` prefers other nodes, the ``strict_`` forms refuse the alternative."""
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend of the learner workers; auto is nccl with GPUs, gloo without."""
     strategy: Literal["ddp", "deepspeed"] = "ddp"
@@ -312,6 +343,7 @@ class LearnerConfig:
         _check(0 <= self.tile_advantage_weight <= 1, "learner.tile_advantage_weight", "must be in [0, 1]")
         _check(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, "learner.cpus_per_worker", "must be > 0")
+        _check_label_selector(self.label_selector, "learner.label_selector")
         _check(self.zero_stage in (1, 2, 3), "learner.zero_stage", "allowed: 1, 2, 3")
         _check(
             not (self.strategy == "deepspeed" and self.algorithm == "ppo"),

@@ -132,6 +132,9 @@ class RayCoordinator:
         self.max_attempts, self.timeout_s, self.max_staleness = max_attempts, timeout_s, max_staleness
         self._weights = None  # (ObjectRef, version) of the latest push; re-sent to restarted actors
         self._syncs: list[tuple[int, int, object]] = []  # (actor, version, ref) of unconfirmed weight loads
+        self.restarted: list[dict] = []
+        """Actors found restarted (role, index and their new placement), for placement.json; the caller
+        empties it."""
 
     def _get(self, ref, what: str):
         return get_within(ref, self.timeout_s, what)
@@ -158,16 +161,18 @@ class RayCoordinator:
                 self._get(done, f"rollout actor {j} (loading weights version {version})")
             except ray.exceptions.RayActorError:  # died before or while loading: restarted, sent again
                 log.warning("rollout actor %d died while receiving weights version %d; retrying", j, version)
-                self._recover(self.rollout[j], rollout=True, name=f"rollout actor {j}")
+                self._recover(self.rollout[j], role="rollout", index=j)
 
-    def _recover(self, handle, *, rollout: bool, name: str) -> None:
-        """Wait until a restarted actor answers; give a rollout actor the current weights again."""
+    def _recover(self, handle, *, role: str, index: int) -> None:
+        """Wait until a restarted actor answers (possibly on another node: its own was lost); give a rollout
+        actor the current weights again."""
         import ray
 
+        name = f"{role} actor {index}"
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                ray.get(handle.ready.remote(), timeout=min(60.0, self.timeout_s))
+                answer = ray.get(handle.ready.remote(), timeout=min(60.0, self.timeout_s))
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 if time.monotonic() > deadline:
@@ -176,7 +181,8 @@ class RayCoordinator:
                         f"rollout.timeout_s={self.timeout_s:g}s"
                     ) from exc
                 time.sleep(1.0)
-        if rollout and self._weights is not None:
+        self.restarted.append({"role": role, "index": index, **answer})
+        if role == "rollout" and self._weights is not None:
             self._get(handle.set_weights.remote(*self._weights), f"{name} (loading weights after a restart)")
 
     def _submit(self, j: int, shard: list[int], iteration: int) -> tuple:
@@ -251,9 +257,9 @@ class RayCoordinator:
                         type(exc).__name__,
                     )
                     if rollout_failed:
-                        self._recover(self.rollout[j], rollout=True, name=f"rollout actor {j}")
+                        self._recover(self.rollout[j], role="rollout", index=j)
                     else:
-                        self._recover(self.reward[reward_j], rollout=False, name=f"reward actor {reward_j}")
+                        self._recover(self.reward[reward_j], role="reward", index=reward_j)
             refs = {j: self._submit(j, parts[j], it) for j in range(len(parts)) if j not in results}
         out = [results[j] for j in range(len(parts))]
         stats.rollout_s = time.perf_counter() - pending.t0

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def placement() -> dict[str, Any]:
-    """This process: pid, and under Ray its node, reserved resources and GPU ids."""
+    """This process: pid, and under Ray its node (id, address, user labels), reserved resources and GPU ids."""
     info: dict[str, Any] = {"pid": os.getpid()}
     try:
         import ray
@@ -21,5 +21,6 @@ def placement() -> dict[str, Any]:
         node_ip=ray.util.get_node_ip_address(),
         resources={k: float(v) for k, v in ctx.get_assigned_resources().items()},
         gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+        labels={k: v for k, v in ctx.get_node_labels().items() if not k.startswith("ray.io/")},
     )
     return info

@@ -74,7 +74,8 @@ def required_resources(cfg: Config) -> dict[str, float]:
 
 
 def check_resources(cfg: Config) -> None:
-    """Fail fast (instead of pending forever) when the cluster has fewer resources than the config needs."""
+    """Fail fast (instead of pending forever) when the cluster has fewer resources than the config needs, in
+    all or on the nodes a role's ``label_selector`` allows."""
     import ray
 
     have = ray.cluster_resources()
@@ -86,6 +87,48 @@ def check_resources(cfg: Config) -> None:
                 f"reward.num_actors x cpus_per_actor + learner.num_workers x ...) but the Ray cluster has "
                 f"{have.get(key, 0.0):g}; lower those settings or add nodes"
             )
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    r, rw, lc = cfg.rollout, cfg.reward, cfg.learner
+    roles = (
+        ("rollout", r.label_selector, {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}),
+        ("reward", rw.label_selector, {"CPU": rw.num_actors * rw.cpus_per_actor}),
+        ("learner", lc.label_selector, {"CPU": lc.num_workers * lc.cpus_per_worker, "GPU": lc.num_workers * lc.use_gpu}),
+    )  # fmt: skip
+    for role, selector, role_need in roles:
+        if not selector:
+            continue
+        matching = [n for n in nodes if labels_match(selector, n.get("Labels", {}))]
+        if not matching:
+            seen = sorted(
+                {
+                    f"{k}={v}"
+                    for n in nodes
+                    for k, v in n.get("Labels", {}).items()
+                    if not k.startswith("ray.io/")
+                }
+            )
+            raise ResourceError(
+                f"{role}.label_selector {selector} matches no node of the Ray cluster (node labels: "
+                f"{', '.join(seen) or 'none'}); start nodes with `ray start --labels ...` or change the selector"
+            )
+        for key, amount in role_need.items():
+            there = sum(n.get("Resources", {}).get(key, 0.0) for n in matching)
+            if amount > there + 1e-9:
+                raise ResourceError(
+                    f"{role}.label_selector {selector} matches {len(matching)} node(s) with {there:g} {key} in all, "
+                    f"but the {role} role needs {amount:g}; label more nodes or lower the {role} settings"
+                )
+
+
+def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether a node with ``labels`` satisfies a Ray label selector (``v``, ``!v``, ``in(a,b)``, ``!in(a,b)``)."""
+    for key, want in selector.items():
+        negate = want.startswith("!")
+        want = want[1:] if negate else want
+        allowed = [v.strip() for v in want[3:-1].split(",")] if want.startswith("in(") else [want]
+        if (labels.get(key) in allowed) == negate:
+            return False
+    return True
 
 
 PATH_KEYS = ("policy.checkpoint", "data.root", "reward.reward_net", "run.output_dir", "run.storage_path")

@@ -97,6 +97,18 @@ class MetricsSink:
         data[role] = entries
         path.write_text(json.dumps(data, indent=1) + "\n")
 
+    def record_restart(self, entry: dict[str, Any], iteration: int) -> None:
+        """A rollout or reward actor answered again after a failure (``entry``: role, index, placement):
+        placement.json shows where it runs now and, under ``restarts``, when and where it moved."""
+        path = self.path.parent / "placement.json"
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        role, index = entry["role"], entry["index"]
+        current = {k: v for k, v in entry.items() if k not in ("role", "index")}
+        if index < len(data.get(role, [])):
+            data[role][index] = current
+        data.setdefault("restarts", []).append({**entry, "iteration": iteration})
+        path.write_text(json.dumps(data, indent=1) + "\n")
+
     def progress(self) -> dict[str, Any]:
         return self.last
 

@@ -114,6 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     iteration_indices(cfg, j, n_train)[rank::world], iteration=j
                 )
         scored, cstats = coordinator.gather(pending.pop(it), version=learner.version)
+        _record_restarts(coordinator, sink, it, sink_get)
         # 2. update: advantages and E epochs of minibatch steps (DDP/DeepSpeed across ranks)
         metrics = learner.update(scored, iteration=it)
         metrics.update(cstats.as_metrics())
@@ -123,6 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # confirmed when the next batch is gathered; other ranks dispatch after the report barrier, and
             # Ray orders an actor's tasks per caller only, so with several ranks the load is confirmed first.
             metrics.update(_sync(coordinator, learner, wait=rc.max_staleness == 0 or world > 1))
+            _record_restarts(coordinator, sink, it, sink_get)
             # 4. validate (and keep the best weights), 5. checkpoint
             if (it + 1) % cfg.eval.every == 0 or last:
                 val = _validate(learner, sink, cfg, it, sink_get)
@@ -136,6 +138,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics[keys.ITERATIONS_DONE] = it + 1  # survives resumes, unlike Tune's training_iteration
         metrics[keys.TIME_ITERATION] = time.perf_counter() - t_iter
         _report(metrics, ckpt, sink if rank == 0 else None, it, sink_get)
+
+
+def _record_restarts(coordinator, sink, iteration: int, sink_get) -> None:
+    for entry in coordinator.restarted:
+        sink_get(sink.record_restart.remote(entry, iteration), "recording an actor restart")
+    coordinator.restarted.clear()
 
 
 def _record_learner_placement(sink, rank: int, world: int, sink_get) -> None:
@@ -223,17 +231,30 @@ def _launch_actors(cfg: Config):
     from raysys.rollout import RolloutWorker
     from raysys.sink import MetricsSink
 
-    r = cfg.rollout
+    r, rw = cfg.rollout, cfg.reward
     rollout_cls = ray.remote(
         num_cpus=r.cpus_per_worker,
         num_gpus=r.gpus_per_worker,
         max_restarts=r.max_restarts,
         max_task_retries=0,
+        **_node_options(r.label_selector, r.scheduling),
     )(RolloutWorker)
-    reward_cls = ray.remote(num_cpus=cfg.reward.cpus_per_actor, max_restarts=r.max_restarts)(RewardWorker)
+    reward_cls = ray.remote(
+        num_cpus=rw.cpus_per_actor,
+        max_restarts=r.max_restarts,
+        **_node_options(rw.label_selector, rw.scheduling),
+    )(RewardWorker)
     rollout = [rollout_cls.remote(cfg, i) for i in range(r.num_workers)]
     reward = [reward_cls.remote(cfg) for _ in range(cfg.reward.num_actors)]
     return rollout, reward, ray.remote(num_cpus=0)(MetricsSink)
+
+
+def _node_options(label_selector: dict[str, str], scheduling: str) -> dict[str, Any]:
+    """Ray actor options that place an actor (and its restarts) on the nodes of a label selector."""
+    options: dict[str, Any] = {"scheduling_strategy": "SPREAD" if scheduling == "spread" else "DEFAULT"}
+    if label_selector:
+        options["label_selector"] = dict(label_selector)
+    return options
 
 
 def run_training(
@@ -287,6 +308,8 @@ def run_training(
             check_resources(cfg)
             rollout, reward, sink_cls = _launch_actors(cfg)
             start_iteration = latest_iteration(f"{storage}/{name}") + 1 if resume else 0
+            if resume:  # said here, on the driver: a Train worker's log lines reach a job's log best-effort
+                log.info("resuming run '%s' at iteration %d from %s/%s", name, start_iteration, storage, name)
             if initial_checkpoint is not None and not resume:
                 with initial_checkpoint.as_directory() as d:
                     start_iteration = _checkpoint_iteration(Path(d)) + 1
@@ -314,7 +337,11 @@ def run_training(
                     "initial_checkpoint": initial_checkpoint,
                 },
                 scaling_config=ScalingConfig(
-                    num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=resources
+                    num_workers=lc.num_workers,
+                    use_gpu=lc.use_gpu,
+                    resources_per_worker=resources,
+                    placement_strategy=lc.placement.upper(),
+                    label_selector=dict(lc.label_selector) or None,
                 ),
                 torch_config=backend,
                 run_config=RunConfig(

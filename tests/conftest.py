@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_FOLDER_MARKERS = {"unit": "unit", "ray": "ray", "e2e": "e2e", "gpu": "gpu", "remote": "remote"}
+_FOLDER_MARKERS = {
+    "unit": "unit", "ray": "ray", "cluster": "cluster", "e2e": "e2e", "gpu": "gpu", "remote": "remote",
+}  # fmt: skip
 
 # Tests never attach to a user's cluster by accident.
 os.environ.pop("RAY_ADDRESS", None)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from rl_small import SMALL_RL, metric_rows
 
+from raysys.runtime import latest_iteration
+
 pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,8 +117,9 @@ def test_asking_more_gpus_than_the_cluster_has_fails_fast(cluster, tmp_path) -> 
 
 
 def test_job_stop_leaves_a_resumable_checkpoint(cluster, tmp_path) -> None:
+    # Asynchronous rollouts (rollout.max_staleness=1): a job of either mode stops and resumes.
     args = [*TINY, "learner.iterations=5", "learner.checkpoint_every=1", f"run.output_dir={tmp_path}",
-            "run.name=stopme", "--no-progress"]  # fmt: skip
+            "run.name=stopme", "rollout.max_staleness=1", "--no-progress"]  # fmt: skip
     run = tmp_path / "stopme"
     started = _submit(cluster, "--no-wait", "--submission-id", "raysys-e2e-stop", "--", "train", *args)
     assert started.returncode == 0, started.stderr[-3000:]
@@ -130,9 +133,13 @@ def test_job_stop_leaves_a_resumable_checkpoint(cluster, tmp_path) -> None:
     assert "stopped" in (status.stdout + status.stderr).lower()
     assert list((run / "ray" / "stopme").glob("iter_*")), "no checkpoint survived the stop"
     assert len(_iterations(run)) < 5
+    resume_at = latest_iteration(run / "ray" / "stopme") + 1  # the latest checkpoint Train registered
+    assert resume_at >= 1
 
     resumed = _submit(cluster, "--submission-id", "raysys-e2e-resume", "--", "train", *args, "--resume")
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0 and "Job 'raysys-e2e-resume' succeeded" in out, out[-4000:]
-    assert "resumed at iteration" in out
+    assert f"resuming run 'stopme' at iteration {resume_at} " in out, out[-4000:]
     assert _iterations(run) == [0, 1, 2, 3, 4]  # rows past the checkpoint were redone, none twice
+    # One version behind, but for the first iteration of a run and of a resumed one.
+    assert any(r.get("async/staleness_1") == 4 for r in metric_rows(run / "metrics.jsonl")[1:])

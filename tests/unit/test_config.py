@@ -174,3 +174,42 @@ def test_only_synthetic_data_has_domains() -> None:
     assert load_config(None, ["data.domain=shifted"]).data.domain == "shifted"
     with pytest.raises(ConfigError, match=r"data\.domain.*only synthetic data has domains"):
         load_config(None, ["data.kind=drive", "data.root=/data/DRIVE", "data.domain=shifted"])
+
+
+def test_node_label_selectors_round_trip_and_bad_ones_name_the_key(tmp_path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "rollout.label_selector.role=rollout",
+            "learner.label_selector.zone=in(a,b)",
+            "learner.placement=spread",
+        ],
+    )
+    assert cfg.rollout.label_selector == {"role": "rollout"} and cfg.learner.placement == "spread"
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"'reward.label_selector'.*-spot"):
+        load_config(None, ["reward.label_selector.role=-spot"])
+    with pytest.raises(ConfigError, match=r"'rollout.scheduling'.*allowed: 'default', 'spread'"):
+        load_config(None, ["rollout.scheduling=pack"])
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "match"),
+    [
+        ({"role": "rollout"}, {"role": "rollout", "zone": "a"}, True),
+        ({"role": "rollout"}, {"role": "learner"}, False),
+        ({"role": "rollout"}, {}, False),
+        ({"role": "!learner"}, {"role": "rollout"}, True),
+        ({"role": "!learner"}, {}, True),
+        ({"role": "!learner"}, {"role": "learner"}, False),
+        ({"zone": "in(a, b)"}, {"zone": "b"}, True),
+        ({"zone": "in(a,b)"}, {"zone": "c"}, False),
+        ({"zone": "!in(a,b)"}, {"zone": "c"}, True),
+        ({"role": "rollout", "zone": "a"}, {"role": "rollout", "zone": "b"}, False),
+    ],
+)
+def test_label_selectors_match_as_ray_places(selector, labels, match) -> None:
+    from raysys.runtime import labels_match
+
+    assert labels_match(selector, labels) is match
