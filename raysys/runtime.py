@@ -33,8 +33,9 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
         return False
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        env = {"env_vars": PRIVATE_RAY_ENV["env_vars"]}
-        ray.init(address=address, runtime_env=None if _inside_job() else env, log_to_driver=True)
+        # Inside a job the job's runtime env applies; a driver attaching from a shell brings its own (the
+        # set-up hook too: several clusters on one machine, as in tests/cluster, share /tmp/ray).
+        ray.init(address=address, runtime_env=None if _inside_job() else PRIVATE_RAY_ENV, log_to_driver=True)
         return False
     needed = required_resources(cfg)
     num_cpus = cfg.run.num_cpus or max(4.0, (needed["CPU"] + extra_cpus) * copies + 1)

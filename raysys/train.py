@@ -250,8 +250,14 @@ def _launch_actors(cfg: Config):
 
 
 def _node_options(label_selector: dict[str, str], scheduling: str) -> dict[str, Any]:
-    """Ray actor options that place an actor (and its restarts) on the nodes of a label selector."""
-    options: dict[str, Any] = {"scheduling_strategy": "SPREAD" if scheduling == "spread" else "DEFAULT"}
+    """Ray actor options that place an actor (and its restarts) on the nodes of a label selector. None inside
+    a Tune trial: its actors take the bundles of the trial's placement group, which carry the selectors
+    (``raysys.tune.trial_resources``), and any explicit strategy would take them out of it."""
+    from ray.util import get_current_placement_group
+
+    if get_current_placement_group() is not None:
+        return {}
+    options: dict[str, Any] = {"scheduling_strategy": "SPREAD"} if scheduling == "spread" else {}
     if label_selector:
         options["label_selector"] = dict(label_selector)
     return options

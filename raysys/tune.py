@@ -236,14 +236,18 @@ def max_concurrent_trials(cfg: Config, have: dict[str, float]) -> int:
 
 def trial_resources(cfg: Config):
     """The trial's placement group: the driver, then one bundle per rollout and reward actor (created inside
-    the trial, so Tune places them in these bundles). Train workers get their own group from Ray Train."""
+    the trial, so Tune places them in these bundles), with the roles' node-label selectors and, when a role
+    asks to spread, the SPREAD strategy. Train workers get their own group from Ray Train."""
     from ray import tune
 
-    r = cfg.rollout
+    r, rw = cfg.rollout, cfg.reward
     rollout = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
-    reward = {"CPU": cfg.reward.cpus_per_actor}
+    reward = {"CPU": rw.cpus_per_actor}
+    selectors = [{}] + [dict(r.label_selector)] * r.num_workers + [dict(rw.label_selector)] * rw.num_actors
     return tune.PlacementGroupFactory(
-        [{"CPU": TRIAL_CPUS}] + [rollout] * r.num_workers + [reward] * cfg.reward.num_actors
+        [{"CPU": TRIAL_CPUS}] + [rollout] * r.num_workers + [reward] * rw.num_actors,
+        strategy="SPREAD" if "spread" in (r.scheduling, rw.scheduling) else "PACK",
+        **({"bundle_label_selector": selectors} if any(selectors) else {}),
     )
 
 

@@ -113,6 +113,19 @@ def test_trial_placement_group_holds_the_trials_actors() -> None:
     bundles = tune_mod.trial_resources(cfg).bundles
     assert bundles[0] == {"CPU": tune_mod.TRIAL_CPUS}
     assert bundles[1:4] == [{"CPU": 0.5, "GPU": 0.5}] * 3 and bundles[4:] == [{"CPU": 0.5}] * 2
+    assert tune_mod.trial_resources(cfg).strategy == "PACK"
+    placed = load_config(
+        None,
+        ["rollout.num_workers=2", "rollout.label_selector.role=rollout", "rollout.scheduling=spread"],
+    )
+    request = tune_mod.trial_resources(placed)
+    assert request.strategy == "SPREAD"
+    assert request._bound.arguments["bundle_label_selector"] == [
+        {},
+        {"role": "rollout"},
+        {"role": "rollout"},
+        {},
+    ]
 
 
 def test_resume_point_is_the_registered_checkpoint(tmp_path) -> None:
