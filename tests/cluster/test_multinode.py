@@ -13,12 +13,16 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from rl_small import SMALL_RL, metric_rows
 from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.timeout(
+    420
+)  # time-boxed: a hung node-loss recovery fails here, not at the suite's 600 s
 
 from raysys.config import load_config  # noqa: E402
 from raysys.runtime import PRIVATE_RAY_ENV, ResourceError  # noqa: E402
@@ -57,10 +61,9 @@ def s3():
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
     )
-    import pyarrow.fs as pafs
-
-    pafs.S3FileSystem(allow_bucket_creation=True).create_dir(BUCKET)
-    yield pafs.S3FileSystem()
+    fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
+    fs.create_dir(BUCKET)
+    yield fs
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -127,7 +130,7 @@ def test_a_selector_no_node_matches_fails_before_anything_starts(cluster, tmp_pa
         run_training(cfg, progress=False)
 
 
-def test_losing_a_rollout_node_then_a_learner_node_loses_nothing(cluster, reference, tmp_path) -> None:
+def test_losing_a_rollout_node_then_a_learner_node_loses_nothing(cluster, reference, s3, tmp_path) -> None:
     """Iteration 0 logged: the node of rollout actor 0 goes (the actor restarts on the other rollout node and
     gets the current weights). Iteration 2 logged: the node of learner rank 0 goes (Train restarts both ranks
     on the remaining learner node from the latest checkpoint in S3). The run finishes by itself with the
@@ -191,9 +194,7 @@ def test_losing_a_rollout_node_then_a_learner_node_loses_nothing(cluster, refere
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = metric_rows(result.run_dir / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4, 5]
-    import pyarrow.fs as pafs
-
-    listed = pafs.S3FileSystem().get_file_info(pafs.FileSelector(f"{BUCKET}/runs/lossy/lossy"))
+    listed = s3.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/lossy/lossy"))
     assert {"iter_000004", "iter_000005"} <= {Path(f.path).name for f in listed}
 
 
