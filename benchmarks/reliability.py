@@ -122,11 +122,11 @@ FAULTS = {
 }
 
 
-def _train_args(out: Path, name: str, base: Path) -> list[str]:
+def _train_args(out: Path, name: str, base: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "raysys", "train", f"run.output_dir={out}", f"run.name={name}", *SMALL_RL,
         f"policy.checkpoint={base}", f"learner.iterations={ITERATIONS}", "learner.checkpoint_every=1",
-        "eval.every=4", "run.num_cpus=4", "--no-progress",
+        "eval.every=4", "run.num_cpus=4", *extra, "--no-progress",
     ]  # fmt: skip
 
 
@@ -247,9 +247,16 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
     try:
 
         def args(name: str) -> list[str]:
-            return [*_train_args(out, name, base), *PLACED, f"run.ray_address={cluster.address}"]
+            return _train_args(out, name, base, *PLACED, f"run.ray_address={cluster.address}")
 
-        subprocess.run(args("node_reference"), capture_output=True, cwd=ROOT, timeout=900, check=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "node_reference.log").open("w") as log:
+            ref = subprocess.run(
+                args("node_reference"), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=900
+            )
+        if ref.returncode != 0:  # recorded as not survived, with the reason; the other results stay
+            tail = _tail(out / "node_reference.log")
+            return [{"fault": n, "injected": False, "survived": False, "log_tail": tail} for n in names]
         for name in names:
             role = name.split("_")[0]
             t0 = time.perf_counter()
@@ -269,7 +276,8 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
             rows = metric_rows(metrics)
             iterations = [r["iteration"] for r in rows]
             survived = injected and rc == 0 and iterations == list(range(ITERATIONS))
-            placed = json.loads((out / name / "placement.json").read_text())
+            placement = out / name / "placement.json"
+            placed = json.loads(placement.read_text()) if placement.is_file() else {}
             results.append(
                 {
                     "fault": name,
