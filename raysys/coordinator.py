@@ -127,10 +127,17 @@ class RayCoordinator:
         max_attempts: int = 3,
         timeout_s: float = 600.0,
         max_staleness: int = 0,
+        weights_source=None,
+        on_push=None,
     ) -> None:
         self.rollout, self.reward = list(rollout_handles), list(reward_handles)
         self.max_attempts, self.timeout_s, self.max_staleness = max_attempts, timeout_s, max_staleness
         self._weights = None  # (ObjectRef, version) of the latest push; re-sent to restarted actors
+        self.weights_source = weights_source
+        """For a coordinator that does not push (learner ranks > 0): returns the latest push's (ObjectRef,
+        version), or None, so it can re-sync an actor it finds restarted instead of waiting for rank 0."""
+        self.on_push = on_push
+        """Called with (ObjectRef, version) after every push (rank 0 publishes its pushes for the others)."""
         self._syncs: list[tuple[int, int, object]] = []  # (actor, version, ref) of unconfirmed weight loads
         self.restarted: list[dict] = []
         """Actors found restarted (role, index and their new placement), for placement.json; the caller
@@ -147,6 +154,8 @@ class RayCoordinator:
 
         ref = ray.put(state_dict)  # one copy in the object store, read by every worker
         self._weights = (ref, version)
+        if self.on_push is not None:
+            self.on_push(ref, version)
         self._syncs += [(j, version, w.set_weights.remote(ref, version)) for j, w in enumerate(self.rollout)]
         if wait:
             self._confirm_syncs()
@@ -182,8 +191,9 @@ class RayCoordinator:
                     ) from exc
                 time.sleep(1.0)
         self.restarted.append({"role": role, "index": index, **answer})
-        if role == "rollout" and self._weights is not None:
-            self._get(handle.set_weights.remote(*self._weights), f"{name} (loading weights after a restart)")
+        weights = self._weights or (self.weights_source() if self.weights_source is not None else None)
+        if role == "rollout" and weights is not None:
+            self._get(handle.set_weights.remote(*weights), f"{name} (loading weights after a restart)")
 
     def _submit(self, j: int, shard: list[int], iteration: int) -> tuple:
         w, r = self.rollout[j], self.reward[j % len(self.reward)]

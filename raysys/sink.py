@@ -24,6 +24,7 @@ class MetricsSink:
         self.start_iteration = start_iteration
         self.stop_at: int | None = None
         self.actors: bool | None = None  # the rollout and reward actors started (True) or failed (False)
+        self.weights: tuple[list, int] | None = None
 
     def _truncate(self, start_iteration: int) -> None:
         """On resume, drop rows of iterations the checkpoint does not contain (they will be redone)."""
@@ -57,6 +58,14 @@ class MetricsSink:
 
     def stop_iteration(self) -> int | None:
         return self.stop_at
+
+    def set_weights_ref(self, holder: list, version: int) -> None:
+        """The latest weight push (``holder = [ObjectRef]``: wrapped, so Ray passes the reference and this actor
+        keeps the object alive). Every learner rank can then re-sync a rollout actor it finds restarted."""
+        self.weights = (holder, version)
+
+    def weights_ref(self) -> tuple[list, int] | None:
+        return self.weights
 
     def set_actors_started(self, ok: bool) -> None:
         """The driver saw every rollout and reward actor answer (or one fail in its constructor)."""

@@ -210,6 +210,36 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(ray_local) -> Non
         np.testing.assert_allclose(a.rewards, b.rewards)
 
 
+def test_a_rank_that_finds_an_actor_restarted_resyncs_it_without_rank_0(ray_local, tmp_path) -> None:
+    """Rank 0 pushes the weights; rank 1 finds rollout actor 0 restarted (its node lost) with no weights and
+    must not wait for rank 0, which waits for rank 1 in the update's all-reduce: it re-syncs the actor from
+    the push rank 0 published through the metrics sink."""
+    from raysys.sink import MetricsSink
+
+    cfg = load_config(None, SMALL)
+    cls = ray_local.remote(num_cpus=0.25, max_restarts=2, max_task_retries=0)(RolloutWorker)
+    workers = [cls.remote(cfg, i) for i in range(2)]
+    reward = [ray_local.remote(num_cpus=0.25)(RewardWorker).remote(cfg)]
+    sink = ray_local.remote(num_cpus=0)(MetricsSink).remote(str(tmp_path))
+
+    def latest():
+        published = ray_local.get(sink.weights_ref.remote())
+        return None if published is None else (published[0][0], published[1])
+
+    rank0 = RayCoordinator(
+        workers, reward, on_push=lambda ref, v: ray_local.get(sink.set_weights_ref.remote([ref], v))
+    )
+    rank1 = RayCoordinator(workers, reward, weights_source=latest)
+    sd = {k: v + 0.1 for k, v in RolloutWorker(cfg, 9).policy.trainable_state_dict().items()}
+    rank0.push_weights(sd, 1)
+    pid = ray_local.get(workers[0].ready.remote())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    scored, stats = rank1.collect([1, 3], iteration=2, version=1)
+    assert stats.retries >= 1 and all(s.batch.version == 1 for s in scored)
+    assert [e["index"] for e in rank1.restarted] == [0] and rank1.restarted[0]["pid"] != pid
+    assert ray_local.get(workers[0].ready.remote())["version"] == 1
+
+
 def _run_killing_the_learner(cfg, after_rows: int):
     """``run_training(cfg)`` while a thread SIGKILLs the learner (rank 0's Train worker) once ``after_rows``
     iterations are logged; returns the result and the killed PIDs."""
