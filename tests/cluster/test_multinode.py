@@ -132,9 +132,10 @@ def test_a_selector_no_node_matches_fails_before_anything_starts(cluster, tmp_pa
 
 def test_losing_a_rollout_node_then_a_learner_node_loses_nothing(cluster, reference, s3, tmp_path) -> None:
     """Iteration 0 logged: the node of rollout actor 0 goes (the actor restarts on the other rollout node and
-    gets the current weights). Iteration 2 logged: the node of learner rank 0 goes (Train restarts both ranks
-    on the remaining learner node from the latest checkpoint in S3). The run finishes by itself with the
-    reference run's weights and every iteration logged once; then a fresh driver process resumes it from S3."""
+    gets the current weights). Iteration 1 logged: the node of learner rank 0 goes (Train restarts both ranks
+    on the remaining learner node from the latest checkpoint in S3). The run, 4 iterations, finishes by itself
+    with every iteration logged once. A fresh driver process then resumes it from S3 to the reference run's 5
+    iterations: the same reward curve and weights as the undisturbed run."""
     c, nodes = cluster
     overrides = [
         *PLACED,
@@ -142,7 +143,7 @@ def test_losing_a_rollout_node_then_a_learner_node_loses_nothing(cluster, refere
         f"run.storage_path=s3://{BUCKET}/runs",
         "run.name=lossy",
     ]
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, [*overrides, "learner.iterations=4"])
     removed: list[tuple[str, str]] = []
     done = threading.Event()
 
@@ -157,7 +158,7 @@ def test_losing_a_rollout_node_then_a_learner_node_loses_nothing(cluster, refere
             time.sleep(0.05)
         return False
 
-    thread = threading.Thread(target=lambda: remove("rollout", 1) and remove("learner", 3))
+    thread = threading.Thread(target=lambda: remove("rollout", 1) and remove("learner", 2))
     thread.start()
     try:
         result = run_training(cfg, progress=False)
@@ -168,8 +169,7 @@ def test_losing_a_rollout_node_then_a_learner_node_loses_nothing(cluster, refere
         "the run ended before both nodes were lost"
     )
     rows = metric_rows(result.run_dir / "metrics.jsonl")
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
-    assert sum(r["fault/retries"] for r in rows) >= 1
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     placed = json.loads((result.run_dir / "placement.json").read_text())
     moved = [r for r in placed["restarts"] if r["role"] == "rollout" and r["index"] == 0]
     assert (
@@ -178,24 +178,23 @@ def test_losing_a_rollout_node_then_a_learner_node_loses_nothing(cluster, refere
     assert placed["rollout"][0]["node_id"] == moved[-1]["node_id"]
     survivors = {r["node_id"] for r in placed["learner"]}
     assert removed[1][1] not in survivors and {_role_of(nodes, n) for n in survivors} == {"learner"}
-    # Nothing lost or duplicated: the same weights and reward curve as the undisturbed run.
-    ref_rows = metric_rows(reference[0].run_dir / "metrics.jsonl")
-    for a, b in zip(rows, ref_rows, strict=True):
-        assert a["rollout/reward_mean"] == pytest.approx(b["rollout/reward_mean"], rel=1e-5)
-    _assert_same_weights(result.run_dir, reference[0].run_dir)
-
     # A fresh driver (a new process, as after the head node itself was replaced) resumes from S3.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "raysys", "train", *overrides, "learner.iterations=6",
-         f"run.ray_address={c.address}", "--resume", "--no-progress"],
+        [sys.executable, "-m", "raysys", "train", *overrides, f"run.ray_address={c.address}", "--resume",
+         "--no-progress"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = metric_rows(result.run_dir / "metrics.jsonl")
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
+    # Nothing lost or duplicated by either node loss or the resume: the undisturbed run's curve and weights.
+    ref_rows = metric_rows(reference[0].run_dir / "metrics.jsonl")
+    for a, b in zip(rows, ref_rows, strict=True):
+        assert a["rollout/reward_mean"] == pytest.approx(b["rollout/reward_mean"], rel=1e-5)
+    _assert_same_weights(result.run_dir, reference[0].run_dir)
     listed = s3.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/lossy/lossy"))
-    assert {"iter_000004", "iter_000005"} <= {Path(f.path).name for f in listed}
+    assert {"iter_000003", "iter_000004"} <= {Path(f.path).name for f in listed}
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
