@@ -117,6 +117,14 @@ def test_asking_more_gpus_than_the_cluster_has_fails_fast(cluster, tmp_path) -> 
     assert time.time() - t0 < 120  # no hanging on pending placement
 
 
+def _registered(experiment: Path) -> int:
+    """Train's latest registered checkpoint, or -1; also -1 while the controller is rewriting its snapshot."""
+    try:
+        return latest_iteration(experiment)
+    except ValueError:  # a half-written checkpoint_manager_snapshot.json
+        return -1
+
+
 def test_job_stop_leaves_a_resumable_checkpoint(cluster, tmp_path) -> None:
     # Asynchronous rollouts (rollout.max_staleness=1): a job of either mode stops and resumes.
     args = [*TINY, "learner.iterations=5", "learner.checkpoint_every=1", f"run.output_dir={tmp_path}",
@@ -124,8 +132,10 @@ def test_job_stop_leaves_a_resumable_checkpoint(cluster, tmp_path) -> None:
     run = tmp_path / "stopme"
     started = _submit(cluster, "--no-wait", "--submission-id", "raysys-e2e-stop", "--", "train", *args)
     assert started.returncode == 0, started.stderr[-3000:]
+    # Stop once 2 iterations are logged and Train has registered a checkpoint (its controller records one
+    # shortly after the report; a job stopped before that has no checkpoint to resume from, only folders).
     deadline = time.time() + 300
-    while len(_iterations(run)) < 2:
+    while len(_iterations(run)) < 2 or _registered(run / "ray" / "stopme") < 0:
         assert time.time() < deadline, _ray(cluster, "job", "logs", "raysys-e2e-stop").stdout[-3000:]
         time.sleep(0.5)
     stop = _ray(cluster, "job", "stop", "raysys-e2e-stop")
