@@ -39,7 +39,7 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 from fault_cases import CASES, World, classify, run_case  # noqa: E402
-from rl_small import SMALL_RL, metric_rows  # noqa: E402
+from rl_small import NODE_ROLES, PLACED_ON_NODES, SMALL_RL, metric_rows  # noqa: E402
 
 ITERATIONS = 8
 
@@ -225,13 +225,6 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
 
 
 NODE_FAULTS = ("rollout_node_loss", "learner_node_loss")
-NODE_ROLES = ("rollout", "rollout", "learner", "learner")
-PLACED = [
-    "rollout.num_workers=2", "rollout.gpus_per_worker=1", "rollout.label_selector.role=rollout",
-    "rollout.scheduling=spread", "reward.scheduling=spread", "learner.num_workers=2", "learner.use_gpu=true",
-    "learner.dist_backend=gloo", "learner.label_selector.role=learner", "learner.placement=spread",
-]  # fmt: skip
-"""The 4-node example's shape on a simulated cluster: two labelled rollout nodes, two labelled learner nodes."""
 
 
 def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
@@ -247,7 +240,7 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
     try:
 
         def args(name: str) -> list[str]:
-            return _train_args(out, name, base, *PLACED, f"run.ray_address={cluster.address}")
+            return _train_args(out, name, base, *PLACED_ON_NODES, f"run.ray_address={cluster.address}")
 
         out.mkdir(parents=True, exist_ok=True)
         with (out / "node_reference.log").open("w") as log:

@@ -21,6 +21,11 @@ def placement() -> dict[str, Any]:
         node_ip=ray.util.get_node_ip_address(),
         resources={k: float(v) for k, v in ctx.get_assigned_resources().items()},
         gpu_ids=[str(g) for g in ray.get_gpu_ids()],
-        labels={k: v for k, v in ctx.get_node_labels().items() if not k.startswith("ray.io/")},
+        labels=user_labels(ctx.get_node_labels()),
     )
     return info
+
+
+def user_labels(labels: dict[str, str]) -> dict[str, str]:
+    """A node's labels without the ones Ray sets itself (``ray.io/node-id`` and the like)."""
+    return {k: v for k, v in labels.items() if not k.startswith("ray.io/")}

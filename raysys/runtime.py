@@ -63,15 +63,20 @@ def _inside_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def required_resources(cfg: Config) -> dict[str, float]:
-    """Logical CPUs and GPUs the actors and Train workers reserve."""
+def role_resources(cfg: Config) -> dict[str, tuple[dict[str, str], dict[str, float]]]:
+    """Per role (rollout, reward, learner): its node-label selector and the logical CPUs and GPUs it reserves."""
     r, rw, lc = cfg.rollout, cfg.reward, cfg.learner
     return {
-        "CPU": r.num_workers * r.cpus_per_worker
-        + rw.num_actors * rw.cpus_per_actor
-        + lc.num_workers * lc.cpus_per_worker,
-        "GPU": r.num_workers * r.gpus_per_worker + (lc.num_workers if lc.use_gpu else 0),
-    }
+        "rollout": (r.label_selector, {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}),
+        "reward": (rw.label_selector, {"CPU": rw.num_actors * rw.cpus_per_actor, "GPU": 0.0}),
+        "learner": (lc.label_selector, {"CPU": lc.num_workers * lc.cpus_per_worker, "GPU": float(lc.num_workers if lc.use_gpu else 0)}),
+    }  # fmt: skip
+
+
+def required_resources(cfg: Config) -> dict[str, float]:
+    """Logical CPUs and GPUs the actors and Train workers reserve."""
+    needs = [need for _, need in role_resources(cfg).values()]
+    return {key: sum(need[key] for need in needs) for key in ("CPU", "GPU")}
 
 
 def check_resources(cfg: Config) -> None:
@@ -88,26 +93,15 @@ def check_resources(cfg: Config) -> None:
                 f"reward.num_actors x cpus_per_actor + learner.num_workers x ...) but the Ray cluster has "
                 f"{have.get(key, 0.0):g}; lower those settings or add nodes"
             )
+    from raysys.placement import user_labels
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    r, rw, lc = cfg.rollout, cfg.reward, cfg.learner
-    roles = (
-        ("rollout", r.label_selector, {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}),
-        ("reward", rw.label_selector, {"CPU": rw.num_actors * rw.cpus_per_actor}),
-        ("learner", lc.label_selector, {"CPU": lc.num_workers * lc.cpus_per_worker, "GPU": lc.num_workers * lc.use_gpu}),
-    )  # fmt: skip
-    for role, selector, role_need in roles:
+    for role, (selector, role_need) in role_resources(cfg).items():
         if not selector:
             continue
         matching = [n for n in nodes if labels_match(selector, n.get("Labels", {}))]
         if not matching:
-            seen = sorted(
-                {
-                    f"{k}={v}"
-                    for n in nodes
-                    for k, v in n.get("Labels", {}).items()
-                    if not k.startswith("ray.io/")
-                }
-            )
+            seen = sorted({f"{k}={v}" for n in nodes for k, v in user_labels(n.get("Labels", {})).items()})
             raise ResourceError(
                 f"{role}.label_selector {selector} matches no node of the Ray cluster (node labels: "
                 f"{', '.join(seen) or 'none'}); start nodes with `ray start --labels ...` or change the selector"

@@ -64,8 +64,9 @@ class MetricsSink:
         keeps the object alive). Every learner rank can then re-sync a rollout actor it finds restarted."""
         self.weights = (holder, version)
 
-    def weights_ref(self) -> tuple[list, int] | None:
-        return self.weights
+    def weights_ref(self) -> tuple[Any, int] | None:
+        """(ObjectRef, version) of the latest push: a reference in a returned tuple stays a reference."""
+        return None if self.weights is None else (self.weights[0][0], self.weights[1])
 
     def set_actors_started(self, ok: bool) -> None:
         """The driver saw every rollout and reward actor answer (or one fail in its constructor)."""

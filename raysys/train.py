@@ -68,10 +68,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def sink_get(ref, what: str):
         return get_within(ref, rc.timeout_s, f"the metrics sink ({what})")
 
-    def latest_weights():
-        published = sink_get(sink.weights_ref.remote(), "latest weights")
-        return None if published is None else (published[0][0], published[1])
-
     # Rank 0 pushes the weights and publishes each push through the sink; any rank that finds a rollout actor
     # restarted (its node lost, say) re-syncs it from there rather than waiting for rank 0, which may be
     # waiting for this rank in the update's all-reduce.
@@ -80,7 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config["reward"],
         timeout_s=rc.timeout_s,
         max_staleness=rc.max_staleness,
-        weights_source=latest_weights if rank > 0 else None,
+        weights_source=(lambda: sink_get(sink.weights_ref.remote(), "latest weights")) if rank > 0 else None,
         on_push=(lambda ref, v: sink_get(sink.set_weights_ref.remote([ref], v), "publishing weights"))
         if rank == 0
         else None,

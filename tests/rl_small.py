@@ -14,6 +14,19 @@ SMALL_RL = [
 """64x64 images, 6 training images, K=4, 4 images per iteration, fractional CPUs for one shared Ray."""
 
 
+NODE_ROLES = ("rollout", "rollout", "learner", "learner")
+"""Worker nodes of a simulated cluster by label (``ray.cluster_utils.Cluster``, 2 CPUs and 2 fake GPUs each):
+the 4-node example's two rollout nodes and two learner nodes, scaled down; the head (no GPU) hosts the driver,
+the metrics sink and Train's controller."""
+PLACED_ON_NODES = [
+    "rollout.num_workers=2", "rollout.gpus_per_worker=1", "rollout.label_selector.role=rollout",
+    "rollout.scheduling=spread", "reward.scheduling=spread", "learner.num_workers=2", "learner.use_gpu=true",
+    "learner.dist_backend=gloo", "learner.label_selector.role=learner", "learner.placement=spread",
+]  # fmt: skip
+"""Placement on NODE_ROLES as examples/sa2va_4node_32gpu.yaml places its roles: one rollout actor and one
+learner rank per labelled node."""
+
+
 def metric_rows(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl (none if the file does not exist yet)."""
     path = Path(path)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import torch
-from rl_small import SMALL_RL, metric_rows
+from rl_small import NODE_ROLES as ROLES
+from rl_small import PLACED_ON_NODES, SMALL_RL, metric_rows
 from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
@@ -30,18 +31,7 @@ from raysys.train import run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "raysys-test"
-ROLES = ("rollout", "rollout", "learner", "learner")
-"""Worker nodes by label, each with 2 CPUs and 2 fake GPUs: the 4-node example's two rollout nodes and two
-learner nodes; the head (4 CPUs, no GPU) hosts the driver, the metrics sink and Train's controller."""
-PLACED = [
-    *SMALL_RL,
-    "rollout.num_workers=2", "rollout.gpus_per_worker=1", "rollout.label_selector.role=rollout",
-    "rollout.scheduling=spread",
-    "reward.scheduling=spread",
-    "learner.num_workers=2", "learner.use_gpu=true", "learner.dist_backend=gloo",
-    "learner.label_selector.role=learner", "learner.placement=spread",
-    "learner.iterations=5", "learner.checkpoint_every=1", "eval.every=100",
-]  # fmt: skip
+PLACED = [*SMALL_RL, *PLACED_ON_NODES, "learner.iterations=5", "learner.checkpoint_every=1", "eval.every=100"]
 
 
 @pytest.fixture(scope="module")

@@ -211,11 +211,7 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_pa
 
     # Rank 1 finds actor 0 restarted without weights. It must not wait for rank 0 (which waits for rank 1 in
     # the update's all-reduce): it re-syncs the actor from the push rank 0 published.
-    def published():
-        latest = ray_local.get(sink.weights_ref.remote())
-        return None if latest is None else (latest[0][0], latest[1])
-
-    rank1 = RayCoordinator(workers, reward, weights_source=published)
+    rank1 = RayCoordinator(workers, reward, weights_source=lambda: ray_local.get(sink.weights_ref.remote()))
     pid = ray_local.get(workers[0].ready.remote())["pid"]
     os.kill(pid, signal.SIGKILL)
     scored, stats = rank1.collect([1, 3], iteration=5, version=2)
