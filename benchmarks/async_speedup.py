@@ -5,16 +5,21 @@ held-out quality for ``rollout.max_staleness`` 0, 1, 2 -> JSON.
         [--seeds 0 1 2] [--staleness 0 1 2] [--iterations 150] [key=value ...]
 
 For each (seed, staleness): ``raysys train`` from the SFT checkpoint (the real CLI; the reward of raw masks,
-``reward.postprocess=false``, as first measured). Times come from the run's
+``rl_gain.FIRST_RECIPE``, as first measured). Times come from the run's
 own ``time/iteration_s`` (start-up excluded, validations included, the same in every mode). "Time to the same
 val Dice" is the training time until a run's validation Dice first comes within ``TOLERANCE`` of the best
 validation Dice of the lock-step run of the same seed (its final one would do only for a monotone curve: RL's
 validation Dice goes up and down, and a dip at the end is reached by any run at its first validation);
-``speedup_to_same_val_dice`` is the lock-step time over the max_staleness 1 time, the median over seeds with a
-seed whose asynchronous run never gets there counted as 0 (the validation curves are noisy: one lock-step run
-peaking late makes its seed's ratio large; ``..._per_seed`` lists them). Both the best-validation checkpoint (what a user deploys) and
+``speedup_to_same_val_dice`` is the lock-step time over the max_staleness 1 time, the mean over seeds with a
+seed whose asynchronous run never gets there counted as 0; the validation curves are noisy (one lock-step run
+peaking late makes its seed's ratio large), so ``..._median`` and ``..._per_seed`` come with it. Both the best-validation checkpoint (what a user deploys) and
 the last one are scored on the test split at ``eval.threshold``: ``test_dice_delta`` = max_staleness 1 minus
 0 for the best checkpoints, mean over seeds (``test_dice_delta_last`` for the last ones).
+
+``--cpu`` adds the reason for the ceiling on a small machine: seed 0, ``CPU_ITERATIONS`` iterations at
+max_staleness 0 and 1 (and 1 with a one-thread learner), each with the machine's CPU busy share over its
+training window (``/proc/stat``). Overlap can only fill idle cores, so lock step's busy share b bounds any
+schedule's speed-up by 1/b (``overlap_speedup_bound``).
 
 ``--heavy`` adds a rollout-bound case (``rollout.samples_per_image=16``, 384-px images, from scratch, a few
 iterations): the share of each iteration the learner waits for samples, lock step against one step off.
@@ -26,18 +31,57 @@ import argparse
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from rl_gain import raysys_cli, resume_flag, scores
+from rl_gain import FIRST_RECIPE, raysys_cli, resume_flag, scores
 
 from raysys import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.005
 """Validation Dice within this of the lock-step run's best counts as reaching it."""
+CPU_ITERATIONS = 30
+CPU_CASES = {"max_staleness_0": ["rollout.max_staleness=0"], "max_staleness_1": ["rollout.max_staleness=1"],
+             "max_staleness_1_learner_1_thread": ["rollout.max_staleness=1", "learner.torch_threads=1"]}  # fmt: skip
 HEAVY = ["rollout.samples_per_image=16", "data.size=384", "data.n_train=32", "data.n_val=4", "eval.every=100"]
+
+
+class CpuMeter:
+    """The machine's cumulative (busy, total) CPU jiffies from ``/proc/stat``, sampled twice a second."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), *self.read()))
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> CpuMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def busy_share(self, start: float, end: float) -> float:
+        """Busy share of all cores between the samples nearest ``start`` and ``end`` (wall-clock times)."""
+        a = min(self.samples, key=lambda s: abs(s[0] - start))
+        b = min(self.samples, key=lambda s: abs(s[0] - end))
+        return (b[1] - a[1]) / max(b[2] - a[2], 1)
 
 
 def train(config: str, overrides: list[str]) -> tuple[list[dict], float, object]:
@@ -48,6 +92,19 @@ def train(config: str, overrides: list[str]) -> tuple[list[dict], float, object]
     wall = raysys_cli("train", config, *overrides, "--no-progress", *resume_flag(cfg))
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     return rows, wall, cfg
+
+
+def train_metered(config: str, overrides: list[str]) -> dict:
+    """``train`` with the machine's CPU busy share over the training iterations (start-up and shutdown
+    excluded: the window ends when the last metrics row is written and spans the run's iteration time)."""
+    if not Path("/proc/stat").is_file():
+        raise SystemExit("--cpu reads /proc/stat (Linux)")
+    with CpuMeter() as meter:
+        rows, wall, cfg = train(config, overrides)
+    out = summary(rows, wall)
+    end = (cfg.run_dir / "metrics.jsonl").stat().st_mtime
+    out["cpu_busy_share"] = meter.busy_share(end - out["train_s"], end)
+    return out
 
 
 def curve(rows: list[dict]) -> list[tuple[float, float]]:
@@ -104,6 +161,7 @@ def main() -> int:
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=150)
     parser.add_argument("--heavy", action="store_true", help="also the rollout-bound case")
+    parser.add_argument("--cpu", action="store_true", help="also the CPU busy share of lock step and async")
     parser.add_argument("--output-dir", default=str(ROOT / "runs/async_speedup"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/async_speedup.json"))
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
@@ -121,7 +179,7 @@ def main() -> int:
             overrides = [
                 f"policy.checkpoint={args.sft}", f"run.seed={seed}", f"run.name=ms{n}_s{seed}",
                 f"run.output_dir={out_dir}", f"rollout.max_staleness={n}",
-                f"learner.iterations={args.iterations}", "reward.postprocess=false", *args.overrides,
+                f"learner.iterations={args.iterations}", *FIRST_RECIPE, *args.overrides,
             ]  # fmt: skip
             if not cached.is_file():
                 rows, wall, cfg = train(args.config, overrides)
@@ -153,9 +211,10 @@ def main() -> int:
             "iterations_per_s": float(np.mean([r["iterations_per_s"] for r in by_seed.values()])),
             "iterations_per_s_std": float(np.std([r["iterations_per_s"] for r in by_seed.values()])),
             "rollout_wait_share": float(np.mean([r["rollout_wait_share"] for r in by_seed.values()])),
-            # Median over seeds, a seed whose run never gets there counting as no speed-up at all (0): one
-            # lock-step run that peaks late (or early) swings a mean.
-            "speedup_to_same_val_dice": float(np.median([s or 0.0 for s in speedups])),
+            # A seed whose run never gets there counts as no speed-up at all (0). One lock-step run that peaks
+            # late (or early) swings the mean, hence the median beside it.
+            "speedup_to_same_val_dice": float(np.mean([s or 0.0 for s in speedups])),
+            "speedup_to_same_val_dice_median": float(np.median([s or 0.0 for s in speedups])),
             "speedup_to_same_val_dice_per_seed": speedups,
             "seeds_reaching_lock_step_val_dice": len(got),
             "time_to_lock_step_val_dice_s": reach,
@@ -174,7 +233,7 @@ def main() -> int:
             cached = out_dir / f"heavy_ms{n}.json"
             if not cached.is_file():
                 overrides = [f"run.name=heavy_ms{n}", f"run.output_dir={out_dir}", f"rollout.max_staleness={n}",
-                             "learner.iterations=6", *HEAVY, *args.overrides]  # fmt: skip
+                             "learner.iterations=6", *FIRST_RECIPE, *HEAVY, *args.overrides]  # fmt: skip
                 rows, wall, _ = train(args.config, overrides)
                 cached.write_text(json.dumps(summary(rows, wall)))
             heavy[f"max_staleness_{n}"] = json.loads(cached.read_text())
@@ -182,6 +241,21 @@ def main() -> int:
             heavy["max_staleness_1"]["iterations_per_s"] / heavy["max_staleness_0"]["iterations_per_s"]
         )
         heavy["overrides"] = HEAVY
+    cpu = None
+    if args.cpu:
+        cpu = {"seed": 0, "iterations": CPU_ITERATIONS}
+        for name, case in CPU_CASES.items():
+            cached = out_dir / f"cpu_{name}.json"
+            if not cached.is_file():
+                overrides = [f"policy.checkpoint={args.sft}", "run.seed=0", f"run.name=cpu_{name}",
+                             f"run.output_dir={out_dir}", f"learner.iterations={CPU_ITERATIONS}",
+                             *FIRST_RECIPE, *case, *args.overrides]  # fmt: skip
+                cached.write_text(json.dumps(train_metered(args.config, overrides)))
+            cpu[name] = {"overrides": case, **json.loads(cached.read_text())}
+        lock = cpu["max_staleness_0"]
+        cpu["overlap_speedup_bound"] = 1.0 / lock["cpu_busy_share"]
+        for name in CPU_CASES:
+            cpu[name]["iterations_per_s_ratio"] = cpu[name]["iterations_per_s"] / lock["iterations_per_s"]
     one = per_mode.get("max_staleness_1", {})
     result = {
         "benchmark": "async_speedup",
@@ -193,6 +267,7 @@ def main() -> int:
         "iterations": args.iterations,
         "seeds": args.seeds,
         "speedup_to_same_val_dice": one.get("speedup_to_same_val_dice"),
+        "speedup_to_same_val_dice_median": one.get("speedup_to_same_val_dice_median"),
         "test_dice_delta": one.get("test_dice_delta"),
         "test_dice_delta_last": one.get("test_dice_delta_last"),
         "val_dice_tolerance": TOLERANCE,
@@ -201,6 +276,7 @@ def main() -> int:
         ),
         "modes": per_mode,
         "rollout_heavy": heavy,
+        "cpu_bound": cpu,
     }
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "modes"}, indent=2))

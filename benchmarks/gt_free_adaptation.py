@@ -35,15 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rl_gain import best_threshold, raysys_cli, resume_flag, scores
+from rl_gain import FIRST_RECIPE, best_threshold, raysys_cli, resume_flag, scores
 from rl_vs_baselines import _summary, markdown
 
 from raysys import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = [
-    "data.domain=shifted", "reward.source=learned", "eval.select_metric=val/learned_score",
-    "reward.postprocess=false",
+    *FIRST_RECIPE, "data.domain=shifted", "reward.source=learned", "eval.select_metric=val/learned_score",
 ]  # fmt: skip
 """RL on the target: the learned reward alone (of the raw masks, as first measured), and a checkpoint chosen
 without labels."""

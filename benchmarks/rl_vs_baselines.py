@@ -42,12 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rl_gain import KEYS, scores, train_and_score
+from rl_gain import FIRST_RECIPE, KEYS, scores, train_and_score
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ["reward.postprocess=false"]
+BASE = FIRST_RECIPE
 """Applied before every recipe: the levers are measured against the recipe the tiny config had when they were
-screened (lock-step GRPO on raw masks); the config has since switched to the best of them."""
+screened (lock-step GRPO on raw masks, no clDice/Betti term, checkpoint by val Dice); the config has since
+switched to the best of them."""
 RECIPES: dict[str, list[str]] = {
     "grpo": [],
     "self_critical": ["learner.advantage=self_critical"],
@@ -62,6 +63,14 @@ RECIPES: dict[str, list[str]] = {
         "reward.weights.cldice=0.2",
         "reward.weights.betti=0.1",
         "eval.select_metric=val/best_threshold_dice",
+    ],
+    # The combined recipe at twice the budget: its best checkpoint was the last one at 150 iterations.
+    "postproc_cldice_select_300it": [
+        "reward.postprocess=true",
+        "reward.weights.cldice=0.2",
+        "reward.weights.betti=0.1",
+        "eval.select_metric=val/best_threshold_dice",
+        "learner.iterations=300",
     ],
     "dpo": ["learner.algorithm=dpo"],
     "dpo_lr3e-5": ["learner.algorithm=dpo", "learner.lr=3e-5"],
