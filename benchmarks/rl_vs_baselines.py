@@ -64,6 +64,14 @@ RECIPES: dict[str, list[str]] = {
         "reward.weights.betti=0.1",
         "eval.select_metric=val/best_threshold_dice",
     ],
+    # The combined recipe at the sampling temperature that won examples/tune_rl_recipe.yaml's sweep.
+    "postproc_cldice_select_t0.7": [
+        "reward.postprocess=true",
+        "reward.weights.cldice=0.2",
+        "reward.weights.betti=0.1",
+        "eval.select_metric=val/best_threshold_dice",
+        "rollout.temperature=0.7",
+    ],
     # The combined recipe at twice the budget: its best checkpoint was the last one at 150 iterations.
     "postproc_cldice_select_300it": [
         "reward.postprocess=true",
