@@ -12,9 +12,10 @@ validation Dice of the lock-step run of the same seed (its final one would do on
 validation Dice goes up and down, and a dip at the end is reached by any run at its first validation);
 ``speedup_to_same_val_dice`` is the lock-step time over the max_staleness 1 time, the mean over seeds with a
 seed whose asynchronous run never gets there counted as 0; the validation curves are noisy (one lock-step run
-peaking late makes its seed's ratio large), so ``..._median`` and ``..._per_seed`` come with it. Both the best-validation checkpoint (what a user deploys) and
-the last one are scored on the test split at ``eval.threshold``: ``test_dice_delta`` = max_staleness 1 minus
-0 for the best checkpoints, mean over seeds (``test_dice_delta_last`` for the last ones).
+peaking late makes its seed's ratio large), so ``..._median`` and ``..._per_seed`` come with it. Both the
+best-validation checkpoint (what a user deploys) and the last one are scored on the test split at
+``eval.threshold``: ``test_dice_delta`` = max_staleness 1 minus 0 for the best checkpoints, mean over seeds
+(``test_dice_delta_last`` for the last ones).
 
 ``--cpu`` adds the reason for the ceiling on a small machine: seed 0, ``CPU_ITERATIONS`` iterations at
 max_staleness 0 and 1 (and 1 with a one-thread learner), each with the machine's CPU busy share over its

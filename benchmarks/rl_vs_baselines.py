@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rl_gain import FIRST_RECIPE, KEYS, scores, train_and_score
+from rl_gain import FIRST_RECIPE, KEYS, best_threshold, scores, train_and_score
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = FIRST_RECIPE
@@ -88,6 +88,8 @@ RECIPES: dict[str, list[str]] = {
 """Overrides on the config and BASE, one lever per recipe (``grpo``: no lever). The ``dpo*`` recipes are the
 offline baseline RL must beat (preference pairs of the SFT model's own masks), with its own small sweep; they
 are never chosen as the best RL recipe, and the best of them on validation is the one reported."""
+FRAGMENT_PIXELS = 20
+"""Components under this many pixels count as fragments in ``fragments``."""
 POSTPROC_GRID = {"closing_radius": (0, 1, 2), "min_size": (0, 8, 16, 32, 64)}
 
 
@@ -104,8 +106,43 @@ def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def fragments(probs, samples, threshold: float, small: int = FRAGMENT_PIXELS) -> dict[str, float]:
+    """Where the Betti-0 error comes from, per image at ``threshold`` (FOV only): components of the mask and
+    of the ground truth, components under ``small`` pixels, the share of those lying mostly on a vessel, and
+    the recall of the ground-truth skeleton (clDice's sensitivity half)."""
+    from scipy import ndimage as ndi
+
+    from envs.metrics import EIGHT, skeleton
+
+    rows = []
+    for p, s in zip(probs, samples, strict=True):
+        fov = np.ones(s.mask.shape, bool) if s.fov is None else np.asarray(s.fov) > 0
+        gt, mask = (np.asarray(s.mask) > 0) & fov, (np.asarray(p) >= threshold) & fov
+        labels, n = ndi.label(mask, structure=EIGHT)
+        size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        on_gt = np.bincount(labels.ravel(), weights=gt.ravel(), minlength=n + 1)[1:]
+        tiny = size < small
+        gt_skel = skeleton(gt)
+        rows.append(
+            {
+                "components": n,
+                "gt_components": ndi.label(gt, structure=EIGHT)[1],
+                "small_components": int(tiny.sum()),
+                "small_on_vessel_share": float((on_gt[tiny] / size[tiny] > 0.5).mean())
+                if tiny.any()
+                else 0.0,
+                "gt_skeleton_recall": float((gt_skel & mask).sum() / max(gt_skel.sum(), 1)),
+            }
+        )
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {
+        "threshold": threshold,
+        "small": small,
+    }
+
+
 def postprocessed_sft(config: str, sft: str, overrides: list[str]) -> dict:
-    """The SFT model with the best global post-processing setting on validation, scored on test."""
+    """The SFT model with the best global post-processing setting on validation, scored on test, and the
+    fragments of its test masks at its best validation threshold."""
     from envs.datasets import load_dataset
     from envs.postprocess import postprocess
     from policies.evaluation import predict_probs
@@ -120,6 +157,7 @@ def postprocessed_sft(config: str, sft: str, overrides: list[str]) -> dict:
         s: predict_probs(lambda im, pr: policy.mask_logits(im, pr), v, inference_for(cfg))
         for s, v in split.items()
     }
+    sft_threshold = best_threshold(probs["val"], split["val"], cfg.eval.thresholds)
 
     def mean_metrics(name: str, threshold: float, closing: int, min_size: int) -> dict[str, float]:
         masks = [
@@ -136,6 +174,7 @@ def postprocessed_sft(config: str, sft: str, overrides: list[str]) -> dict:
         "val": val[best],
         "test": mean_metrics("test", *best),
         "grid_size": len(grid),
+        "sft_fragments": fragments(probs["test"], split["test"], sft_threshold),
     }
 
 
