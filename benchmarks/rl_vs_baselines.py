@@ -122,22 +122,19 @@ def fragments(probs, samples, threshold: float, small: int = FRAGMENT_PIXELS) ->
         size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         on_gt = np.bincount(labels.ravel(), weights=gt.ravel(), minlength=n + 1)[1:]
         tiny = size < small
+        on_vessel = float((on_gt[tiny] / size[tiny] > 0.5).mean()) if tiny.any() else 0.0
         gt_skel = skeleton(gt)
         rows.append(
             {
                 "components": n,
                 "gt_components": ndi.label(gt, structure=EIGHT)[1],
                 "small_components": int(tiny.sum()),
-                "small_on_vessel_share": float((on_gt[tiny] / size[tiny] > 0.5).mean())
-                if tiny.any()
-                else 0.0,
+                "small_on_vessel_share": on_vessel,
                 "gt_skeleton_recall": float((gt_skel & mask).sum() / max(gt_skel.sum(), 1)),
             }
         )
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {
-        "threshold": threshold,
-        "small": small,
-    }
+    means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return {**means, "threshold": threshold, "small": small}
 
 
 def postprocessed_sft(config: str, sft: str, overrides: list[str]) -> dict:
