@@ -49,6 +49,13 @@ BASE = FIRST_RECIPE
 """Applied before every recipe: the levers are measured against the recipe the tiny config had when they were
 screened (lock-step GRPO on raw masks, no clDice/Betti term, checkpoint by val Dice); the config has since
 switched to the best of them."""
+COMBINED = [
+    "reward.postprocess=true",
+    "reward.weights.cldice=0.2",
+    "reward.weights.betti=0.1",
+    "eval.select_metric=val/best_threshold_dice",
+]
+"""The three levers that each helped, together (the recipe examples/tiny_synthetic.yaml now has)."""
 RECIPES: dict[str, list[str]] = {
     "grpo": [],
     "self_critical": ["learner.advantage=self_critical"],
@@ -58,28 +65,11 @@ RECIPES: dict[str, list[str]] = {
     "multiscale_tiles": ["reward.tile_sizes=[16,8,32]"],
     "select_at_best_threshold": ["eval.select_metric=val/best_threshold_dice"],
     "self_critical_postproc": ["learner.advantage=self_critical", "reward.postprocess=true"],
-    "postproc_cldice_select": [
-        "reward.postprocess=true",
-        "reward.weights.cldice=0.2",
-        "reward.weights.betti=0.1",
-        "eval.select_metric=val/best_threshold_dice",
-    ],
+    "postproc_cldice_select": COMBINED,
     # The combined recipe at the sampling temperature that won examples/tune_rl_recipe.yaml's sweep.
-    "postproc_cldice_select_t0.7": [
-        "reward.postprocess=true",
-        "reward.weights.cldice=0.2",
-        "reward.weights.betti=0.1",
-        "eval.select_metric=val/best_threshold_dice",
-        "rollout.temperature=0.7",
-    ],
+    "postproc_cldice_select_t0.7": [*COMBINED, "rollout.temperature=0.7"],
     # The combined recipe at twice the budget: its best checkpoint was the last one at 150 iterations.
-    "postproc_cldice_select_300it": [
-        "reward.postprocess=true",
-        "reward.weights.cldice=0.2",
-        "reward.weights.betti=0.1",
-        "eval.select_metric=val/best_threshold_dice",
-        "learner.iterations=300",
-    ],
+    "postproc_cldice_select_300it": [*COMBINED, "learner.iterations=300"],
     "dpo": ["learner.algorithm=dpo"],
     "dpo_lr3e-5": ["learner.algorithm=dpo", "learner.lr=3e-5"],
     "dpo_lr3e-5_beta500": ["learner.algorithm=dpo", "learner.lr=3e-5", "learner.dpo_beta=500"],

@@ -213,3 +213,21 @@ def test_label_selectors_match_as_ray_places(selector, labels, match) -> None:
     from raysys.runtime import labels_match
 
     assert labels_match(selector, labels) is match
+
+
+def test_demo_trains_the_recipe_of_the_tiny_example() -> None:
+    # `raysys demo` states its recipe in code (it must run without the examples folder); it must stay the
+    # recipe examples/tiny_synthetic.yaml chose on validation, differing only in run size.
+    from pathlib import Path
+
+    from raysys.cli import DEMO_OVERRIDES
+
+    example = load_config(Path(__file__).resolve().parents[2] / "examples/tiny_synthetic.yaml")
+    demo = load_config(None, list(DEMO_OVERRIDES))
+    assert demo.reward == example.reward
+    assert demo.rollout == example.rollout
+    assert (demo.learner.algorithm, demo.learner.advantage) == (
+        example.learner.algorithm,
+        example.learner.advantage,
+    )
+    assert demo.eval.select_metric == example.eval.select_metric == "val/best_threshold_dice"
