@@ -260,7 +260,8 @@ def main() -> int:
     one = per_mode.get("max_staleness_1", {})
     result = {
         "benchmark": "async_speedup",
-        "machine": f"{os.cpu_count()} CPUs, no GPU",
+        "machine": f"{os.cpu_count()} CPUs, "
+        + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
         "config": str(Path(args.config).resolve().relative_to(ROOT))
         if ROOT in Path(args.config).resolve().parents
         else args.config,

@@ -304,7 +304,10 @@ class LearnerConfig:
     num_workers: int = 1
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
-    """Train workers take one GPU each."""
+    """Train workers run on a GPU (``gpus_per_worker`` of one each)."""
+    gpus_per_worker: float = 1.0
+    """GPUs per Train worker with ``use_gpu``; a fraction shares one GPU with the rollout workers (one-GPU
+    machines: e.g. 0.5 here and ``rollout.gpus_per_worker`` 0.25 with two rollout workers)."""
     cpus_per_worker: float = 0.5
     """Logical CPUs per Train worker."""
     label_selector: dict[str, str] = field(default_factory=dict)
@@ -343,6 +346,7 @@ class LearnerConfig:
         _check(0 <= self.tile_advantage_weight <= 1, "learner.tile_advantage_weight", "must be in [0, 1]")
         _check(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, "learner.cpus_per_worker", "must be > 0")
+        _check(0 < self.gpus_per_worker <= 1, "learner.gpus_per_worker", "must be in (0, 1]: a rank uses one device")
         _check_label_selector(self.label_selector, "learner.label_selector")
         _check(self.zero_stage in (1, 2, 3), "learner.zero_stage", "allowed: 1, 2, 3")
         _check(

@@ -69,7 +69,7 @@ def role_resources(cfg: Config) -> dict[str, tuple[dict[str, str], dict[str, flo
     return {
         "rollout": (r.label_selector, {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}),
         "reward": (rw.label_selector, {"CPU": rw.num_actors * rw.cpus_per_actor, "GPU": 0.0}),
-        "learner": (lc.label_selector, {"CPU": lc.num_workers * lc.cpus_per_worker, "GPU": float(lc.num_workers if lc.use_gpu else 0)}),
+        "learner": (lc.label_selector, {"CPU": lc.num_workers * lc.cpus_per_worker, "GPU": lc.num_workers * lc.gpus_per_worker if lc.use_gpu else 0.0}),
     }  # fmt: skip
 
 

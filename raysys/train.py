@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else None,
     )
 
-    _record_learner_placement(sink, rank, world, sink_get)
+    _record_learner_placement(sink, rank, world, sink_get, device)
     t_wait = time.monotonic()
     while (started := sink_get(sink.actors_started.remote(), "actors started?")) is None:
         if time.monotonic() - t_wait > rc.timeout_s + 60:  # the driver names a late actor before this
@@ -157,13 +157,13 @@ def _record_restarts(coordinator, sink, iteration: int, sink_get) -> None:
     coordinator.restarted.clear()
 
 
-def _record_learner_placement(sink, rank: int, world: int, sink_get) -> None:
+def _record_learner_placement(sink, rank: int, world: int, sink_get, device) -> None:
     """This rank's placement into placement.json (every rank reports its own; the sink sorts by rank)."""
     from raysys.placement import placement
 
     sink_get(
         sink.record_placement.remote(
-            "learner", [{**placement(), "rank": rank, "world_size": world}], add=True
+            "learner", [{**placement(), "rank": rank, "world_size": world, "device": str(device)}], add=True
         ),
         "placement",
     )
@@ -341,7 +341,7 @@ def run_training(
                 "reward": [h.ready.remote() for h in reward],
             }
             lc = cfg.learner
-            resources = {"CPU": lc.cpus_per_worker, **({"GPU": 1} if lc.use_gpu else {})}
+            resources = {"CPU": lc.cpus_per_worker, **({"GPU": lc.gpus_per_worker} if lc.use_gpu else {})}
             backend = None if lc.dist_backend == "auto" else TorchConfig(backend=lc.dist_backend)
             trainer = TorchTrainer(
                 train_loop_per_worker,
