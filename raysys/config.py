@@ -346,7 +346,11 @@ class LearnerConfig:
         _check(0 <= self.tile_advantage_weight <= 1, "learner.tile_advantage_weight", "must be in [0, 1]")
         _check(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, "learner.cpus_per_worker", "must be > 0")
-        _check(0 < self.gpus_per_worker <= 1, "learner.gpus_per_worker", "must be in (0, 1]: a rank uses one device")
+        _check(
+            0 < self.gpus_per_worker <= 1,
+            "learner.gpus_per_worker",
+            "must be in (0, 1]: a rank uses one device",
+        )
         _check_label_selector(self.label_selector, "learner.label_selector")
         _check(self.zero_stage in (1, 2, 3), "learner.zero_stage", "allowed: 1, 2, 3")
         _check(

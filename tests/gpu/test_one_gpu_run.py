@@ -21,7 +21,10 @@ ONE_GPU = ["rollout.gpus_per_worker=0.25", "learner.use_gpu=true", "learner.gpus
 def test_all_roles_share_one_gpu_in_both_modes(tmp_path, staleness: int) -> None:
     args = [*SMALL_RL, *ONE_GPU, f"run.output_dir={tmp_path}", "run.name=gpu", "learner.iterations=3",
             "eval.every=3", f"rollout.max_staleness={staleness}"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "raysys", "train", *args, "--no-progress"],
         capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
