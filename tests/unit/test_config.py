@@ -80,6 +80,8 @@ def test_overrides_apply_after_the_file(tmp_path) -> None:
         ("rollout.max_staleness=-1", "rollout.max_staleness"),
         ("rollout.timeout_s=0", "rollout.timeout_s"),
         ("learner.is_cap=0.5", "learner.is_cap"),
+        ("learner.gpus_per_worker=2", "learner.gpus_per_worker"),
+        ("learner.gpus_per_worker=0", "learner.gpus_per_worker"),
         ("reward.source=learned", "reward.reward_net"),
         ("reward.weights.dice=-1", "dice"),
     ],
