@@ -351,6 +351,17 @@ class LearnerConfig:
             "learner.gpus_per_worker",
             "must be in (0, 1]: a rank uses one device",
         )
+        _check(
+            not (
+                self.use_gpu
+                and self.gpus_per_worker < 1
+                and self.num_workers > 1
+                and self.dist_backend != "gloo"
+            ),
+            "learner.gpus_per_worker",
+            "is a fraction with several GPU ranks: Ray may put two ranks on one GPU, which NCCL refuses; "
+            "use 1, one rank, or learner.dist_backend=gloo",
+        )
         _check_label_selector(self.label_selector, "learner.label_selector")
         _check(self.zero_stage in (1, 2, 3), "learner.zero_stage", "allowed: 1, 2, 3")
         _check(

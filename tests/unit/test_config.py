@@ -82,13 +82,14 @@ def test_overrides_apply_after_the_file(tmp_path) -> None:
         ("learner.is_cap=0.5", "learner.is_cap"),
         ("learner.gpus_per_worker=2", "learner.gpus_per_worker"),
         ("learner.gpus_per_worker=0", "learner.gpus_per_worker"),
+        (["learner.use_gpu=true", "learner.gpus_per_worker=0.5", "learner.num_workers=2"], "NCCL refuses"),
         ("reward.source=learned", "reward.reward_net"),
         ("reward.weights.dice=-1", "dice"),
     ],
 )
-def test_bad_values_name_the_key(override: str, needle: str) -> None:
+def test_bad_values_name_the_key(override: str | list[str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, [override] if isinstance(override, str) else override)
     assert needle in str(info.value)
 
 
