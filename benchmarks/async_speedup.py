@@ -142,6 +142,8 @@ def summary(rows: list[dict], wall: float) -> dict[str, float]:
         "iterations": len(rows),
         "wall_s": round(wall, 1),
         "train_s": round(float(np.sum(it_s)), 1),
+        # the rest of wall_s: start-up (Ray, actors, Train) before the first iteration, shutdown after the last
+        "startup_s": rows[0].get(keys.TIME_STARTUP),
         "iterations_per_s": float(len(rows) / np.sum(it_s)),
         "rollout_wait_share": float(np.sum(wait) / np.sum(it_s)),
         "update_s_mean": float(np.mean([r[keys.TIME_UPDATE] for r in rows])),

@@ -55,6 +55,9 @@ TIME_REWARD = "time/reward_s"
 TIME_UPDATE = "time/update_s"
 TIME_SYNC = "time/sync_s"
 TIME_VALIDATE = "time/validate_s"
+TIME_STARTUP = "time/startup_s"
+"""First row of a run (or of a resumed segment): seconds from the driver's start to the first iteration's
+start (Ray, actors loading models and data, Train's workers, resuming a checkpoint)."""
 SYNC_BYTES = "sync/bytes"
 
 OBJECTIVE = "tune/objective"

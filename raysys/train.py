@@ -115,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("stopping before iteration %d (Ctrl-C on the driver)", it)
             break
         t_iter = time.perf_counter()
+        startup = time.time() - config["started_at"] if it == start else None
         last = it + 1 == cfg.learner.iterations
         # 1. collect: rollout actors sample, reward actors score (this rank's share of the images). With
         # rollout.max_staleness N the next N iterations are dispatched too: the actors sample them while this
@@ -148,6 +149,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics[keys.OBJECTIVE] = objective_value(objective, last_val)
             metrics[keys.ITERATIONS_DONE] = it + 1  # survives resumes, unlike Tune's training_iteration
         metrics[keys.TIME_ITERATION] = time.perf_counter() - t_iter
+        if startup is not None:
+            metrics[keys.TIME_STARTUP] = startup
         _report(metrics, ckpt, sink if rank == 0 else None, it, sink_get)
 
 
@@ -294,7 +297,7 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     cfg = absolute_paths(cfg)
     run_dir = cfg.run_dir.resolve()
     storage = train_storage(cfg)
@@ -347,6 +350,7 @@ def run_training(
                 train_loop_per_worker,
                 train_loop_config={
                     "cfg": cfg,
+                    "started_at": started_at,
                     "rollout": rollout,
                     "reward": reward,
                     "sink": sink,

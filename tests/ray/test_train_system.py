@@ -61,6 +61,9 @@ def test_two_iteration_run_writes_metrics_checkpoints_and_events(ray_local, tmp_
         assert key in rows[0], key
     assert "val/dice" in rows[1] and "val/cldice" in rows[1] and "val/betti0_err" in rows[1]
     assert rows[0]["sync/bytes"] < 1e6  # only trainable tensors cross the wire
+    # Start-up (Ray's actors and Train's worker) is timed once, before the first iteration, within the run.
+    assert 0 < rows[0]["time/startup_s"] < res.seconds - rows[0]["time/iteration_s"]
+    assert "time/startup_s" not in rows[1]
     assert (res.run_dir / "config.yaml").is_file()
     assert list((res.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     best = json.loads((res.run_dir / "checkpoints" / "best" / "meta.json").read_text())
