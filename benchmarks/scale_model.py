@@ -17,9 +17,10 @@ Modelled:
   the mask decoder, the projector. The learner step costs the measured CPU learner/rollout ratio of those
   FLOPs. GPU seconds = FLOPs / (peak x MFU). The CPU seconds, divided by the same FLOPs, give the rate the
   2-core CPU reached (``cpu_check``): if the FLOP model is right the 1- and 10-tile rates agree.
-- Reward seconds scale with pixels from the 512x512 measurement. Reward actor ``j % num_actors`` scores rollout
-  shard j on one core, so actors beyond the number of rollout workers idle; ``reward_s_spread_over_all_reward_cpus``
-  is what scoring each shard over every reward CPU would take.
+- Reward seconds scale with pixels from the 512x512 measurement. As ``RayCoordinator`` assigns them, each
+  rollout shard is scored in ``ceil(reward actors / rollout workers)`` parts, one reward actor per part, each
+  on one core; ``reward_s_spread_over_all_reward_cpus`` is what scoring over every reserved reward CPU would
+  take.
 - A weight sync: rank 0's ``ray.put`` read by every rollout node over the inter-node link; DDP all-reduce of
   the trainable gradients per minibatch step (ring, over the inter-node link when ranks span nodes).
 
@@ -145,11 +146,13 @@ def predict(
     gpus = n_roll * r.get("gpus_per_worker", 1) + (n_learn if lc.get("use_gpu") else 0)
     nodes = math.ceil(gpus / args.gpus_per_node)
 
-    sample_s = math.ceil(images / n_roll) * t["rollout_s"] * per_tile
-    shards_per_actor = math.ceil(n_roll / n_rew)
+    shard = math.ceil(images / n_roll)
+    sample_s = shard * t["rollout_s"] * per_tile
+    parts = min(math.ceil(n_rew / n_roll), shard)  # each shard scored in parts by as many reward actors
+    parts_per_actor = math.ceil(n_roll * parts / n_rew)
     reward_s = (
-        shards_per_actor
-        * math.ceil(images / n_roll)
+        parts_per_actor
+        * math.ceil(shard / parts)
         * k
         * reward_seconds_per_mask(reward, image_hw[0] * image_hw[1])
     )
@@ -175,8 +178,8 @@ def predict(
     def util(iteration: float) -> float:
         return (n_roll * sample_s + n_learn * update_s) / (gpus * iteration)
 
-    # A rollout shard is scored by one actor on one core, so actors beyond the shards idle; spreading each
-    # shard's masks over every reward CPU is the floor the reward stage could reach.
+    # A reward actor scores on one core; spreading the masks over every reserved reward CPU is the floor the
+    # reward stage could reach.
     masks = images * k
     reward_floor_s = (
         masks
@@ -194,6 +197,7 @@ def predict(
         "rollout_workers": n_roll,
         "learner_ranks": n_learn,
         "reward_actors": n_rew,
+        "reward_parts_per_shard": parts,
         "images_per_iteration": images,
         "samples_per_image": k,
         "gpu_seconds_source": t["source"],

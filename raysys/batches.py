@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from policies.distributions import PackedMasks, unpack_masks
+from policies.distributions import PackedMasks, pack_masks, unpack_masks
 
 
 @dataclass
@@ -46,6 +46,16 @@ class RolloutBatch:
     def unpack_all(self) -> np.ndarray:
         """[B, K (+ 1 greedy), H, W]: every mask to score."""
         return unpack_masks(self.masks)
+
+    def rows(self, start: int, stop: int) -> RolloutBatch:
+        """Images ``start:stop`` of this batch (a reward actor's part of a shard), everything else the same."""
+        return replace(
+            self,
+            indices=self.indices[start:stop],
+            ids=self.ids[start:stop],
+            masks=pack_masks(self.unpack_all()[start:stop]),
+            logits=None if self.logits is None else self.logits[start:stop],
+        )
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -180,7 +180,8 @@ class RewardConfig(ObjectiveConfig):
     under ``eval.min_size`` pixels removed), as ``raysys eval`` with ``eval.postprocess`` shows it: speckle
     that post-processing removes costs no reward (the log-probabilities stay those of the raw sample)."""
     num_actors: int = 1
-    """Reward actors (CPU only)."""
+    """Reward actors (CPU only; each scores on one core). With more of them than ``rollout.num_workers``, each
+    rollout shard is scored in ``ceil(num_actors / rollout.num_workers)`` parts at once."""
     cpus_per_actor: float = 0.5
     """Logical CPUs reserved by each reward actor."""
     label_selector: dict[str, str] = field(default_factory=dict)

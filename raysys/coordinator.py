@@ -108,7 +108,7 @@ class PendingCollect:
 
     iteration: int
     parts: list[list[int]]
-    refs: dict[int, tuple]  # shard -> (sample ref, score ref)
+    refs: dict[int, tuple]  # shard -> (sample ref, [(reward actor, score ref) per part of the shard])
     t0: float
 
 
@@ -117,7 +117,10 @@ class RayCoordinator:
 
     Every wait on an actor is bounded by ``timeout_s`` (an :class:`ActorTimeoutError` names the actor and
     what it was doing). ``max_staleness`` >= 1 accepts shards sampled up to that many policy versions ago
-    (they were submitted before the last weight syncs: see ``dispatch``)."""
+    (they were submitted before the last weight syncs: see ``dispatch``).
+
+    With more reward actors than rollout actors, each rollout shard is scored in ``ceil(reward / rollout)``
+    parts by as many reward actors at once (the learner gets one ScoredRollout per part, in image order)."""
 
     def __init__(
         self,
@@ -196,9 +199,16 @@ class RayCoordinator:
             self._get(handle.set_weights.remote(*weights), f"{name} (loading weights after a restart)")
 
     def _submit(self, j: int, shard: list[int], iteration: int) -> tuple:
-        w, r = self.rollout[j], self.reward[j % len(self.reward)]
-        sample_ref = w.sample.remote(shard, iteration=iteration)
-        return sample_ref, r.score.remote(sample_ref)
+        sample_ref = self.rollout[j].sample.remote(shard, iteration=iteration)
+        per_shard = -(-len(self.reward) // len(self.rollout))
+        n = min(per_shard, len(shard))
+        if n == 1:
+            r = j % len(self.reward)
+            return sample_ref, [(r, self.reward[r].score.remote(sample_ref))]
+        actors = [(j * per_shard + p) % len(self.reward) for p in range(n)]
+        return sample_ref, [
+            (r, self.reward[r].score.remote(sample_ref, (p, n))) for p, r in enumerate(actors)
+        ]
 
     def dispatch(self, indices: Sequence[int], *, iteration: int) -> PendingCollect:
         """Submit the sampling and scoring of ``indices`` and return at once (``gather`` waits for them)."""
@@ -224,33 +234,36 @@ class RayCoordinator:
         self._confirm_syncs()
         stats = CollectStats()
         it, parts = pending.iteration, pending.parts
-        results: dict[int, ScoredRollout] = {}
+        results: dict[int, list[ScoredRollout]] = {}
         attempts = dict.fromkeys(range(len(parts)), 0)
         refs = dict(pending.refs)
         while len(results) < len(parts):
-            for j, (sample_ref, score_ref) in refs.items():
-                reward_j = j % len(self.reward)
+            for j, (sample_ref, score_refs) in refs.items():
+                reward_j = score_refs[0][0]
                 try:
-                    try:
-                        scored = ray.get(score_ref, timeout=self.timeout_s)
-                    except ray.exceptions.GetTimeoutError as exc:
-                        sampled = bool(ray.wait([sample_ref], timeout=0)[0])
-                        what = (
-                            f"reward actor {reward_j} (scoring shard {j} of iteration {it})"
-                            if sampled
-                            else f"rollout actor {j} (sampling {len(parts[j])} images of iteration {it})"
-                        )
-                        raise ActorTimeoutError(
-                            f"{what} did not answer within rollout.timeout_s={self.timeout_s:g}s"
-                        ) from exc
+                    scored_parts = []
+                    for reward_j, score_ref in score_refs:  # the failing part names its actor below
+                        try:
+                            scored_parts.append(ray.get(score_ref, timeout=self.timeout_s))
+                        except ray.exceptions.GetTimeoutError as exc:
+                            sampled = bool(ray.wait([sample_ref], timeout=0)[0])
+                            what = (
+                                f"reward actor {reward_j} (scoring shard {j} of iteration {it})"
+                                if sampled
+                                else f"rollout actor {j} (sampling {len(parts[j])} images of iteration {it})"
+                            )
+                            raise ActorTimeoutError(
+                                f"{what} did not answer within rollout.timeout_s={self.timeout_s:g}s"
+                            ) from exc
                     expected = version if version is not None else self._weights[1] if self._weights else 0
-                    if not 0 <= expected - scored.batch.version <= self.max_staleness:
+                    sampled_at = scored_parts[0].batch.version
+                    if not 0 <= expected - sampled_at <= self.max_staleness:
                         # A restarted actor that has not been given the current weights yet.
                         raise _StaleVersion(
-                            f"shard sampled at version {scored.batch.version}, expected {expected}"
+                            f"shard sampled at version {sampled_at}, expected {expected}"
                             + (f" (at most {self.max_staleness} behind)" if self.max_staleness else "")
                         )
-                    results[j] = scored
+                    results[j] = scored_parts
                 except (ray.exceptions.RayError, _StaleVersion) as exc:
                     attempts[j] += 1
                     if attempts[j] >= self.max_attempts:
@@ -271,10 +284,10 @@ class RayCoordinator:
                     else:
                         self._recover(self.reward[reward_j], role="reward", index=reward_j)
             refs = {j: self._submit(j, parts[j], it) for j in range(len(parts)) if j not in results}
-        out = [results[j] for j in range(len(parts))]
+        out = [s for j in range(len(parts)) for s in results[j]]
         stats.rollout_s = time.perf_counter() - pending.t0
         stats.wait_s = time.perf_counter() - t_wait
-        stats.sample_s = sum(s.batch.seconds for s in out)
+        stats.sample_s = sum(results[j][0].batch.seconds for j in results)  # the parts share one sampling
         stats.reward_s = sum(s.seconds for s in out)
         return out, stats
 

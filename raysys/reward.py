@@ -23,6 +23,16 @@ from raysys.data import dataset_for_split, train_view
 log = logging.getLogger(__name__)
 
 
+def part_rows(n: int, part: int, parts: int) -> tuple[int, int]:
+    """Rows [start, stop) of part ``part`` when ``n`` images are split into ``parts`` contiguous parts as
+    evenly as possible (the first ones one longer)."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}")
+    size, extra = divmod(n, parts)
+    start = part * size + min(part, extra)
+    return start, start + size + (part < extra)
+
+
 class RewardWorker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -54,9 +64,12 @@ class RewardWorker:
             return "gt" if sample.has_mask else "learned"
         return src
 
-    def score(self, batch: RolloutBatch) -> ScoredRollout:
-        """Whole-image rewards [B, K], tiled rewards [B, K, ty, tx] and components for a rollout batch."""
+    def score(self, batch: RolloutBatch, part: tuple[int, int] | None = None) -> ScoredRollout:
+        """Whole-image rewards [B, K], tiled rewards [B, K, ty, tx] and components for a rollout batch, or
+        with ``part`` (p, n) for the p-th of its images split n ways (``part_rows``) and that sub-batch."""
         t0 = time.perf_counter()
+        if part is not None:
+            batch = batch.rows(*part_rows(len(batch), *part))
         masks = batch.unpack_all()  # the greedy mask, if any, is scored like a sample and split off below
         b, k, h, w = masks.shape
         ty, tx = -(-h // self.tile), -(-w // self.tile)

@@ -222,6 +222,25 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_pa
     assert [e["index"] for e in rank1.restarted] == [0] and rank1.restarted[0]["pid"] != pid
 
 
+def test_more_reward_actors_than_rollout_actors_score_each_shard_in_parts(ray_local) -> None:
+    cfg = load_config(None, SMALL)
+    worker = ray_local.remote(num_cpus=0.25)(RolloutWorker).remote(cfg, 0)
+    cls = ray_local.remote(num_cpus=0.25, max_restarts=2, max_task_retries=0)(RewardWorker)
+    reward = [cls.remote(cfg) for _ in range(2)]
+    co = RayCoordinator([worker], reward)
+    co.push_weights(RolloutWorker(cfg, 9).policy.trainable_state_dict(), 1)
+    indices = iteration_indices(cfg, 4, 6)
+    ref, _ = LocalCoordinator([RolloutWorker(cfg, 0)], [RewardWorker(cfg)]).collect(indices, iteration=4)
+    pids = [ray_local.get(r.ready.remote())["pid"] for r in reward]
+    os.kill(pids[1], signal.SIGKILL)  # the second part's actor dies: the shard is redone, nothing lost
+    scored, stats = co.collect(indices, iteration=4)
+    assert stats.retries >= 1 and ray_local.get(reward[1].ready.remote())["pid"] != pids[1]
+    assert [s.batch.indices for s in scored] == [indices[:2], indices[2:]]  # two actors, one part each
+    np.testing.assert_array_equal(np.concatenate([s.rewards for s in scored]), ref[0].rewards)
+    np.testing.assert_array_equal(np.concatenate([s.batch.unpack() for s in scored]), ref[0].batch.unpack())
+    assert stats.sample_s == pytest.approx(scored[0].batch.seconds)  # one sampling, counted once
+
+
 def test_an_asynchronous_run_trains_on_one_step_old_batches(ray_local, tmp_path) -> None:
     # Resume, Tune trials and `ray job submit` of asynchronous runs: tests/e2e (job stop and resume, the
     # interrupted sweep) run with rollout.max_staleness=1.

@@ -12,7 +12,7 @@ from policies.losses import kl_penalty
 from raysys.config import ConfigError, load_config
 from raysys.coordinator import LocalCoordinator, shards
 from raysys.learner import Learner, iteration_indices
-from raysys.reward import RewardWorker
+from raysys.reward import RewardWorker, part_rows
 from raysys.rollout import RolloutWorker
 
 
@@ -168,6 +168,33 @@ def test_iteration_indices_and_shards_cover_without_duplicates(cfg) -> None:
     parts = shards(idx, 3)
     assert sorted(i for p in parts for i in p) == idx
     assert shards([1], 4) == [[1]]
+
+
+def test_part_rows_split_evenly_in_order() -> None:
+    for n in range(0, 12):
+        for parts in range(1, 5):
+            bounds = [part_rows(n, p, parts) for p in range(parts)]
+            assert [i for a, b in bounds for i in range(a, b)] == list(range(n))  # all, in order, once
+            assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+    with pytest.raises(ValueError, match="part 2 of 2"):
+        part_rows(4, 2, 2)
+
+
+def test_a_shard_scored_in_parts_is_the_shard_scored_whole(cfg, rollout, reward) -> None:
+    # What the learner gets when more reward actors than rollout actors split a shard (RayCoordinator).
+    batch = rollout.sample([0, 1, 2, 3, 4], iteration=2)
+    whole = reward.score(batch)
+    parts = [reward.score(batch, (p, 2)) for p in range(2)]
+    assert [s.batch.indices for s in parts] == [[0, 1, 2], [3, 4]]
+    np.testing.assert_array_equal(np.concatenate([s.batch.unpack() for s in parts]), batch.unpack())
+    np.testing.assert_array_equal(np.concatenate([s.rewards for s in parts]), whole.rewards)
+    np.testing.assert_array_equal(np.concatenate([s.tile_rewards for s in parts]), whole.tile_rewards)
+    for name, v in whole.components.items():
+        np.testing.assert_array_equal(np.concatenate([s.components[name] for s in parts]), v)
+    learner = Learner(cfg)
+    a = learner._assemble(parts)[0]
+    b = learner._assemble([whole])[0]
+    assert a.indices == b.indices and torch.equal(a.masks, b.masks) and torch.equal(a.rewards, b.rewards)
 
 
 def test_nonfinite_loss_is_never_stepped_on(cfg, rollout, reward, monkeypatch) -> None:
