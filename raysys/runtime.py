@@ -13,11 +13,15 @@ from pathlib import Path
 from raysys.config import Config
 
 RAY_STORAGE = "ray"
+TRAIN_POLL_S = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+"""How often Ray Train's controller polls its workers (Ray's default: 2 s). It notices the end of training
+only at a poll, several in a row: a two-iteration run ended 7.6 s after its last iteration with 2 s, 2.9 s with
+0.5 s."""
 PRIVATE_RAY_ENV = {
-    "env_vars": {"PYTHONUNBUFFERED": "1"},
+    "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S},
     "worker_process_setup_hook": "raysys.runtime.know_own_cluster",
 }
-"""Runtime environment of a private local Ray (see know_own_cluster)."""
+"""Runtime environment of a private local Ray (see know_own_cluster), and of a driver attaching from a shell."""
 
 
 class ResourceError(RuntimeError):
