@@ -43,7 +43,7 @@ def main() -> int:
     from raysys.rollout import RolloutWorker
 
     cfg = load_config(args.config, ["rollout.num_workers=1", *args.overrides])
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         rollout = ray.remote(num_cpus=0.5)(RolloutWorker).remote(cfg, 0)
         state = RolloutWorker(cfg, 0).policy.trainable_state_dict()
