@@ -14,9 +14,10 @@ from raysys.config import Config
 
 RAY_STORAGE = "ray"
 TRAIN_POLL_S = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-"""How often Ray Train's controller polls its workers (Ray's default: 2 s). It notices the end of training
-only at a poll, several in a row: a two-iteration run ended 7.6 s after its last iteration with 2 s, 2.9 s with
-0.5 s."""
+"""How often Ray Train's controller polls its workers (Ray's default: 2 s). A report with a checkpoint waits
+for the next poll, and the end of training is noticed only over several: with 2 s a two-iteration run ended
+7.6 s after its last iteration (2.9 s with 0.5 s), and six iterations checkpointing each took 46.5 s of wall
+time instead of 32.2 s."""
 PRIVATE_RAY_ENV = {
     "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S},
     "worker_process_setup_hook": "raysys.runtime.know_own_cluster",
