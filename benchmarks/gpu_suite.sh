@@ -11,7 +11,8 @@
 #
 # Needs the tiny SFT checkpoint (benchmarks/sft_baseline.py writes it) at SFT, and PYTHON (default python3)
 # with the project importable. The per-run results are cached under runs/async_speedup_gpu; copy them along
-# to continue another time.
+# to continue another time. To spend a short lease on the async runs alone:
+#   ASYNC_ONLY=1 STALENESS="0 1" HEAVY=0 benchmarks/gpu_suite.sh OUT 0 1 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
@@ -21,18 +22,24 @@ SEEDS=("$@")
 PY=${PYTHON:-python3}
 SFT=${SFT:-runs/sft_baseline_bench/sft/model}
 ITERATIONS=${ITERATIONS:-60}
+read -r -a STALENESS <<<"${STALENESS:-0 1 2}"
+HEAVY_FLAG=(--heavy)
+[[ ${HEAVY:-1} == 1 ]] || HEAVY_FLAG=()
 ONE_GPU=(rollout.gpus_per_worker=0.25 learner.use_gpu=true learner.gpus_per_worker=0.5)
 mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c 'import torch, ray; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "ray", ray.__version__)'
 
-"$PY" -m pytest -q -p no:cacheprovider tests/gpu -s -x
-"$PY" benchmarks/gpu_profile.py --json "$OUT/gpu_profile.json"
+if [[ -z ${ASYNC_ONLY:-} ]]; then
+    "$PY" -m pytest -q -p no:cacheprovider tests/gpu -s -x
+    "$PY" benchmarks/gpu_profile.py --json "$OUT/gpu_profile.json"
+fi
 
 done_seeds=()
 for seed in "${SEEDS[@]}"; do
     done_seeds+=("$seed")
     "$PY" benchmarks/async_speedup.py --sft "$SFT" --seeds "${done_seeds[@]}" --iterations "$ITERATIONS" \
-        --output-dir runs/async_speedup_gpu --json "$OUT/async_speedup_gpu.json" --heavy "${ONE_GPU[@]}"
+        --staleness "${STALENESS[@]}" --output-dir runs/async_speedup_gpu --json "$OUT/async_speedup_gpu.json" \
+        "${HEAVY_FLAG[@]}" "${ONE_GPU[@]}"
 done
