@@ -202,12 +202,10 @@ class RayCoordinator:
         sample_ref = self.rollout[j].sample.remote(shard, iteration=iteration)
         per_shard = -(-len(self.reward) // len(self.rollout))
         n = min(per_shard, len(shard))
-        if n == 1:
-            r = j % len(self.reward)
-            return sample_ref, [(r, self.reward[r].score.remote(sample_ref))]
         actors = [(j * per_shard + p) % len(self.reward) for p in range(n)]
         return sample_ref, [
-            (r, self.reward[r].score.remote(sample_ref, (p, n))) for p, r in enumerate(actors)
+            (r, self.reward[r].score.remote(sample_ref, None if n == 1 else (p, n)))
+            for p, r in enumerate(actors)
         ]
 
     def dispatch(self, indices: Sequence[int], *, iteration: int) -> PendingCollect:
@@ -239,7 +237,6 @@ class RayCoordinator:
         refs = dict(pending.refs)
         while len(results) < len(parts):
             for j, (sample_ref, score_refs) in refs.items():
-                reward_j = score_refs[0][0]
                 try:
                     scored_parts = []
                     for reward_j, score_ref in score_refs:  # the failing part names its actor below

@@ -13,6 +13,9 @@ SMALL_RL = [
 ]  # fmt: skip
 """64x64 images, 6 training images, K=4, 4 images per iteration, fractional CPUs for one shared Ray."""
 
+ONE_GPU = ["rollout.gpus_per_worker=0.25", "learner.use_gpu=true", "learner.gpus_per_worker=0.5"]
+"""Every role on one GPU (README, benchmarks/gpu_suite.sh): 2 rollout workers x 0.25 + the learner's 0.5."""
+
 
 NODE_ROLES = ("rollout", "rollout", "learner", "learner")
 """Worker nodes of a simulated cluster by label (``ray.cluster_utils.Cluster``, 2 CPUs and 2 fake GPUs each):

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rl_small import SMALL_RL, metric_rows
+from rl_small import ONE_GPU, SMALL_RL, metric_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-ONE_GPU = ["rollout.gpus_per_worker=0.25", "learner.use_gpu=true", "learner.gpus_per_worker=0.5"]
 
 
 @pytest.mark.parametrize("staleness", [0, 1])

@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from rl_small import ONE_GPU
 
 from raysys.config import load_config
-from raysys.runtime import required_resources, role_resources
+from raysys.runtime import PRIVATE_RAY_ENV, required_resources, role_resources
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
@@ -32,10 +33,18 @@ def test_gpu_arithmetic_in_comments_matches_the_config(path: Path) -> None:
 
 
 def test_the_one_gpu_overrides_fit_one_gpu() -> None:
-    # README and benchmarks/gpu_suite.sh: every role on one GPU, 2 rollout workers x 0.25 + the learner's 0.5.
-    one_gpu = ["rollout.gpus_per_worker=0.25", "learner.use_gpu=true", "learner.gpus_per_worker=0.5"]
-    cfg = load_config(EXAMPLES[0].parent / "tiny_synthetic.yaml", one_gpu)
+    cfg = load_config(EXAMPLES[0].parent / "tiny_synthetic.yaml", ONE_GPU)
     assert required_resources(cfg)["GPU"] == 1.0
     assert role_resources(cfg)["learner"][1]["GPU"] == 0.5
-    suite = (EXAMPLES[0].parents[1] / "benchmarks/gpu_suite.sh").read_text()
-    assert all(o in suite for o in one_gpu)
+    root = EXAMPLES[0].parents[1]
+    for doc in ("benchmarks/gpu_suite.sh", "README.md"):
+        assert all(o in (root / doc).read_text() for o in ONE_GPU), doc
+
+
+def test_jobs_poll_train_workers_as_often_as_a_private_ray() -> None:
+    # The poll interval is stated twice: for a private Ray in code, for `ray job submit` in the job's env.
+    import yaml
+
+    job_env = yaml.safe_load((EXAMPLES[0].parents[1] / "cluster/runtime_env.yaml").read_text())["env_vars"]
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    assert job_env[key] == PRIVATE_RAY_ENV["env_vars"][key] == "0.5"
