@@ -16,21 +16,21 @@ class MetricsSink:
     def __init__(self, run_dir: str, *, start_iteration: int = 0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate(start_iteration)
+        self.last: dict[str, Any] = self._truncate(start_iteration)
         self._writer = None
         self._tb_dir = str(Path(run_dir) / "tensorboard")
-        self.last: dict[str, Any] = {}
         self.rows = 0
         self.start_iteration = start_iteration
         self.stop_at: int | None = None
         self.actors: bool | None = None  # the rollout and reward actors started (True) or failed (False)
         self.weights: tuple[list, int] | None = None
 
-    def _truncate(self, start_iteration: int) -> None:
-        """On resume, drop rows of iterations the checkpoint does not contain (they will be redone)."""
+    def _truncate(self, start_iteration: int) -> dict[str, Any]:
+        """On resume, drop rows of iterations the checkpoint does not contain (they will be redone); returns
+        the last row kept ({} if none)."""
         if not self.path.exists():
-            return
-        keep = []
+            return {}
+        keep, last = [], {}
         for line in self.path.read_text().splitlines():
             try:
                 row = json.loads(line)
@@ -38,15 +38,16 @@ class MetricsSink:
                 continue
             if isinstance(row, dict) and row.get("iteration", -1) < start_iteration:
                 keep.append(line)
+                last = row
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(f"{line}\n" for line in keep))
         tmp.replace(self.path)  # a crash while rewriting leaves the old file, never half of it
+        return last
 
     def rewind(self, start_iteration: int) -> None:
         """The learner (re)starts at ``start_iteration``: rows of later iterations will be logged again."""
-        self._truncate(start_iteration)
+        self.last = self._truncate(start_iteration)
         self.start_iteration = start_iteration
-        self.last = {}
 
     def request_stop(self) -> int:
         """Ctrl-C: every learner rank stops before the returned iteration. Rank 0 logs iteration L before

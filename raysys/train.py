@@ -107,6 +107,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sink_get(sink.rewind.remote(start), "rewind")
     if world > 1:  # no rank samples before rank 0 has pushed the loaded weights
         torch.distributed.barrier()
+    if start >= cfg.learner.iterations:
+        # Nothing left, e.g. a Tune trial stopped after Train kept its last checkpoint but before Tune had its
+        # report: the last row is reported again, so the resumed trial ends with its final metrics.
+        final = sink_get(sink.progress.remote(), "last metrics row")
+        if final:
+            ray.train.report(final)
+        return
     n_train = len(learner.train)
     pending: dict[int, Any] = {}  # iteration -> its dispatched collection
     for it in range(start, cfg.learner.iterations):

@@ -38,9 +38,11 @@ def test_two_iteration_run_writes_metrics_checkpoints_and_events(ray_local, tmp_
             "learner.checkpoint_every=1",
         ],
     )
-    res = run_training(cfg, progress=False)
+    objective = {"val/dice": 1.0}  # as a Tune trial reports it
+    res = run_training(cfg, progress=False, objective=objective)
     rows = _rows(res.run_dir)
     assert [r["iteration"] for r in rows] == [0, 1]
+    assert [r["tune/iterations"] for r in rows] == [1, 2] and rows[1]["tune/objective"] == rows[1]["val/dice"]
     assert [r["policy/version"] for r in rows] == [1, 2]
     for key in (
         "rollout/reward_mean",
@@ -74,6 +76,20 @@ def test_two_iteration_run_writes_metrics_checkpoints_and_events(ray_local, tmp_
     ).is_file()
     with pytest.raises(FileExistsError, match="--resume"):
         run_training(cfg, progress=False)
+
+    # Resuming a finished run (a Tune trial stopped between Train keeping its last checkpoint and Tune getting
+    # the report) trains no more and reports the last row again.
+    from ray.train.v2.api.callback import UserCallback
+
+    reported = tmp_path / "reported.json"
+
+    class Recorder(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            reported.write_text(json.dumps(metrics[0]))
+
+    again = run_training(cfg, resume=True, progress=False, objective=objective, callbacks=[Recorder()])
+    assert _rows(res.run_dir) == rows
+    assert json.loads(reported.read_text()) == rows[1] == again.metrics
 
 
 def test_weight_versions_reach_every_rollout_actor(ray_local) -> None:
