@@ -108,9 +108,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if world > 1:  # no rank samples before rank 0 has pushed the loaded weights
         torch.distributed.barrier()
     if start >= cfg.learner.iterations:
-        # Nothing left, e.g. a Tune trial stopped after Train kept its last checkpoint but before Tune had its
-        # report: the last row is reported again, so the resumed trial ends with its final metrics.
-        final = sink_get(sink.progress.remote(), "last metrics row")
+        # Nothing left of this Train run, e.g. a Tune trial stopped after Train kept its last checkpoint but
+        # before Tune had the report: its last row again, so the resumed trial ends with its final metrics. (A
+        # PBT clone of a finished donor starts a new Train run and ends without a report of its own.)
+        final = sink_get(sink.progress.remote(), "last metrics row") if checkpoint is not None else None
         if final:
             ray.train.report(final)
         return
