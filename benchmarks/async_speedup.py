@@ -87,7 +87,7 @@ class CpuMeter:
 
 def train(config: str, overrides: list[str]) -> tuple[list[dict], float, object]:
     """Run ``raysys train``; its metrics rows, wall time and resolved config."""
-    from raysys.config import load_config
+    from raysys.config_io import load_config
 
     cfg = load_config(config, overrides)
     wall = raysys_cli("train", config, *overrides, "--no-progress", *resume_flag(cfg))
@@ -190,7 +190,7 @@ def main() -> int:
                 cached.write_text(json.dumps(result))
             result = json.loads(cached.read_text())
             if "test_best" not in result:  # runs cached before the best checkpoint was scored too
-                from raysys.config import load_config
+                from raysys.config_io import load_config
 
                 result["test_best"] = test_scores(load_config(args.config, overrides), "best")
                 cached.write_text(json.dumps(result))

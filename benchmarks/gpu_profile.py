@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/gpu_profile.json"))
     args = parser.parse_args()
 
-    from raysys.config import load_config
+    from raysys.config_io import load_config
     from raysys.learner import Learner, iteration_indices
     from raysys.reward import RewardWorker
     from raysys.rollout import RolloutWorker

@@ -69,7 +69,7 @@ def evaluate(config: str, overrides: list[str], models: dict[str, Path | None]) 
     from envs.datasets import load_dataset
     from policies.evaluation import predict_probs
     from policies.factory import load_policy
-    from raysys.config import load_config
+    from raysys.config_io import load_config
     from raysys.data import dataset_for_split, inference_for
 
     cfg = {d: load_config(config, [*overrides, f"data.domain={d}"]) for d in ("source", "shifted")}
@@ -97,7 +97,7 @@ def evaluate(config: str, overrides: list[str], models: dict[str, Path | None]) 
 
 
 def run_seed(config: str, sft: str, rn: Path, seed: int, out_dir: Path, extra: list[str]) -> dict:
-    from raysys.config import load_config
+    from raysys.config_io import load_config
 
     name = f"rl_s{seed}"
     overrides = [

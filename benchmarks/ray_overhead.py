@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/ray_overhead.json"))
     args = parser.parse_args()
 
-    from raysys.config import load_config
+    from raysys.config_io import load_config
     from raysys.coordinator import LocalCoordinator
     from raysys.learner import Learner, iteration_indices
     from raysys.reward import RewardWorker

@@ -36,7 +36,7 @@ def main() -> int:
 
     import ray
 
-    from raysys.config import load_config
+    from raysys.config_io import load_config
     from raysys.coordinator import RayCoordinator
     from raysys.learner import iteration_indices
     from raysys.reward import RewardWorker

@@ -72,7 +72,7 @@ def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str
     from envs.datasets import load_dataset
     from policies.evaluation import predict_probs
     from policies.factory import load_policy
-    from raysys.config import load_config
+    from raysys.config_io import load_config
     from raysys.data import dataset_for_split, inference_for
 
     overrides = [

@@ -134,7 +134,7 @@ def postprocessed_sft(config: str, sft: str, overrides: list[str]) -> dict:
     from envs.postprocess import postprocess
     from policies.evaluation import predict_probs
     from policies.factory import load_policy
-    from raysys.config import load_config
+    from raysys.config_io import load_config
     from raysys.data import dataset_for_split, inference_for
 
     cfg = load_config(config, [*overrides, f"policy.checkpoint={sft}"])

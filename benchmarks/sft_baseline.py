@@ -31,7 +31,7 @@ def main() -> int:
     from policies.sft import train_sft
     from policies.tiny import TinySa2VA
     from raysys.cli import _split_config_args
-    from raysys.config import load_config, replace
+    from raysys.config_io import load_config, replace
     from raysys.data import dataset_for_split
 
     path, overrides = _split_config_args(args.config)

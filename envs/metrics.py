@@ -333,6 +333,11 @@ def junction_count(mask: ArrayLike, *, is_skeleton: bool = False, merge: bool = 
 
 SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 """The probability thresholds a validation sweep tries (eval.thresholds, rllib.grid_thresholds defaults)."""
+SEGMENTATION_METRICS = (
+    "dice", "iou", "precision", "recall", "specificity", "accuracy", "cldice", "betti0_err", "betti1_err",
+)  # fmt: skip
+"""The scalar metrics of a mask pair, in the order :func:`segmentation_metrics` returns them; evaluation averages
+these, and validation logs each as ``val/<name>``."""
 
 
 def threshold_sweep(
@@ -385,8 +390,8 @@ def segmentation_metrics(pred: ArrayLike, gt: ArrayLike, fov: ArrayLike | None =
     """All scalar metrics of one mask pair [H, W], restricted to the FOV.
 
     Returns:
-        dice, iou, precision, recall, specificity, accuracy, cldice, betti0_err, betti1_err (floats,
-        conventions as in the individual functions).
+        {name: float} for each name of :data:`SEGMENTATION_METRICS`, conventions as in the individual
+        functions.
     """
     p, g, f = _pair(pred, gt, fov)
     tp, fp, fn, tn = confusion(p, g, f)

@@ -35,6 +35,7 @@ from envs.metrics import (
     recall_from_counts,
     skeleton,
 )
+from envs.validation import check
 
 __all__ = [
     "MultiObjectiveReward",
@@ -76,12 +77,11 @@ class RewardWeights:
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise _invalid(
-                    f"RewardWeights.{f.name}",
-                    v,
-                    "weights must be finite numbers >= 0 (0 switches a term off)",
-                )
+            check(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+                f"RewardWeights.{f.name}",
+                f"{v!r}; weights must be finite numbers >= 0 (0 switches a term off)",
+            )
 
     def as_dict(self) -> dict[str, float]:
         """{term name: weight} for every term."""
@@ -116,13 +116,17 @@ class RewardConfig:
     """Square tile sizes (pixels) for tiled rewards; the GT side of each is precomputed by prepare_target."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.weights, RewardWeights):
-            raise _invalid(
-                "RewardConfig.weights", self.weights, "build it with RewardWeights(dice=..., recall=...)"
-            )
+        check(
+            isinstance(self.weights, RewardWeights),
+            "RewardConfig.weights",
+            f"{self.weights!r}; build it with RewardWeights(dice=..., recall=...)",
+        )
         rt = self.recall_target
-        if not (isinstance(rt, int | float) and not isinstance(rt, bool) and 0.0 < rt <= 1.0):
-            raise _invalid("RewardConfig.recall_target", rt, "choose a value in (0, 1]")
+        check(
+            isinstance(rt, int | float) and not isinstance(rt, bool) and 0.0 < rt <= 1.0,
+            "RewardConfig.recall_target",
+            f"{rt!r}; choose a value in (0, 1]",
+        )
         for name in (
             "dice_scale",
             "recall_scale",
@@ -132,34 +136,25 @@ class RewardConfig:
             "betti_scale",
             "betti_clip",
         ):
-            _positive(self, name)
-        cp = self.component_penalty
-        if not (isinstance(cp, int | float) and math.isfinite(cp) and cp >= 0):
-            raise _invalid("RewardConfig.component_penalty", cp, "it must be a finite number >= 0")
-        ts = self.tile_sizes
-        if (
-            not isinstance(ts, tuple)
-            or not ts
-            or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in ts)
-        ):
-            raise _invalid(
-                "RewardConfig.tile_sizes",
-                ts,
-                "give a non-empty tuple of positive ints, e.g. (16,) or (16, 32)",
+            v = getattr(self, name)
+            check(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                f"RewardConfig.{name}",
+                f"{v!r}; it must be a finite number > 0 (set its weight to 0 instead)",
             )
-
-
-def _invalid(name: str, value: object, allowed: str) -> ValueError:
-    """The one error style of config values: ``invalid value for '<key>': <value>; <what is allowed>`` (the
-    config loader turns ``RewardConfig.x`` into the key the user wrote, e.g. ``reward.x``)."""
-    return ValueError(f"invalid value for '{name}': {value!r}; {allowed}")
-
-
-def _positive(cfg: RewardConfig, name: str) -> None:
-    v = getattr(cfg, name)
-    if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
-        raise _invalid(
-            f"RewardConfig.{name}", v, "it must be a finite number > 0 (set its weight to 0 instead)"
+        cp = self.component_penalty
+        check(
+            isinstance(cp, int | float) and math.isfinite(cp) and cp >= 0,
+            "RewardConfig.component_penalty",
+            f"{cp!r}; it must be a finite number >= 0",
+        )
+        ts = self.tile_sizes
+        check(
+            isinstance(ts, tuple)
+            and bool(ts)
+            and all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in ts),
+            "RewardConfig.tile_sizes",
+            f"{ts!r}; give a non-empty tuple of positive ints, e.g. (16,) or (16, 32)",
         )
 
 

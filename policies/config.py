@@ -5,11 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"invalid value for '{key}': {msg}")
-
+from envs.validation import check
 
 TRAINABLE_PARTS = ("llm_lora", "text_hidden_fcs", "mask_decoder")
 
@@ -39,17 +35,17 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
-        _check(not bad, "policy.trainable", f"unknown part(s) {bad}; allowed: {list(TRAINABLE_PARTS)}")
-        _check(len(self.trainable) > 0, "policy.trainable", f"choose at least one of {list(TRAINABLE_PARTS)}")
-        _check(self.lora_r > 0, "policy.lora_r", "must be > 0")
-        _check(self.lora_alpha > 0, "policy.lora_alpha", "must be > 0 (scale = alpha / r)")
-        _check(0.0 <= self.lora_dropout < 1.0, "policy.lora_dropout", "must be in [0, 1)")
-        _check(
+        check(not bad, "policy.trainable", f"unknown part(s) {bad}; allowed: {list(TRAINABLE_PARTS)}")
+        check(len(self.trainable) > 0, "policy.trainable", f"choose at least one of {list(TRAINABLE_PARTS)}")
+        check(self.lora_r > 0, "policy.lora_r", "must be > 0")
+        check(self.lora_alpha > 0, "policy.lora_alpha", "must be > 0 (scale = alpha / r)")
+        check(0.0 <= self.lora_dropout < 1.0, "policy.lora_dropout", "must be in [0, 1)")
+        check(
             self.kind != "sa2va" or bool(self.checkpoint),
             "policy.checkpoint",
             "kind 'sa2va' needs a checkpoint folder or hub id",
         )
-        _check(
+        check(
             self.kind != "sa2va" or self.trust_remote_code,
             "policy.trust_remote_code",
             f"a Sa2VA checkpoint loads with the Python modeling code shipped inside it ({self.checkpoint}), "
@@ -75,16 +71,16 @@ class SFTConfig:
     """Validate every N steps."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "sft.steps", "must be >= 1")
-        _check(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
-        _check(self.lr > 0, "sft.lr", "must be > 0")
-        _check(self.weight_decay >= 0, "sft.weight_decay", "must be >= 0")
-        _check(
+        check(self.steps >= 1, "sft.steps", "must be >= 1")
+        check(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
+        check(self.lr > 0, "sft.lr", "must be > 0")
+        check(self.weight_decay >= 0, "sft.weight_decay", "must be >= 0")
+        check(
             self.bce_weight >= 0 and self.dice_weight >= 0 and self.bce_weight + self.dice_weight > 0,
             "sft.bce_weight/dice_weight",
             "must be >= 0 and not both 0 (a negative loss weight rewards wrong masks)",
         )
-        _check(self.eval_every >= 1, "sft.eval_every", "must be >= 1")
+        check(self.eval_every >= 1, "sft.eval_every", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -106,8 +102,8 @@ class RewardNetConfig:
     """Held-out images for the reported numbers: synthetic (disjoint seeds), or pieces of the val split."""
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "reward_net.epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "reward_net.batch_size", "must be >= 1")
-        _check(self.lr > 0, "reward_net.lr", "must be > 0")
-        _check(self.masks_per_image >= 1, "reward_net.masks_per_image", "must be >= 1")
-        _check(self.n_train >= 1 and self.n_val >= 1, "reward_net.n_train/n_val", "must be >= 1")
+        check(self.epochs >= 1, "reward_net.epochs", "must be >= 1")
+        check(self.batch_size >= 1, "reward_net.batch_size", "must be >= 1")
+        check(self.lr > 0, "reward_net.lr", "must be > 0")
+        check(self.masks_per_image >= 1, "reward_net.masks_per_image", "must be >= 1")
+        check(self.n_train >= 1 and self.n_val >= 1, "reward_net.n_train/n_val", "must be >= 1")

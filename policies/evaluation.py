@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from envs.metrics import SWEEP_THRESHOLDS, segmentation_metrics, threshold_sweep
+from envs.metrics import SEGMENTATION_METRICS, SWEEP_THRESHOLDS, segmentation_metrics, threshold_sweep
 from envs.types import VesselSample
 from envs.windows import Box
 
@@ -17,18 +17,6 @@ log = logging.getLogger(__name__)
 
 LogitsFn = Callable[[np.ndarray, list[str]], torch.Tensor]
 """(images uint8 [B,H,W,3], prompts) -> logits [B,H,W]."""
-
-METRIC_KEYS = (
-    "dice",
-    "iou",
-    "precision",
-    "recall",
-    "specificity",
-    "accuracy",
-    "cldice",
-    "betti0_err",
-    "betti1_err",
-)
 
 
 @dataclass(frozen=True)
@@ -176,7 +164,7 @@ def evaluate_probs(
     full = [str(r["id"]) for r, i in zip(rows, labelled, strict=True) if _mostly_vessel(samples[i])]
     if full:
         log.warning("the ground truth of %s covers most of its FOV: an inverted mask?", ", ".join(full[:5]))
-    mean = {k: float(np.mean([r[k] for r in scored])) for k in METRIC_KEYS}
+    mean = {k: float(np.mean([r[k] for r in scored])) for k in SEGMENTATION_METRICS}
     sweep = {"thresholds": [float(t) for t in thresholds]}
     for k in ("dice", "precision", "recall"):
         sweep[k] = np.mean([sw[k] for sw in sweeps], axis=0).tolist()

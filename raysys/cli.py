@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from raysys import keys
-from raysys.config import Config, ConfigError, load_config, to_dict
+from raysys.config import Config, ConfigError
+from raysys.config_io import load_config, to_dict
 from raysys.pipeline import PipelineError
 
 log = logging.getLogger("raysys")
@@ -83,7 +84,7 @@ def cmd_data_synth_folder(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from raysys.config import save_config
+    from raysys.config_io import save_config
     from raysys.stages import run_sft
 
     cfg = _config(args)
@@ -101,7 +102,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_reward_net(args: argparse.Namespace) -> int:
-    from raysys.config import save_config
+    from raysys.config_io import save_config
     from raysys.stages import run_reward_net
 
     cfg = _config(args)

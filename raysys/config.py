@@ -1,10 +1,11 @@
 """The typed configuration tree.
 
-One tree of frozen dataclasses (run, data, policy, reward, rollout, learner, tune, eval, sft, reward_net).
-Every default and every field's doc string lives here or, for nodes owned by a package, in that package (the
-reward objective in ``envs.rewards``; sft and reward_net in ``policies.config``). YAML files hold only
-overrides; ``key.sub=value`` strings override further. Unknown keys and invalid values raise
-:class:`ConfigError` naming the dotted key and what is allowed.
+One tree of frozen dataclasses (run, data, policy, reward, rollout, learner, tune, eval, sft, reward_net,
+rllib). Every default and every field's doc string lives here or, for nodes owned by a package, in that package
+(the reward objective in ``envs.rewards``; policy, sft and reward_net in ``policies.config``). Each node checks
+its values when built (``envs.validation.check``) and raises :class:`ConfigError` naming the dotted key and
+what is allowed. Reading YAML files and ``key.sub=value`` overrides into this tree, and writing it back, is
+``raysys.config_io``::
 
     cfg = load_config("examples/tiny_synthetic.yaml", ["learner.lr=1e-5"])
     save_config(cfg, run_dir / "config.yaml")
@@ -14,45 +15,31 @@ overrides; ``key.sub=value`` strings override further. Unknown keys and invalid 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
-import json
 import math
-import os
 import re
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from envs.metrics import SWEEP_THRESHOLDS
+from envs.metrics import SEGMENTATION_METRICS, SWEEP_THRESHOLDS
 from envs.rewards import RewardConfig as ObjectiveConfig
 from envs.types import DEFAULT_PROMPT
+from envs.validation import ConfigError as ConfigError  # the tree's error, raised by raysys too
+from envs.validation import check
 from policies.config import PolicyConfig, RewardNetConfig, SFTConfig
 
 VAL_METRICS = tuple(
     f"val/{k}"
     for k in (
-        "dice", "iou", "precision", "recall", "specificity", "accuracy", "cldice", "betti0_err", "betti1_err",
+        *SEGMENTATION_METRICS,
         "best_threshold_dice", "best_threshold_cldice", "learned_score", "reward_gap", "reward_gap_abs",
     )
 )  # fmt: skip
 """Metrics validation reports (``Learner.validate``), so a typo in ``eval.select_metric`` stops at once."""
 FOLDER_CROP = 128
 """Training crop of folder datasets when ``data.crop`` is null (see benchmarks/crop_quality.py)."""
-
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds an invalid value."""
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"invalid value for '{key}': {msg}")
 
 
 def _check_label_selector(selector: dict[str, str], key: str) -> None:
@@ -63,7 +50,7 @@ def _check_label_selector(selector: dict[str, str], key: str) -> None:
     except ImportError:  # config without Ray (e.g. reading a run's config.yaml): Ray checks it at launch
         return
     error = validate_label_selector(selector)
-    _check(error is None, key, f"{selector!r}: {error}")
+    check(error is None, key, f"{selector!r}: {error}")
 
 
 @dataclass(frozen=True)
@@ -88,14 +75,14 @@ class RunConfig:
     a shared filesystem path or an object-store URI (``s3://bucket/raysys``) that every node can reach."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) is not None,
             "run.name",
             f"{self.name!r} is not a plain name: use letters, digits, '.', '_' and '-', starting with a letter "
             "or digit (a run lives in run.output_dir/<name>, never outside it)",
         )
-        _check(self.num_cpus is None or self.num_cpus > 0, "run.num_cpus", "must be > 0 or null")
-        _check(self.num_gpus is None or self.num_gpus >= 0, "run.num_gpus", "must be >= 0 or null")
+        check(self.num_cpus is None or self.num_cpus > 0, "run.num_cpus", "must be > 0 or null")
+        check(self.num_gpus is None or self.num_gpus >= 0, "run.num_gpus", "must be >= 0 or null")
 
 
 @dataclass(frozen=True)
@@ -138,24 +125,24 @@ class DataConfig:
     FIVES 2048x2048); probabilities are mapped back and every metric is at native resolution."""
 
     def __post_init__(self) -> None:
-        _check(self.size >= 64, "data.size", f"{self.size} is too small; use >= 64")
-        _check(
+        check(self.size >= 64, "data.size", f"{self.size} is too small; use >= 64")
+        check(
             self.crop is None or self.crop == 0 or self.crop >= 64,
             "data.crop",
             "must be null, 0 or >= 64 (the learned reward net needs 64 px)",
         )
-        _check(0.0 <= self.crop_min_fov <= 1.0, "data.crop_min_fov", "must be in [0, 1]")
-        _check(0.0 < self.scale <= 4.0 and math.isfinite(self.scale), "data.scale", "must be in (0, 4]")
+        check(0.0 <= self.crop_min_fov <= 1.0, "data.crop_min_fov", "must be in [0, 1]")
+        check(0.0 < self.scale <= 4.0 and math.isfinite(self.scale), "data.scale", "must be in (0, 4]")
         for key in ("n_train", "n_val", "n_test"):
-            _check(getattr(self, key) >= 0, f"data.{key}", "must be >= 0")
-        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
-        _check(
+            check(getattr(self, key) >= 0, f"data.{key}", "must be >= 0")
+        check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        check(
             self.kind != "synthetic" or self.root is None,
             "data.root",
             "must be null for kind 'synthetic' (set data.kind to a folder dataset to use a root)",
         )
-        _check(self.kind == "synthetic" or bool(self.root), "data.root", f"kind '{self.kind}' needs a root")
-        _check(
+        check(self.kind == "synthetic" or bool(self.root), "data.root", f"kind '{self.kind}' needs a root")
+        check(
             self.kind == "synthetic" or self.domain == "source",
             "data.domain",
             "only synthetic data has domains; a folder dataset is its own domain",
@@ -193,19 +180,19 @@ class RewardConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(
+        check(
             self.source == "gt" or bool(self.reward_net),
             "reward.reward_net",
             f"source '{self.source}' needs the path of a trained reward net",
         )
-        _check(0.0 <= self.learned_weight <= 1.0, "reward.learned_weight", "must be in [0, 1]")
-        _check(
+        check(0.0 <= self.learned_weight <= 1.0, "reward.learned_weight", "must be in [0, 1]")
+        check(
             self.source == "learned" or sum(self.weights.as_dict().values()) > 0,
             "reward.weights",
             "are all 0: every mask would get the same reward and nothing is learned; give a term a weight",
         )
-        _check(self.num_actors >= 1, "reward.num_actors", "must be >= 1")
-        _check(self.cpus_per_actor > 0, "reward.cpus_per_actor", "must be > 0")
+        check(self.num_actors >= 1, "reward.num_actors", "must be >= 1")
+        check(self.cpus_per_actor > 0, "reward.cpus_per_actor", "must be > 0")
         _check_label_selector(self.label_selector, "reward.label_selector")
 
 
@@ -244,15 +231,15 @@ class RolloutConfig:
     (over as many nodes as fit: losing one node then costs the fewest actors)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
         _check_label_selector(self.label_selector, "rollout.label_selector")
-        _check(0 <= self.max_staleness <= 8, "rollout.max_staleness", "must be in 0..8")
-        _check(self.timeout_s > 0 and math.isfinite(self.timeout_s), "rollout.timeout_s", "must be > 0")
-        _check(self.gpus_per_worker >= 0, "rollout.gpus_per_worker", "must be >= 0")
-        _check(self.cpus_per_worker > 0, "rollout.cpus_per_worker", "must be > 0")
-        _check(self.samples_per_image >= 2, "rollout.samples_per_image", "needs >= 2 for a group baseline")
-        _check(self.temperature > 0, "rollout.temperature", "must be > 0")
-        _check(self.images_per_iteration >= 1, "rollout.images_per_iteration", "must be >= 1")
+        check(0 <= self.max_staleness <= 8, "rollout.max_staleness", "must be in 0..8")
+        check(self.timeout_s > 0 and math.isfinite(self.timeout_s), "rollout.timeout_s", "must be > 0")
+        check(self.gpus_per_worker >= 0, "rollout.gpus_per_worker", "must be >= 0")
+        check(self.cpus_per_worker > 0, "rollout.cpus_per_worker", "must be > 0")
+        check(self.samples_per_image >= 2, "rollout.samples_per_image", "needs >= 2 for a group baseline")
+        check(self.temperature > 0, "rollout.temperature", "must be > 0")
+        check(self.images_per_iteration >= 1, "rollout.images_per_iteration", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -333,26 +320,26 @@ class LearnerConfig:
     """torch intra-op threads per Train worker (0: torch's default)."""
 
     def __post_init__(self) -> None:
-        _check(self.iterations >= 1, "learner.iterations", "must be >= 1")
-        _check(self.lr > 0, "learner.lr", "must be > 0")
-        _check(self.grpo_lr is None or self.grpo_lr > 0, "learner.grpo_lr", "must be > 0 or null")
-        _check(self.epochs >= 1, "learner.epochs", "must be >= 1")
-        _check(self.minibatch_size >= 1, "learner.minibatch_size", "must be >= 1")
-        _check(0 < self.clip < 1, "learner.clip", "must be in (0, 1)")
+        check(self.iterations >= 1, "learner.iterations", "must be >= 1")
+        check(self.lr > 0, "learner.lr", "must be > 0")
+        check(self.grpo_lr is None or self.grpo_lr > 0, "learner.grpo_lr", "must be > 0 or null")
+        check(self.epochs >= 1, "learner.epochs", "must be >= 1")
+        check(self.minibatch_size >= 1, "learner.minibatch_size", "must be >= 1")
+        check(0 < self.clip < 1, "learner.clip", "must be in (0, 1)")
         for key in ("kl_coef", "entropy_coef", "value_coef", "rce_epochs"):
-            _check(getattr(self, key) >= 0, f"learner.{key}", "must be >= 0")
-        _check(self.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0")
-        _check(self.dpo_beta > 0, "learner.dpo_beta", "must be > 0")
-        _check(self.is_cap >= 1 and math.isfinite(self.is_cap), "learner.is_cap", "must be >= 1")
-        _check(0 <= self.tile_advantage_weight <= 1, "learner.tile_advantage_weight", "must be in [0, 1]")
-        _check(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
-        _check(self.cpus_per_worker > 0, "learner.cpus_per_worker", "must be > 0")
-        _check(
+            check(getattr(self, key) >= 0, f"learner.{key}", "must be >= 0")
+        check(self.max_grad_norm > 0, "learner.max_grad_norm", "must be > 0")
+        check(self.dpo_beta > 0, "learner.dpo_beta", "must be > 0")
+        check(self.is_cap >= 1 and math.isfinite(self.is_cap), "learner.is_cap", "must be >= 1")
+        check(0 <= self.tile_advantage_weight <= 1, "learner.tile_advantage_weight", "must be in [0, 1]")
+        check(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
+        check(self.cpus_per_worker > 0, "learner.cpus_per_worker", "must be > 0")
+        check(
             0 < self.gpus_per_worker <= 1,
             "learner.gpus_per_worker",
             "must be in (0, 1]: a rank uses one device",
         )
-        _check(
+        check(
             not (
                 self.use_gpu
                 and self.gpus_per_worker < 1
@@ -364,19 +351,19 @@ class LearnerConfig:
             "use 1, one rank, or learner.dist_backend=gloo",
         )
         _check_label_selector(self.label_selector, "learner.label_selector")
-        _check(self.zero_stage in (1, 2, 3), "learner.zero_stage", "allowed: 1, 2, 3")
-        _check(
+        check(self.zero_stage in (1, 2, 3), "learner.zero_stage", "allowed: 1, 2, 3")
+        check(
             not (self.strategy == "deepspeed" and self.algorithm == "ppo"),
             "learner.strategy",
             "the PPO value head runs outside the DeepSpeed engine; use algorithm grpo or rce_grpo with deepspeed",
         )
-        _check(
+        check(
             not (self.advantage == "self_critical" and self.algorithm in ("ppo", "dpo")),
             "learner.advantage",
             "self_critical goes with algorithm grpo or rce_grpo (ppo's baseline is its value head, dpo has none)",
         )
-        _check(self.checkpoint_every >= 1, "learner.checkpoint_every", "must be >= 1")
-        _check(self.max_failures >= -1, "learner.max_failures", "must be >= -1 (-1: no limit)")
+        check(self.checkpoint_every >= 1, "learner.checkpoint_every", "must be >= 1")
+        check(self.max_failures >= -1, "learner.max_failures", "must be >= -1 (-1: no limit)")
 
 
 SEARCH_SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -401,13 +388,26 @@ def parse_objective(metric: str) -> dict[str, float]:
             w = float(weight) if weight.strip() else 1.0
         except ValueError:
             w = math.nan
-        _check(
+        check(
             name.startswith("val/") and math.isfinite(w) and name not in terms,
             "tune.metric",
             f"{metric!r} must be a val/... metric or a sum like '0.7*val/dice + 0.3*val/cldice'",
         )
         terms[name] = w
     return terms
+
+
+def _field_type(cls: type, path: list[str]) -> Any | None:
+    """Type of the field at ``path`` under dataclass ``cls``, or None if there is no such field."""
+    tp: Any = cls
+    for part in path:
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints or part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = hints[part]
+    return tp
 
 
 @dataclass(frozen=True)
@@ -433,26 +433,26 @@ class TuneConfig:
     0 uses ``eval.every`` (a trial is only compared on validated iterations)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
-        _check(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0")
-        _check(self.grace_iterations >= 0, "tune.grace_iterations", "must be >= 0")
+        check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
+        check(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0")
+        check(self.grace_iterations >= 0, "tune.grace_iterations", "must be >= 0")
         parse_objective(self.metric)
         object.__setattr__(self, "search_space", dict(self.search_space))  # own copy: values get normalised
         for key, spec in list(self.search_space.items()):
             where = f"tune.search_space.{key}"
-            _check(
+            check(
                 isinstance(spec, Mapping) and len(spec) == 1 and next(iter(spec)) in SEARCH_SPACE_KINDS,
                 where,
                 f"must be one mapping {{kind: values}} with kind in {list(SEARCH_SPACE_KINDS)}",
             )
             path = key.split(".")
-            _check(
+            check(
                 _field_type(Config, path) is not None,
                 where,
                 f"'{key}' is not a config key",
             )
             kind, values = next(iter(spec.items()))
-            _check(
+            check(
                 isinstance(values, list | tuple) and len(values) >= 1,
                 where,
                 f"{kind} takes a list of values, got {values!r}",
@@ -463,8 +463,8 @@ class TuneConfig:
                 lo_hi = len(values) == 2 and all(
                     isinstance(v, int | float) and not isinstance(v, bool) for v in values
                 )
-                _check(lo_hi and values[0] < values[1], where, f"{kind} takes [low, high] with low < high")
-                _check(kind == "uniform" or values[0] > 0, where, "loguniform needs low > 0")
+                check(lo_hi and values[0] < values[1], where, f"{kind} takes [low, high] with low < high")
+                check(kind == "uniform" or values[0] > 0, where, "loguniform needs low > 0")
 
 
 PROMPT_TARGETS = ("vessels", "dilated", "thick", "thin", "centerline", "wide", "core")
@@ -515,26 +515,26 @@ class RLlibConfig:
     grid_min_size: tuple[int, ...] = (0, 8, 16, 32, 64)
 
     def __post_init__(self) -> None:
-        _check(self.iterations >= 1, "rllib.iterations", "must be >= 1")
-        _check(
+        check(self.iterations >= 1, "rllib.iterations", "must be >= 1")
+        check(
             self.train_batch_size >= self.minibatch_size >= 1,
             "rllib.minibatch_size",
             "must be in 1..train_batch_size",
         )
-        _check(len(self.prompt_bank) >= 8, "rllib.prompt_bank", "needs at least 8 prompts")
-        _check(
+        check(len(self.prompt_bank) >= 8, "rllib.prompt_bank", "needs at least 8 prompts")
+        check(
             len(set(self.prompt_bank)) == len(self.prompt_bank),
             "rllib.prompt_bank",
             "prompts must be distinct",
         )
-        _check(
+        check(
             len(self.prompt_targets) == len(self.prompt_bank)
             and set(self.prompt_targets) <= set(PROMPT_TARGETS),
             "rllib.prompt_targets",
             f"needs one target per prompt, each one of {list(PROMPT_TARGETS)}",
         )
-        _check(self.patience >= 0, "rllib.patience", "must be >= 0")
-        _check(self.num_env_runners >= 0, "rllib.num_env_runners", "must be >= 0")
+        check(self.patience >= 0, "rllib.patience", "must be >= 0")
+        check(self.num_env_runners >= 0, "rllib.num_env_runners", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -562,26 +562,22 @@ class EvalConfig:
     """Fraction of a window shared with each neighbour; overlaps are blended with centre-weighted means."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.window is None or self.window == 0 or self.window >= 64,
             "eval.window",
             "must be null, 0 or >= 64",
         )
-        _check(0.0 <= self.window_overlap < 1.0, "eval.window_overlap", "must be in [0, 1)")
-        _check(0 < self.threshold < 1, "eval.threshold", "must be in (0, 1)")
-        _check(
-            all(0 < t < 1 for t in self.thresholds), "eval.thresholds", "every threshold must be in (0, 1)"
-        )
-        _check(len(self.thresholds) > 0, "eval.thresholds", "give at least one threshold, e.g. [0.3, 0.5]")
-        _check(self.every >= 1, "eval.every", "must be >= 1")
-        _check(
+        check(0.0 <= self.window_overlap < 1.0, "eval.window_overlap", "must be in [0, 1)")
+        check(0 < self.threshold < 1, "eval.threshold", "must be in (0, 1)")
+        check(all(0 < t < 1 for t in self.thresholds), "eval.thresholds", "every threshold must be in (0, 1)")
+        check(len(self.thresholds) > 0, "eval.thresholds", "give at least one threshold, e.g. [0.3, 0.5]")
+        check(self.every >= 1, "eval.every", "must be >= 1")
+        check(
             self.select_metric in VAL_METRICS or self.select_metric.startswith("val/dice@"),
             "eval.select_metric",
             f"{self.select_metric!r} is not a validation metric; allowed: {', '.join(VAL_METRICS)}",
         )
-        _check(
-            self.closing_radius >= 0 and self.min_size >= 0, "eval.closing_radius/min_size", "must be >= 0"
-        )
+        check(self.closing_radius >= 0 and self.min_size >= 0, "eval.closing_radius/min_size", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -601,17 +597,17 @@ class Config:
     def __post_init__(self) -> None:
         side = self.train_crop or (self.data.size if self.data.kind == "synthetic" else None)
         tile = max(self.reward.tile_sizes)
-        _check(
+        check(
             side is None or tile <= side,
             "reward.tile_sizes",
             f"tile {tile} is larger than the {side}-px images the rewards score (data.crop / data.size)",
         )
-        _check(
+        check(
             self.rollout.max_staleness == 0 or self.learner.algorithm != "dpo",
             "rollout.max_staleness",
             "dpo learns from the starting policy's own masks, which are never stale; use 0",
         )
-        _check(
+        check(
             len(self.reward.tile_sizes) == 1 or self.learner.algorithm != "ppo",
             "reward.tile_sizes",
             "several tile sizes need a group baseline (learner.algorithm grpo or rce_grpo); "
@@ -631,287 +627,3 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
-
-
-# --------------------------------------------------------------------------------------------- conversion
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _field_type(cls: type, path: list[str]) -> Any | None:
-    """Type of the field at ``path`` under dataclass ``cls``, or None if there is no such field."""
-    tp: Any = cls
-    for part in path:
-        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
-            return None
-        hints = _hints(tp)
-        if part not in hints or part not in {f.name for f in dataclasses.fields(tp)}:
-            return None
-        tp = hints[part]
-    return tp
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is tuple:
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to ``tp`` or raise ConfigError naming ``key`` and what is allowed."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"invalid value for '{key}': {value!r}; expected {_describe(tp)}")
-    if tp is Any:
-        return value
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"invalid value for '{key}': expected a mapping of its fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(
-                f"invalid value for '{key}': {value!r}; allowed: {', '.join(repr(a) for a in allowed)}"
-            )
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0] if len(errors) == 1 else bad
-    if origin is tuple:
-        if isinstance(value, str) or not isinstance(value, Sequence):
-            raise bad
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"invalid value for '{key}': expected {len(args)} items, got {len(value)}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise bad
-        ktp, vtp = typing.get_args(tp)
-        return {_convert(k, ktp, key): _convert(v, vtp, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int | float):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                raise bad from None
-        else:
-            raise bad
-        if not math.isfinite(number):  # inf learning rates save NaN models; inf KL skips every update
-            raise ConfigError(f"invalid value for '{key}': {value!r}; must be a finite number")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise ConfigError(f"'{key}': unsupported field type {tp!r}")
-
-
-def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(cls)]
-    full = f"{prefix}.{key}" if prefix else key
-    hint = difflib.get_close_matches(key, names, n=1)
-    did_you_mean = f"did you mean '{prefix + '.' if prefix else ''}{hint[0]}'? " if hint else ""
-    return ConfigError(f"unknown config key '{full}'; {did_you_mean}allowed keys: {', '.join(names)}")
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key(cls, str(key), prefix)
-        kwargs[key] = _convert(value, hints[key], f"{prefix}.{key}" if prefix else key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:  # validation in a package-owned node
-        # Package-owned nodes name their fields as ``RewardConfig.tile_sizes``; the user knows ``reward.tile_sizes``.
-        text = str(exc).replace(f"'{cls.__name__}.", f"'{prefix}." if prefix else "'")
-        if text.startswith("invalid value for"):
-            raise ConfigError(text) from exc
-        raise ConfigError(f"invalid value for '{prefix or 'config'}': {text}") from exc
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) of a config tree, for YAML/JSON."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(cfg)
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any], cls: type, prefix: str, source: str) -> None:
-    """Deep-merge ``over`` into ``base`` in place, rejecting keys ``cls`` does not have."""
-    if not isinstance(over, Mapping):
-        raise ConfigError(f"{source}: '{prefix or 'top level'}' must be a mapping, got {over!r}")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key, value in over.items():
-        if key not in names:
-            err = _unknown_key(cls, str(key), prefix)
-            raise ConfigError(f"{source}: {err}")
-        sub = hints[key]
-        full = f"{prefix}.{key}" if prefix else key
-        if isinstance(sub, type) and dataclasses.is_dataclass(sub) and isinstance(value, Mapping):
-            _merge(base[key], value, sub, full, source)
-        else:
-            base[key] = value
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"learner.lr=1e-5"`` -> (["learner", "lr"], 1e-5); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like 'section.key=value' (e.g. learner.lr=1e-5)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from exc
-    return key.split("."), value
-
-
-def _apply_override(merged: dict[str, Any], text: str) -> None:
-    """Apply one dotted override to the nested dict ``merged`` (validated later by ``_build``)."""
-    keys, value = parse_override(text)
-    node, cls = merged, Config
-    for i, part in enumerate(keys):
-        prefix = ".".join(keys[:i])
-        names = {f.name for f in dataclasses.fields(cls)}
-        if part not in names:
-            raise ConfigError(f"override {text!r}: {_unknown_key(cls, part, prefix)}")
-        tp = _hints(cls)[part]
-        rest = keys[i + 1 :]
-        if not rest:
-            node[part] = value
-            return
-        if typing.get_origin(tp) is dict:  # dict-typed fields take the remaining dotted path as one key
-            node[part] = {**node[part], ".".join(rest): value}
-            return
-        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
-            raise ConfigError(f"override {text!r}: '{prefix + '.' if prefix else ''}{part}' has no sub-keys")
-        node, cls = node[part], tp
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load that refuses a key given twice in one mapping (the second would silently win)."""
-
-    def construct_mapping(self, node, deep=False):  # type: ignore[override]
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file (overrides only) <- dotted CLI overrides, validated into a :class:`Config`."""
-    merged = to_dict(Config())
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-            ) from exc
-        _merge(merged, data, Config, "", str(path))
-    for text in overrides:
-        _apply_override(merged, text)
-    return _build(Config, merged)
-
-
-def save_config(cfg: Config, path: str | os.PathLike[str]) -> Path:
-    """Write the fully resolved tree as YAML; :func:`load_config` on it gives back an equal tree."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
-
-
-def flatten(cfg: Any) -> dict[str, Any]:
-    """Dotted key -> value of every leaf (``{"learner.lr": 3e-4, ...}``), e.g. to list what two configs change."""
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, Mapping) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = node
-
-    walk(to_dict(cfg), "")
-    return out
-
-
-def config_hash(node: Any) -> str:
-    """Stable short hash of a config node or any JSON-able value (stage manifests, run identities)."""
-    blob = json.dumps(to_dict(node), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def replace(cfg: Config, overrides: Sequence[str]) -> Config:
-    """A copy of ``cfg`` with dotted overrides applied and validated."""
-    merged = to_dict(cfg)
-    for text in overrides:
-        _apply_override(merged, text)
-    return _build(Config, merged)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from raysys import keys
-from raysys.config import Config, config_hash, replace, save_config, to_dict
+from raysys.config import Config
+from raysys.config_io import config_hash, replace, save_config, to_dict
 
 log = logging.getLogger(__name__)
 

@@ -140,7 +140,7 @@ def absolute_paths(cfg: Config, base: str | os.PathLike[str] | None = None) -> C
     Without ``base``, existing relative paths resolve against the working directory. With ``base`` (a Ray
     job's RAYSYS_BASE_DIR, the submitter's repository) every relative path resolves against it, existing or
     not: the job itself runs from an unpacked copy of the code."""
-    from raysys.config import replace
+    from raysys.config_io import replace
 
     overrides = []
     for key in PATH_KEYS:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from raysys import keys
-from raysys.config import Config, ConfigError, save_config
+from raysys.config import Config, ConfigError
+from raysys.config_io import save_config
 from raysys.runtime import (
     absolute_paths,
     check_resources,
@@ -430,7 +431,7 @@ RESUME_MAY_CHANGE = frozenset(
 
 def check_resumable_config(cfg: Config, saved: Path) -> None:
     """Refuse to resume with settings other than the run's own (``config.yaml`` stays as the run began)."""
-    from raysys.config import flatten, load_config
+    from raysys.config_io import flatten, load_config
 
     if not saved.is_file():
         raise FileNotFoundError(f"nothing to resume: {saved} does not exist")

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from raysys import keys
-from raysys.config import Config, ConfigError, parse_objective, replace, save_config
+from raysys.config import Config, ConfigError, parse_objective
+from raysys.config_io import replace, save_config
 from raysys.runtime import ResourceError, init_ray, required_resources, storage_exists, train_storage
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,7 @@ def run_sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
     if resume and not tune.Tuner.can_restore(str(experiment)):
         raise FileNotFoundError(f"nothing to resume in {experiment}: no Tune experiment state there")
     if resume and (tune_dir / "config.yaml").is_file():
-        from raysys.config import config_hash, load_config
+        from raysys.config_io import config_hash, load_config
 
         if config_hash(load_config(tune_dir / "config.yaml")) != config_hash(cfg):
             raise ConfigError(

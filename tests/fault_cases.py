@@ -126,7 +126,7 @@ class World:
 
     def finished_run(self, name: str = "done") -> Path:
         """runs/<name> of a finished training run: config.yaml, metrics.jsonl and checkpoints/best."""
-        from raysys.config import load_config, save_config
+        from raysys.config_io import load_config, save_config
 
         run = self.out / name
         (run / "checkpoints" / "best").mkdir(parents=True)

@@ -75,7 +75,7 @@ def _prompt_segmenter(cfg: Config, splits, seg_dir: Path) -> Path:
     """The prompt-conditioned segmenter in ``seg_dir``: reused when trained with the same settings."""
     import shutil
 
-    from raysys.config import config_hash
+    from raysys.config_io import config_hash
 
     key = config_hash([cfg.rllib.prompt_bank, cfg.rllib.prompt_targets, cfg.rllib.segmenter_steps, cfg.data,
                        cfg.sft, cfg.run.seed])  # fmt: skip

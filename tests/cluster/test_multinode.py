@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(
     420
 )  # time-boxed: a hung node-loss recovery fails here, not at the suite's 600 s
 
-from raysys.config import load_config  # noqa: E402
+from raysys.config_io import load_config  # noqa: E402
 from raysys.runtime import PRIVATE_RAY_ENV, ResourceError  # noqa: E402
 from raysys.train import run_training  # noqa: E402
 

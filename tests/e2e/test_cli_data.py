@@ -9,7 +9,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from raysys.config import load_config, to_dict
+from raysys.config_io import load_config, to_dict
 
 
 def raysys(*args: str, cwd=None) -> subprocess.CompletedProcess:

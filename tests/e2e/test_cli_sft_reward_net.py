@@ -10,7 +10,7 @@ import torch
 
 from policies.checkpoint import load_base_model
 from policies.reward_net import load_reward_net
-from raysys.config import load_config
+from raysys.config_io import load_config
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from rl_small import SMALL_RL, metric_rows, popen_interruptible
 
-from raysys.config import load_config
+from raysys.config_io import load_config
 
 pytest.importorskip("ray")
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from envs.datasets import load_dataset
 from envs.rewards import MultiObjectiveReward
-from raysys.config import load_config
+from raysys.config_io import load_config
 from raysys.data import dataset_for_split
 
 

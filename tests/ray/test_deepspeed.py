@@ -10,7 +10,8 @@ import json
 import pytest
 from rl_small import SMALL_RL as SMALL
 
-from raysys.config import ConfigError, load_config
+from raysys.config import ConfigError
+from raysys.config_io import load_config
 from raysys.train import run_training
 
 pytest.importorskip("deepspeed")

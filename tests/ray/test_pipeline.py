@@ -8,7 +8,7 @@ import re
 
 from rl_small import SMALL_RL
 
-from raysys.config import load_config, replace
+from raysys.config_io import load_config, replace
 from raysys.pipeline import STAGES, Pipeline
 
 TINY = [

@@ -13,7 +13,7 @@ import pytest
 import torch
 from rl_small import SMALL_RL as SMALL
 
-from raysys.config import load_config
+from raysys.config_io import load_config
 from raysys.coordinator import LocalCoordinator, RayCoordinator
 from raysys.learner import iteration_indices
 from raysys.reward import RewardWorker

@@ -6,7 +6,10 @@ import dataclasses
 
 import pytest
 
-from raysys.config import Config, ConfigError, config_hash, load_config, replace, save_config
+from envs.rewards import RewardConfig
+from policies.config import PolicyConfig
+from raysys.config import Config, ConfigError, LearnerConfig
+from raysys.config_io import config_hash, load_config, replace, save_config
 
 
 def test_defaults_are_the_design_starting_point() -> None:
@@ -91,6 +94,22 @@ def test_bad_values_name_the_key(override: str | list[str], needle: str) -> None
     with pytest.raises(ConfigError) as info:
         load_config(None, [override] if isinstance(override, str) else override)
     assert needle in str(info.value)
+
+
+def test_every_tree_checks_values_alike() -> None:
+    # One check (envs.validation) for the reward objective, the policies' nodes and raysys' own: a node owned by
+    # a package names its field by class, and the loader turns that into the key the user wrote.
+    for build, key in [
+        (lambda: RewardConfig(dice_scale=0), "RewardConfig.dice_scale"),
+        (lambda: PolicyConfig(lora_r=0), "policy.lora_r"),
+        (lambda: LearnerConfig(lr=0), "learner.lr"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^invalid value for '{key}': "):
+            build()
+    with pytest.raises(
+        ConfigError, match=r"^invalid value for 'reward\.dice_scale': 0\.0; it must be a finite"
+    ):
+        load_config(None, ["reward.dice_scale=0"])
 
 
 def test_unknown_key_in_file_names_file_and_key(tmp_path) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from envs.folders import write_dataset_folder
-from raysys.config import load_config
+from raysys.config_io import load_config
 from raysys.features import FeatureCache
 from raysys.learner import Learner
 from raysys.reward import RewardWorker

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rl_small import ONE_GPU
 
-from raysys.config import load_config
+from raysys.config_io import load_config
 from raysys.runtime import PRIVATE_RAY_ENV, required_resources, role_resources
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))

@@ -9,7 +9,8 @@ from rl_small import SMALL_RL as SMALL
 
 from policies.distributions import kl_bernoulli
 from policies.losses import kl_penalty
-from raysys.config import ConfigError, load_config
+from raysys.config import ConfigError
+from raysys.config_io import load_config
 from raysys.coordinator import LocalCoordinator, shards
 from raysys.learner import Learner, iteration_indices
 from raysys.reward import RewardWorker, part_rows

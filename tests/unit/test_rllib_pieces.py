@@ -9,7 +9,8 @@ import pytest
 from envs.morphology import target_mask
 from envs.rewards import MultiObjectiveReward
 from envs.synthetic import SyntheticFundus
-from raysys.config import PROMPT_TARGETS, ConfigError, load_config
+from raysys.config import PROMPT_TARGETS, ConfigError
+from raysys.config_io import load_config
 from raysys.rllib.prompt import RLlibPromptEnv, prompt_table
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import raysys.pipeline as pipeline_mod
-from raysys.config import ConfigError, load_config, save_config
+from raysys.config import ConfigError
+from raysys.config_io import load_config, save_config
 from raysys.pipeline import STAGES, Pipeline, Stage
 from raysys.train import check_resumable_config, run_training
 

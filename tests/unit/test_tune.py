@@ -9,7 +9,8 @@ import math
 import pandas as pd
 import pytest
 
-from raysys.config import ConfigError, load_config, parse_objective
+from raysys.config import ConfigError, parse_objective
+from raysys.config_io import load_config
 from raysys.runtime import latest_iteration
 from raysys.train import objective_value
 

@@ -21,7 +21,7 @@ from envs.windows import (
     window_boxes,
 )
 from policies.evaluation import Inference, predict_probs
-from raysys.config import load_config, replace
+from raysys.config_io import load_config, replace
 from raysys.data import TrainView
 
 
