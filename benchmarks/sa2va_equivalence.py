@@ -41,10 +41,12 @@ def main() -> int:
         return 2
 
     from policies.checkpoint import save_trainable
+    from policies.compat import set_attention
     from policies.config import PolicyConfig
     from policies.factory import build_policy
-    from policies.sa2va import compare_with_remote, load_sa2va, set_attention
+    from policies.sa2va import load_sa2va
     from policies.sa2va_random import build_checkpoint
+    from policies.sa2va_remote_checks import compare_with_remote
     from raysys.cli import main as cli
 
     tmp = Path(tempfile.mkdtemp(prefix="sa2va_equivalence_"))

@@ -19,9 +19,10 @@ Each one is applied only when the thing it replaces is missing or broken, and ea
   ``has_no_defaults_at_init``. ``Sa2VAChatConfig`` sets the old name, so 4.57 builds it without arguments to
   find its defaults and fails (``KeyError: 'architectures'``). The new name is set from the old one.
 
-Two context managers serve checks against the remote inference code (``compare_with_remote``):
-``remote_inference_on`` redirects its hard-coded CUDA device to the model's device on CPU machines, and
-``forced_generation`` forces the tokens a generation emits (a random-init model never emits [SEG]).
+Two context managers serve checks against the remote inference code (``compare_with_remote`` in
+policies/sa2va_remote_checks.py): ``remote_inference_on`` redirects its hard-coded CUDA device to the model's
+device on CPU machines, and ``forced_generation`` forces the tokens a generation emits (a random-init model
+never emits [SEG]). ``set_attention`` sets an LLM's attention implementation under either transformers API.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,14 @@ def forced_generation(lm: Any, token_ids: Sequence[int]) -> Iterator[None]:
             del lm.generate  # the class method shows through again
         else:
             lm.generate = own
+
+
+def set_attention(lm: nn.Module, name: str) -> None:
+    """Set a transformers LLM's attention implementation ("sdpa", "eager") across transformers versions."""
+    if hasattr(lm, "set_attn_implementation"):  # transformers >= 4.56
+        lm.set_attn_implementation(name)
+    else:
+        lm.config._attn_implementation = name
 
 
 def prepare(source: str | Path) -> list[str]:

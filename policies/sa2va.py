@@ -25,7 +25,7 @@ import inspect
 import logging
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from policies.compat import set_attention
 from policies.lora import ARCHITECTURE_TO_BACKBONE
+from policies.sa2va_preprocess import (
+    MAX_DYNAMIC_PATCH,
+    MIN_DYNAMIC_PATCH,
+    USE_THUMBNAIL,
+    as_uint8_images,
+    direct_resize,
+    dynamic_tiles,
+    normalize_tile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +54,6 @@ DEFAULT_ANSWER = "It is [SEG]."
 """Teacher-forced answer (one of Sa2VA's SFT ANSWER_LIST forms); the template's SUFFIX is appended."""
 INTERNVL_IMAGE_TOKENS = ("<img>", "<IMG_CONTEXT>", "</img>")
 QWEN_IMAGE_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Hard-coded in the remote ``preparing_for_generation`` and the training datasets (they override the config).
-MIN_DYNAMIC_PATCH = 1
-MAX_DYNAMIC_PATCH = 12
-USE_THUMBNAIL = True
 # Sa2VAChatModelQwen.min_pixels / max_pixels (single-image training values), used if the remote lacks them.
 QWEN_MIN_PIXELS = 512 * 28 * 28
 QWEN_MAX_PIXELS = 2048 * 28 * 28
@@ -139,80 +143,6 @@ class Sa2VAFeatures:
         )
 
 
-# ------------------------------------------------------------------------------------------------ preprocessing
-def as_uint8_images(images: Any) -> np.ndarray:
-    """uint8 [B, H, W, 3] (numpy or torch; [H, W, 3] is promoted to a batch of one) -> contiguous numpy."""
-    arr = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [B,H,W,3], got shape {tuple(arr.shape)}")
-    if arr.dtype != np.uint8:
-        integral = np.issubdtype(arr.dtype, np.integer) and arr.size and arr.min() >= 0 and arr.max() <= 255
-        if not integral:
-            raise ValueError(f"images must be uint8 RGB in [0, 255], got dtype {arr.dtype}")
-        arr = arr.astype(np.uint8)
-    return np.ascontiguousarray(arr)
-
-
-def direct_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Sa2VA's DirectResize: PIL resize to size x size ignoring the aspect ratio (PIL's default filter)."""
-    from PIL import Image
-
-    return np.array(Image.fromarray(image).resize((size, size)))
-
-
-def _closest_grid(aspect: float, grids: list[tuple[int, int]], width: int, height: int, size: int):
-    best_diff, best = float("inf"), (1, 1)
-    area = width * height
-    for grid in grids:
-        diff = abs(aspect - grid[0] / grid[1])
-        if diff < best_diff:
-            best_diff, best = diff, grid
-        elif diff == best_diff and area > 0.5 * size * size * grid[0] * grid[1]:
-            best = grid  # a tie goes to the larger grid only if the image is big enough to fill it
-    return best
-
-
-def dynamic_tiles(image, *, min_num: int, max_num: int, image_size: int, use_thumbnail: bool) -> list:
-    """InternVL's dynamic tiling of a PIL image: the (cols, rows) grid with cols*rows in [min_num, max_num] whose
-    aspect ratio is closest to the image's; image_size² crops row-major, plus a thumbnail if > 1 tile."""
-    width, height = image.size
-    grids = sorted(
-        {
-            (i, j)
-            for n in range(min_num, max_num + 1)
-            for i in range(1, n + 1)
-            for j in range(1, n + 1)
-            if min_num <= i * j <= max_num
-        },
-        key=lambda g: g[0] * g[1],
-    )
-    cols, rows = _closest_grid(width / height, grids, width, height, image_size)
-    resized = image.resize((image_size * cols, image_size * rows))
-    tiles = [
-        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
-        for r in range(rows)
-        for c in range(cols)
-    ]
-    if use_thumbnail and len(tiles) != 1:
-        tiles.append(image.resize((image_size, image_size)))
-    return tiles
-
-
-def _normalize_tile(tile, size: int) -> torch.Tensor:
-    """Sa2VA's ``transformer``: RGB, Resize((size, size), BICUBIC) (a no-op for tiles), ToTensor, Normalize."""
-    from PIL import Image
-
-    tile = tile.convert("RGB")
-    if tile.size != (size, size):
-        tile = tile.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.array(tile, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
-    return x.sub(mean).div(std)
-
-
 # ------------------------------------------------------------------------------------------------ remote layout
 def _flavour(remote: nn.Module) -> str:
     for attr in ("grounding_encoder", "text_hidden_fcs"):
@@ -278,14 +208,6 @@ def use_sdpa(lm: nn.Module) -> str:
         return str(current)
     set_attention(lm, "sdpa")
     return str(config._attn_implementation)
-
-
-def set_attention(lm: nn.Module, name: str) -> None:
-    """Set a transformers LLM's attention implementation ("sdpa", "eager") across transformers versions."""
-    if hasattr(lm, "set_attn_implementation"):  # transformers >= 4.56
-        lm.set_attn_implementation(name)
-    else:
-        lm.config._attn_implementation = name
 
 
 def _pooled_image_embeddings(out: Any) -> torch.Tensor:
@@ -463,7 +385,7 @@ class Sa2VAModel(nn.Module):
             image_size=size,
             use_thumbnail=USE_THUMBNAIL,
         )
-        pixels = torch.stack([_normalize_tile(t, size) for t in tiles])
+        pixels = torch.stack([normalize_tile(t, size) for t in tiles])
         emb = self.model.extract_feature(pixels.to(self.device, _param_dtype(self.model.vision_model)))
         return emb.reshape(-1, emb.shape[-1])  # [n_tiles * tokens_per_tile, D]
 
@@ -638,211 +560,6 @@ class Sa2VAModel(nn.Module):
         size = int(self.sam2.image_size)
         full = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
         return F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-
-    # ------------------------------------------------------------------------------------- checks
-    @contextlib.contextmanager
-    def answering(self, answer: str) -> Iterator[None]:
-        """Temporarily teacher-force another answer (e.g. the text the model generated)."""
-        previous, self.answer = self.answer, answer
-        try:
-            yield
-        finally:
-            self.answer = previous
-
-    @contextlib.contextmanager
-    def remote_generation(self) -> Iterator[None]:
-        """Within: the remote ``predict_forward`` can run. Its set-up (``preparing_for_generation``, which
-        ``predict_forward`` runs on first use) casts the whole model to one dtype, bfloat16 by default. Here it
-        runs with the backbone's dtype, and every tensor it cast (the float32 trained heads of a bfloat16 load)
-        gets its own dtype and exact value back on exit."""
-        remote = self.model
-        dtype = _param_dtype(self.sam2.image_encoder)
-        tensors = dict(remote.named_parameters())
-        tensors.update(remote.named_buffers())
-        saved = {
-            n: t.detach().clone() for n, t in tensors.items() if t.is_floating_point() and t.dtype != dtype
-        }
-        prepare = getattr(remote, "preparing_for_generation", None)
-        try:
-            if prepare is not None and "torch_dtype" in inspect.signature(prepare).parameters:
-                prepare(self.tokenizer, torch_dtype=dtype)
-            elif prepare is not None:
-                prepare(self.tokenizer)
-            yield
-        finally:
-            for n, t in tensors.items():
-                if n in saved:
-                    t.data = saved[n]
-
-    @torch.no_grad()
-    def sam_heads_difference(
-        self,
-        images: Any,
-        language_embd: torch.Tensor | None = None,
-        *,
-        features: Sa2VAFeatures | None = None,
-    ) -> float:
-        """max |ours - remote| of the selected low-res logits: :meth:`decode` on cached features (``features``
-        if given, else :meth:`encode`) vs the remote ``forward_image`` -> ``_prepare_backbone_features`` ->
-        ``_forward_sam_heads`` (Sa2VA's training path) on the same language embedding (random if not given)."""
-        arr = as_uint8_images(images)
-        sam2 = self.sam2
-        if language_embd is None:
-            language_embd = torch.randn(
-                len(arr), 1, int(self.model.grounding_encoder.hidden_dim), device=self.device
-            )
-        ours = self.decode((features if features is not None else self.encode(arr)).fpn, language_embd)
-        with self._sam_autocast():
-            feats = sam2.forward_image(self.sam_pixels(arr))
-            _, vision_feats, _, feat_sizes = sam2._prepare_backbone_features(feats)
-            b, c = vision_feats[-1].shape[1], vision_feats[-1].shape[2]
-            pix = (vision_feats[-1] + sam2.no_mem_embed).permute(1, 2, 0).reshape(b, c, *feat_sizes[-1])
-            high_res = [
-                x.permute(1, 2, 0).reshape(x.size(1), x.size(2), *s)
-                for x, s in zip(vision_feats[:-1], feat_sizes[:-1], strict=True)
-            ]
-            remote = sam2._forward_sam_heads(
-                backbone_features=pix,
-                point_inputs=None,
-                mask_inputs=None,
-                high_res_features=high_res,
-                multimask_output=sam2._use_multimask(is_init_cond_frame=True, point_inputs=None),
-                language_embd=language_embd,
-            )[3]
-        return float((ours - remote.float()).abs().max())
-
-
-@torch.no_grad()
-def remote_training_seg_hidden(model: Sa2VAModel, image: np.ndarray, prompt: str) -> torch.Tensor:
-    """[D]: the [SEG] hidden state of the remote *training* forward (``Sa2VAChatModel.forward``, InternVL
-    flavour) on the adapter's token ids and tiles: ``hidden_states[-1]`` at the answer's [SEG]."""
-    from PIL import Image
-
-    if model.flavour != "internvl":
-        raise NotImplementedError("the remote training forward is compared for the InternVL flavour only")
-    remote = model.model
-    size = int(getattr(remote.config, "force_image_size", None) or remote.config.vision_config.image_size)
-    tiles = dynamic_tiles(Image.fromarray(as_uint8_images(image)[0]), min_num=MIN_DYNAMIC_PATCH,
-                          max_num=MAX_DYNAMIC_PATCH, image_size=size, use_thumbnail=USE_THUMBNAIL)  # fmt: skip
-    pixels = torch.stack([_normalize_tile(t, size) for t in tiles]).to(model.device)
-    n_tokens = len(tiles) * int(remote.num_image_token)
-    ids = torch.tensor([model.prompt_ids(prompt, n_tokens)], device=model.device)
-    if not hasattr(remote, "_count"):
-        remote._count = 0  # a counter Sa2VA's training loop sets before the first forward
-    out = remote({"pixel_values": [pixels], "input_ids": ids, "position_ids": None,
-                  "attention_mask": torch.ones_like(ids), "labels": None})  # fmt: skip
-    seg = (ids[0] == model.seg_token_idx).nonzero()[-1, 0]
-    return out.hidden_states[-1][0, seg]
-
-
-@torch.no_grad()
-def compare_with_remote(
-    model: Sa2VAModel,
-    image: np.ndarray,
-    prompt: str,
-    *,
-    force_answer: str | None = None,
-    features: Sa2VAFeatures | None = None,
-    heads: bool = True,
-) -> dict[str, Any]:
-    """The adapter against the checkpoint's own ``predict_forward`` on one image.
-
-    The remote generates an answer (``force_answer`` forces its tokens, e.g. "It is [SEG]." for a randomly
-    initialised model, which never emits [SEG] by itself); the adapter teacher-forces the same answer up to
-    its [SEG]; our ``logits > 0`` is compared with the remote's ``sigmoid > 0.5`` mask. Also reports
-    :meth:`Sa2VAModel.sam_heads_difference` unless ``heads`` is False, and (InternVL) the [SEG] hidden state
-    against the remote training forward (:func:`remote_training_seg_hidden`). ``features``: the image's cached
-    :meth:`Sa2VAModel.encode` output, to save an encode. Runs on CPU too (the remote's ``.cuda()`` calls are
-    redirected to the model's device) and leaves every parameter's dtype and value as it found them.
-    """
-    from PIL import Image
-
-    from policies.compat import forced_generation, remote_inference_on
-
-    arr = as_uint8_images(image)[0]
-    features = features if features is not None else model.encode(arr[None])
-    kwargs: dict[str, Any] = {"tokenizer": model.tokenizer}
-    if model.flavour == "qwen_vl":
-        kwargs["processor"] = model.processor
-    text = prompt if "<image>" in prompt else "<image>\n" + prompt
-    forced = contextlib.nullcontext()
-    if force_answer is not None:
-        ids = list(
-            model.tokenizer.encode(force_answer + (model.tokenizer.eos_token or ""), add_special_tokens=False)
-        )
-        lm = model.model.language_model if model.flavour == "internvl" else model.model.model
-        forced = forced_generation(lm, ids)
-    with model.remote_generation(), remote_inference_on(model.model, model.device), forced:
-        result = model.model.predict_forward(image=Image.fromarray(arr), text=text, **kwargs)
-    prediction = str(result["prediction"])
-    report: dict[str, Any] = {"prediction": prediction}
-    if heads:
-        report["sam_heads_max_abs_diff"] = model.sam_heads_difference(arr, features=features)
-    if model.flavour == "internvl":
-        ours = model.seg_hidden_states(features, [prompt])[0]
-        theirs = remote_training_seg_hidden(model, arr, prompt)
-        report["seg_hidden_max_abs_diff"] = float((ours.float() - theirs.float()).abs().max())
-        report["seg_hidden_abs_max"] = float(theirs.abs().max())
-    if SEG_TOKEN not in prediction or not result["prediction_masks"]:
-        report["error"] = "the model generated no [SEG]; nothing to compare"
-        return report
-    answer = prediction[: prediction.index(SEG_TOKEN) + len(SEG_TOKEN)]
-    with model.answering(answer):
-        logits = model(arr[None], [prompt], features=features)[0]
-    ours = (logits > 0).cpu().numpy()
-    theirs = np.asarray(result["prediction_masks"][0])[0].astype(bool)
-    union = np.logical_or(ours, theirs).sum()
-    report.update(
-        answer=answer,
-        remote_mask_fraction=float(theirs.mean()),
-        mask_iou=float(np.logical_and(ours, theirs).sum() / union) if union else 1.0,
-        pixel_agreement=float((ours == theirs).mean()),
-        logit_abs_mean=float(logits.abs().mean()),
-    )
-    return report
-
-
-# ------------------------------------------------------------------------------------------------ export
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
-
-
-def save_weights(model: nn.Module, folder: str | Path) -> Path:
-    """``model.safetensors`` with every tensor of ``model``'s state dict, as ``from_pretrained`` reads it.
-
-    Not ``save_pretrained``: under transformers < 4.57 it builds ``Sa2VAChatConfig()`` without arguments, which
-    fails (``KeyError: 'architectures'``), and under 5.x it rewrites config.json."""
-    from safetensors.torch import save_model
-
-    path = Path(folder) / "model.safetensors"
-    save_model(model, str(path), metadata={"format": "pt"})
-    return path
-
-
-def save_merged(model: Sa2VAModel, source: str | Path, out: str | Path) -> Path:
-    """Write ``model`` (LoRA already merged, no PEFT wrapper) as a release folder at ``out``: its weights in
-    one ``model.safetensors`` (:func:`save_weights`), and every other file of the ``source`` checkpoint folder
-    (config.json, the remote code, the tokenizer) copied unchanged, so Sa2VA's own
-    ``AutoModel.from_pretrained(out, trust_remote_code=True)`` and ``predict_forward`` load and run it. The source's config.json is kept rather than re-saved: a
-    config.json written by transformers 5 loses ``llm_config.rope_theta``, which older versions then
-    silently replace by 10000."""
-    import shutil
-
-    source, out = Path(source), Path(out)
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{source} has no config.json: a merged export needs the base checkpoint folder"
-        )
-    if hasattr(model.model, "peft_config") or any(".lora_" in n for n, _ in model.named_parameters()):
-        raise ValueError("merge the LoRA first (merge_and_unload): the export must be a plain Sa2VA model")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; export into a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model.model, out)
-    weights = {f for pattern in WEIGHT_FILES for f in source.glob(pattern)}
-    for f in sorted(source.iterdir()):
-        if f.is_file() and f not in weights:
-            shutil.copy(f, out / f.name)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ loading

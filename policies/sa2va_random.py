@@ -149,7 +149,7 @@ def build_checkpoint(remote: str | Path, folder: str | Path, shape: str = "test"
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} is not empty; build a checkpoint into a new folder")
-    from policies.sa2va import save_weights
+    from policies.sa2va_export import save_weights
 
     model, _ = build_model(remote, folder, shape, seed=seed)
     save_weights(model, folder)

@@ -124,7 +124,8 @@ def export_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path) 
             again = load_base_model(out / "merged")(images, prompts)
             tolerance = 1e-4
         else:
-            from policies.sa2va import load_sa2va, save_merged
+            from policies.sa2va import load_sa2va
+            from policies.sa2va_export import save_merged
 
             save_merged(merged, source, out / "merged")
             _check_written_tensors(merged, out / "merged")

@@ -88,7 +88,9 @@ def test_the_real_remote_code_loads_under_the_installed_transformers(checkpoint)
     assert heads and all(
         ".text_hidden_fcs." in n or ".sam_mask_decoder." in n for n in [f".{n}" for n in heads]
     )
-    with half.remote_generation():
+    from policies.sa2va_remote_checks import remote_generation
+
+    with remote_generation(half):
         assert half.model.text_hidden_fcs[0].weight.dtype == torch.bfloat16
     after = dict(half.model.named_parameters())
     assert all(after[n].dtype == torch.float32 and torch.equal(after[n], t) for n, t in heads.items())
@@ -102,11 +104,13 @@ def test_remote_code_needs_the_users_opt_in(checkpoint) -> None:
 
 
 def test_adapter_sam_heads_match_the_remote_heads(policy, image, features) -> None:
-    assert policy.base.sam_heads_difference(image, features=features) < 1e-4
+    from policies.sa2va_remote_checks import sam_heads_difference
+
+    assert sam_heads_difference(policy.base, image, features=features) < 1e-4
 
 
 def test_sdpa_attention_gives_the_eager_seg_hidden_state(policy, image, features) -> None:
-    from policies.sa2va import set_attention
+    from policies.compat import set_attention
 
     lm = policy.base.model.language_model
     with torch.no_grad():
@@ -122,7 +126,7 @@ def test_sdpa_attention_gives_the_eager_seg_hidden_state(policy, image, features
 
 
 def test_seg_hidden_state_matches_the_remote_training_forward(policy, image, features) -> None:
-    from policies.sa2va import remote_training_seg_hidden
+    from policies.sa2va_remote_checks import remote_training_seg_hidden
 
     with torch.no_grad():
         ours = policy.base.seg_hidden_states(features, [PROMPT])[0]
@@ -132,7 +136,7 @@ def test_seg_hidden_state_matches_the_remote_training_forward(policy, image, fea
 
 
 def test_teacher_forced_mask_matches_the_remote_predict_forward(policy, image, features) -> None:
-    from policies.sa2va import compare_with_remote
+    from policies.sa2va_remote_checks import compare_with_remote
 
     before = {n: (p.dtype, p.detach().clone()) for n, p in policy.model.named_parameters()}
     report = compare_with_remote(

@@ -22,9 +22,10 @@ from policies.sa2va import (
     Sa2VAFeatures,
     Sa2VALoadError,
     Sa2VAModel,
-    dynamic_tiles,
     load_sa2va,
 )
+from policies.sa2va_preprocess import dynamic_tiles
+from policies.sa2va_remote_checks import answering, sam_heads_difference
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -168,7 +169,7 @@ def test_bf16_backbone_with_float32_trainable_parts(fakes, images, kind) -> None
     grads = {n: p.grad for n, p in policy.model.named_parameters() if p.requires_grad}
     reached = [n for n in grads if ".lora_B." in n or ".text_hidden_fcs." in n or ".transformer." in n]
     assert reached and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in reached)
-    assert model.sam_heads_difference(images) < 1e-3
+    assert sam_heads_difference(model, images) < 1e-3
 
 
 # --- LoRA scope ----------------------------------------------------------------------------------------------
@@ -275,9 +276,9 @@ def test_qwen_prompt_with_and_without_config_template(fakes) -> None:
 
 def test_answer_must_contain_seg(fakes) -> None:
     model = _model(fakes, "internvl")
-    with model.answering("Sure, the segmentation result is [SEG]."):
+    with answering(model, "Sure, the segmentation result is [SEG]."):
         assert "result is [SEG]" in model.tokenizer.decode(model.prompt_ids(PROMPT, 4))
-    with model.answering("no mask"), pytest.raises(ValueError, match=r"\[SEG\]"):
+    with answering(model, "no mask"), pytest.raises(ValueError, match=r"\[SEG\]"):
         model.prompt_ids(PROMPT, 4)
 
 
@@ -287,7 +288,7 @@ def test_answer_must_contain_seg(fakes) -> None:
 def test_decode_matches_the_remote_forward_sam_heads_qwen(fakes, images) -> None:
     # InternVL: against the real remote code in tests/remote/
     model = _model(fakes, "qwen_vl")
-    assert model.sam_heads_difference(images) < 1e-5
+    assert sam_heads_difference(model, images) < 1e-5
 
 
 def test_qwen_cached_vision_matches_the_models_own_vision_path(fakes, images) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from policies.sa2va import save_weights
+from policies.sa2va_export import save_weights
 from raysys.evaluate import _check_written_tensors
 
 pytestmark = pytest.mark.unit
