@@ -5,7 +5,7 @@ held-out quality for ``rollout.max_staleness`` 0, 1, 2 -> JSON.
         [--seeds 0 1 2] [--staleness 0 1 2] [--iterations 150] [key=value ...]
 
 For each (seed, staleness): ``raysys train`` from the SFT checkpoint (the real CLI; the reward of raw masks,
-``rl_gain.FIRST_RECIPE``, as first measured). Times come from the run's
+``rl_common.FIRST_RECIPE``, as first measured). Times come from the run's
 own ``time/iteration_s`` (start-up excluded, validations included, the same in every mode). "Time to the same
 val Dice" is the training time until a run's validation Dice first comes within ``TOLERANCE`` of the best
 validation Dice of the lock-step run of the same seed (its final one would do only for a monotone curve: RL's
@@ -30,19 +30,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-from rl_gain import FIRST_RECIPE, raysys_cli, resume_flag, scores
+from rl_common import FIRST_RECIPE, scores, train
 
 from raysys import keys
 
-ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.005
 """Validation Dice within this of the lock-step run's best counts as reaching it."""
 CPU_ITERATIONS = 30
@@ -85,25 +84,15 @@ class CpuMeter:
         return (b[1] - a[1]) / max(b[2] - a[2], 1)
 
 
-def train(config: str, overrides: list[str]) -> tuple[list[dict], float, object]:
-    """Run ``raysys train``; its metrics rows, wall time and resolved config."""
-    from raysys.config_io import load_config
-
-    cfg = load_config(config, overrides)
-    wall = raysys_cli("train", config, *overrides, "--no-progress", *resume_flag(cfg))
-    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return rows, wall, cfg
-
-
 def train_metered(config: str, overrides: list[str]) -> dict:
     """``train`` with the machine's CPU busy share over the training iterations (start-up and shutdown
     excluded: the window ends when the last metrics row is written and spans the run's iteration time)."""
     if not Path("/proc/stat").is_file():
         raise SystemExit("--cpu reads /proc/stat (Linux)")
     with CpuMeter() as meter:
-        rows, wall, cfg = train(config, overrides)
-    out = summary(rows, wall)
-    end = (cfg.run_dir / "metrics.jsonl").stat().st_mtime
+        run = train(config, overrides)
+    out = summary(run.rows, run.wall_s)
+    end = (run.cfg.run_dir / "metrics.jsonl").stat().st_mtime
     out["cpu_busy_share"] = meter.busy_share(end - out["train_s"], end)
     return out
 
@@ -159,14 +148,14 @@ def summary(rows: list[dict], wall: float) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft", required=True, help="tiny SFT checkpoint every run starts from")
-    parser.add_argument("--config", default=str(ROOT / "examples/tiny_synthetic.yaml"))
+    parser.add_argument("--config", default=str(harness.ROOT / "examples/tiny_synthetic.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=150)
     parser.add_argument("--heavy", action="store_true", help="also the rollout-bound case")
     parser.add_argument("--cpu", action="store_true", help="also the CPU busy share of lock step and async")
-    parser.add_argument("--output-dir", default=str(ROOT / "runs/async_speedup"))
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/async_speedup.json"))
+    parser.add_argument("--output-dir", default=str(harness.RUNS / "async_speedup"))
+    parser.add_argument("--json", default=str(harness.result_path("async_speedup")))
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
     if 0 not in args.staleness:
@@ -185,8 +174,12 @@ def main() -> int:
                 f"learner.iterations={args.iterations}", *FIRST_RECIPE, *args.overrides,
             ]  # fmt: skip
             if not cached.is_file():
-                rows, wall, cfg = train(args.config, overrides)
-                result = {**summary(rows, wall), "curve": curve(rows), "test": test_scores(cfg, "latest")}
+                run = train(args.config, overrides)
+                result = {
+                    **summary(run.rows, run.wall_s),
+                    "curve": curve(run.rows),
+                    "test": test_scores(run.cfg, "latest"),
+                }
                 cached.write_text(json.dumps(result))
             result = json.loads(cached.read_text())
             if "test_best" not in result:  # runs cached before the best checkpoint was scored too
@@ -237,8 +230,8 @@ def main() -> int:
             if not cached.is_file():
                 overrides = [f"run.name=heavy_ms{n}", f"run.output_dir={out_dir}", f"rollout.max_staleness={n}",
                              "learner.iterations=6", *FIRST_RECIPE, *HEAVY, *args.overrides]  # fmt: skip
-                rows, wall, _ = train(args.config, overrides)
-                cached.write_text(json.dumps(summary(rows, wall)))
+                run = train(args.config, overrides)
+                cached.write_text(json.dumps(summary(run.rows, run.wall_s)))
             heavy[f"max_staleness_{n}"] = json.loads(cached.read_text())
         heavy["speedup_iterations_per_s"] = (
             heavy["max_staleness_1"]["iterations_per_s"] / heavy["max_staleness_0"]["iterations_per_s"]
@@ -261,12 +254,7 @@ def main() -> int:
             cpu[name]["iterations_per_s_ratio"] = cpu[name]["iterations_per_s"] / lock["iterations_per_s"]
     one = per_mode.get("max_staleness_1", {})
     result = {
-        "benchmark": "async_speedup",
-        "machine": f"{os.cpu_count()} CPUs, "
-        + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
-        "config": str(Path(args.config).resolve().relative_to(ROOT))
-        if ROOT in Path(args.config).resolve().parents
-        else args.config,
+        "config": harness.display_path(args.config),
         "overrides": args.overrides,
         "iterations": args.iterations,
         "seeds": args.seeds,
@@ -282,7 +270,7 @@ def main() -> int:
         "rollout_heavy": heavy,
         "cpu_bound": cpu,
     }
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    harness.write_result("async_speedup", result, args.json)
     print(json.dumps({k: v for k, v in result.items() if k != "modes"}, indent=2))
     for name, m in per_mode.items():
         print(name, {k: v for k, v in m.items() if k != "per_seed"})

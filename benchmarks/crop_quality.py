@@ -21,20 +21,16 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEFAULT_CONFIGS = "tiny:128,tiny:192,tiny:256,tiny:384,tiny:full,cnn:64"
 METRICS = ("dice", "cldice", "recall", "precision")
@@ -383,7 +379,7 @@ def main() -> int:
         "--configs", default=DEFAULT_CONFIGS, help="comma list of tiny:<crop>|tiny:full|cnn:<crop>"
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the per-module step profile")
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/crop_quality.json"))
+    parser.add_argument("--json", default=str(harness.result_path("crop_quality")))
     args = parser.parse_args()
     torch.set_num_threads(min(args.threads, 2))
 
@@ -406,17 +402,17 @@ def main() -> int:
         rows = [run_config(kind, crop, (train, val, test), args, tmp / "runs") for kind, crop in configs]
 
     best = max(rows, key=lambda r: r["test_at_val_best_t"]["dice"])
+    machine = harness.machine()
     out = {
-        "benchmark": "crop_quality",
         "setup": {
-            "machine": {
-                "platform": platform.platform(),
-                "processor": platform.processor() or platform.machine(),
-                "cpu_count": os.cpu_count(),
+            "machine": {  # as first recorded; the result's own "machine" block has the same
+                "platform": machine["platform"],
+                "processor": machine["arch"],
+                "cpu_count": machine["cpus"],
                 "note": "2 cores shared with other work: timings (and so step counts) are noisy; "
                 "see loadavg_* here and per row",
             },
-            "python": sys.version.split()[0],
+            "python": machine["python"],
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "budget_minutes_per_config": args.minutes,
@@ -451,8 +447,7 @@ def main() -> int:
         "rows": rows,
         "best": best["name"],
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result("crop_quality", out, args.json, machine_block=machine)
     print(
         json.dumps(
             {

@@ -12,12 +12,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _sync() -> None:
@@ -31,7 +28,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/gpu_profile.json"))
+    parser.add_argument("--json", default=str(harness.result_path("gpu_profile")))
     args = parser.parse_args()
 
     from raysys.config_io import load_config
@@ -88,7 +85,6 @@ def main() -> int:
     roll = sum(r["rollout_s"] for r in warm)
     upd = sum(r["update_s"] for r in warm)
     out = {
-        "benchmark": "gpu_profile",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu (no CUDA)",
         "torch": torch.__version__,
         "image_size": args.size,
@@ -100,8 +96,7 @@ def main() -> int:
         "reward_s_per_iteration_cpu": sum(r["reward_s"] for r in warm) / len(warm),
         "iterations": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result("gpu_profile", out, args.json)
     print(json.dumps({k: v for k, v in out.items() if k != "iterations"}, indent=2))
     return 0
 

@@ -33,14 +33,13 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-from rl_gain import FIRST_RECIPE, best_threshold, raysys_cli, resume_flag, scores
-from rl_vs_baselines import _summary, markdown
+from rl_common import FIRST_RECIPE, best_threshold, markdown, scores, summary, train
 
 from raysys import keys
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET = [
     *FIRST_RECIPE, "data.domain=shifted", "reward.source=learned", "eval.select_metric=val/learned_score",
 ]  # fmt: skip
@@ -59,7 +58,9 @@ def reward_net(config: str, sft: str, out: Path) -> Path:
     """The learned reward net, trained on labelled source images only (cached in ``out``)."""
     ckpt = out / "best_reward_net.pth"
     if not ckpt.is_file():
-        raysys_cli("reward-net", config, "data.domain=source", "--out", str(out), "--policy-checkpoint", sft)
+        harness.run_cli(
+            "reward-net", config, "data.domain=source", "--out", str(out), "--policy-checkpoint", sft
+        )
     return ckpt
 
 
@@ -97,23 +98,20 @@ def evaluate(config: str, overrides: list[str], models: dict[str, Path | None]) 
 
 
 def run_seed(config: str, sft: str, rn: Path, seed: int, out_dir: Path, extra: list[str]) -> dict:
-    from raysys.config_io import load_config
-
     name = f"rl_s{seed}"
     overrides = [
         f"policy.checkpoint={sft}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={out_dir}",
         f"reward.reward_net={rn}", *TARGET, *extra,
     ]  # fmt: skip
-    cfg = load_config(config, overrides)
-    wall = raysys_cli("train", config, *overrides, "--no-progress", *resume_flag(cfg))
-    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    run = train(config, overrides)
+    cfg, rows = run.cfg, run.rows
     best = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
     ckpts = cfg.run_dir / "checkpoints"
     base = [f"policy.checkpoint={sft}", f"run.seed={seed}"]
     result = {
         "seed": seed,
         "overrides": [*TARGET, *extra],
-        "train_wall_s": round(wall, 1),
+        "train_wall_s": round(run.wall_s, 1),
         "iterations": cfg.learner.iterations,
         "best_iteration": best["iteration"],
         **evaluate(config, base, {"sft": None, "rl": ckpts / "best", "rl_last": ckpts / "latest"}),
@@ -158,10 +156,10 @@ def gap_curve(runs: list[dict], every: int = 10) -> list[dict[str, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft", required=True, help="tiny SFT checkpoint trained on the source domain")
-    parser.add_argument("--config", default=str(ROOT / "examples/tiny_synthetic.yaml"))
+    parser.add_argument("--config", default=str(harness.ROOT / "examples/tiny_synthetic.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--output-dir", default=str(ROOT / "runs/gt_free_adaptation"))
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/gt_free_adaptation.json"))
+    parser.add_argument("--output-dir", default=str(harness.RUNS / "gt_free_adaptation"))
+    parser.add_argument("--json", default=str(harness.result_path("gt_free_adaptation")))
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the RL run")
     args = parser.parse_args()
 
@@ -178,13 +176,10 @@ def main() -> int:
         runs.append(json.loads(cached.read_text()))
     rows = ["sft@0.5", "sft@source-best", "sft@target-best (oracle)", "rl@0.5", "rl@source-best"]
     rows += ["rl_last@0.5", "rl_last@source-best"]
-    table = {row: _summary([r[row] for r in runs]) for row in rows}
+    table = {row: summary([r[row] for r in runs]) for row in rows}
     base = table["sft@source-best"]
     result = {
-        "benchmark": "gt_free_adaptation",
-        "config": str(Path(args.config).resolve().relative_to(ROOT))
-        if ROOT in Path(args.config).resolve().parents
-        else args.config,
+        "config": harness.display_path(args.config),
         "source_domain": "source",
         "target_domain": "shifted",
         "rl_overrides": [*TARGET, *args.overrides],
@@ -204,7 +199,7 @@ def main() -> int:
         "table": table,
         "reward_gap_curve": gap_curve(runs),
     }
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    harness.write_result("gt_free_adaptation", result, args.json)
     print(markdown(table))
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
     return 0

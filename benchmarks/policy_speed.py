@@ -11,12 +11,10 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _time(fn, repeats: int) -> dict[str, float]:
@@ -33,7 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/policy_speed.json"))
+    parser.add_argument("--json", default=str(harness.result_path("policy_speed")))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -66,7 +64,6 @@ def main() -> int:
     enc = _time(frozen, args.repeats)
     trainable, _ = parameter_counts(policy.model)
     out = {
-        "benchmark": "policy_speed",
         "torch_threads": args.threads,
         "batch": [4, 256, 256],
         "parameters_total": total,
@@ -76,7 +73,7 @@ def main() -> int:
         "frozen_features": enc,
         "torch": torch.__version__,
     }
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result("policy_speed", out, args.json)
     print(json.dumps(out, indent=2))
     return 0
 

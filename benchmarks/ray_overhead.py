@@ -15,21 +15,20 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
+import harness
 import numpy as np
 
 from raysys import keys
-
-ROOT = Path(__file__).resolve().parents[1]
+from raysys.testing.rl_small import metric_rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sft", default=str(ROOT / "runs/sft_baseline_bench/sft/model"))
-    parser.add_argument("--config", default=str(ROOT / "examples/tiny_synthetic.yaml"))
+    parser.add_argument("--sft", default=str(harness.RUNS / "sft_baseline_bench/sft/model"))
+    parser.add_argument("--config", default=str(harness.ROOT / "examples/tiny_synthetic.yaml"))
     parser.add_argument("--iterations", type=int, default=12)
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/ray_overhead.json"))
+    parser.add_argument("--json", default=str(harness.result_path("ray_overhead")))
     args = parser.parse_args()
 
     from raysys.config_io import load_config
@@ -39,7 +38,7 @@ def main() -> int:
     from raysys.rollout import RolloutWorker
     from raysys.train import run_training
 
-    out_dir = ROOT / "runs" / "ray_overhead"
+    out_dir = harness.RUNS / "ray_overhead"
     shutil.rmtree(out_dir, ignore_errors=True)
     overrides = [
         f"policy.checkpoint={args.sft}",
@@ -55,7 +54,7 @@ def main() -> int:
     t0 = time.perf_counter()
     res = run_training(cfg, progress=False)
     ray_total = time.perf_counter() - t0
-    rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(res.run_dir / "metrics.jsonl")
     steady = rows[1:]
     ray_iter = float(np.mean([r[keys.TIME_ITERATION] for r in steady]))
     shares = {}
@@ -82,7 +81,6 @@ def main() -> int:
         local_times.append(time.perf_counter() - t)
     local_iter = float(np.mean(local_times[1:]))
     out = {
-        "benchmark": "ray_overhead",
         "iterations": args.iterations,
         "ray_total_s": round(ray_total, 2),
         "ray_startup_s": round(ray_total - sum(r[keys.TIME_ITERATION] for r in rows), 2),
@@ -97,7 +95,7 @@ def main() -> int:
         "reward_actors": cfg.reward.num_actors,
         "learner_workers": cfg.learner.num_workers,
     }
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result("ray_overhead", out, args.json)
     print(json.dumps(out, indent=2))
     return 0
 

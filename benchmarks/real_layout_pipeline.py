@@ -12,39 +12,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
+
 KEYS = ("dice", "recall", "precision", "cldice", "betti0_err")
 
 
-def _raysys(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "raysys", *args], check=True, cwd=ROOT)
+def _raysys(*args: str) -> float:
+    """``raysys <args>`` from the repository root, its output shown as it comes; its wall time."""
+    return harness.run_cli(*args, capture=False, cwd=harness.ROOT).wall_s
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the pipeline")
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/real_layout_pipeline.json"))
-    parser.add_argument("--work", default=str(ROOT / "runs/real_layout_bench"))
+    parser.add_argument("--json", default=str(harness.result_path("real_layout_pipeline")))
+    parser.add_argument("--work", default=str(harness.RUNS / "real_layout_bench"))
     args = parser.parse_args()
 
     work = Path(args.work).resolve()
     if work.exists():
         raise SystemExit(f"{work} exists; pass another --work (nothing there is overwritten)")
     folder = work / "DRIVE_synth"
-    t0 = time.perf_counter()
-    _raysys("data", "synth-folder", "--layout", "drive", "--out", str(folder), "--n-train", "20")
-    folder_s = time.perf_counter() - t0
+    folder_s = _raysys("data", "synth-folder", "--layout", "drive", "--out", str(folder), "--n-train", "20")
     overrides = [f"data.root={folder}", f"run.output_dir={work}", "run.name=drive", *args.overrides]
-    t0 = time.perf_counter()
-    _raysys("pipeline", "examples/drive.yaml", *overrides)
-    total = time.perf_counter() - t0
+    total = _raysys("pipeline", "examples/drive.yaml", *overrides)
 
     run = work / "drive"
     stages = ("data", "sft", "reward_net", "rl", "eval", "export", "report")
@@ -61,9 +55,10 @@ def main() -> int:
         for k, v in comparison.items()
     ]
     data_summary = json.loads((run / "data" / "summary.json").read_text())
+    machine = harness.machine()
     out = {
         "setup": {
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "machine": f"{machine['arch']}, {machine['cpus']} CPUs",  # as first recorded
             "config": "examples/drive.yaml",
             "overrides": overrides,
             "data": data_summary,
@@ -75,7 +70,7 @@ def main() -> int:
         "stage_s": stage_s,
         "table": table,
     }
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result("real_layout_pipeline", out, args.json, machine_block=machine)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -1,8 +1,8 @@
 """Reliability: the fault matrix (every bad input through the CLI) and faults during real Ray training runs.
 
-1. Every case of ``tests/fault_cases.py`` runs through ``raysys.cli.main`` in this process and is classified:
-   ``clear`` (expected exit code and message), ``silent`` (exit 0 where an error was due, or an unclear
-   message) or ``data_loss`` (a file that existed before the command changed or vanished).
+1. Every case of ``raysys/testing/fault_cases.py`` runs through ``raysys.cli.main`` in this process and is
+   classified: ``clear`` (expected exit code and message), ``silent`` (exit 0 where an error was due, or an
+   unclear message) or ``data_loss`` (a file that existed before the command changed or vanished).
 2. Faults during ``raysys train`` (a small run in its own process): a rollout actor, the reward actor and the
    learner (Ray Train worker) are SIGKILLed mid-run, the driver is SIGKILLed, and the driver gets Ctrl-C
    (SIGINT). A run that stops is continued with the same command plus ``--resume``. On a simulated multi-node
@@ -22,24 +22,18 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+import harness
+
 from raysys import keys
-
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from fault_cases import CASES, World, classify, run_case  # noqa: E402
-from rl_small import NODE_ROLES, PLACED_ON_NODES, SMALL_RL, metric_rows  # noqa: E402
+from raysys.testing.fault_cases import CASES, World, classify, run_case
+from raysys.testing.rl_small import NODE_ROLES, PLACED_ON_NODES, SMALL_RL, metric_rows
 
 ITERATIONS = 8
 
@@ -123,10 +117,11 @@ FAULTS = {
 
 
 def _train_args(out: Path, name: str, base: Path, *extra: str) -> list[str]:
+    """``raysys`` arguments of one small training run in ``out/name``."""
     return [
-        sys.executable, "-m", "raysys", "train", f"run.output_dir={out}", f"run.name={name}", *SMALL_RL,
-        f"policy.checkpoint={base}", f"learner.iterations={ITERATIONS}", "learner.checkpoint_every=1",
-        "eval.every=4", "run.num_cpus=4", *extra, "--no-progress",
+        "train", f"run.output_dir={out}", f"run.name={name}", *SMALL_RL, f"policy.checkpoint={base}",
+        f"learner.iterations={ITERATIONS}", "learner.checkpoint_every=1", "eval.every=4", "run.num_cpus=4",
+        *extra, "--no-progress",
     ]  # fmt: skip
 
 
@@ -146,7 +141,7 @@ def run_reference(out: Path, base: Path) -> dict:
     """Two uninterrupted runs of one config in two processes: same seed, same weights, bit for bit?"""
     t0 = time.perf_counter()
     for name in ("reference", "reference_again"):
-        subprocess.run(_train_args(out, name, base), capture_output=True, cwd=ROOT, timeout=900, check=True)
+        harness.run_cli(*_train_args(out, name, base), cwd=harness.ROOT, timeout=900)
     a, b = _weights(out / "reference"), _weights(out / "reference_again")
     rows = [metric_rows(out / n / "metrics.jsonl") for n in ("reference", "reference_again")]
     same_rewards = [r[keys.REWARD_MEAN] for r in rows[0]] == [r[keys.REWARD_MEAN] for r in rows[1]]
@@ -174,7 +169,13 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
     args = _train_args(out, name, base)
     t0 = time.perf_counter()
     log = (out / f"{name}.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        harness.cli_argv(*args),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=harness.ROOT,
+    )
     metrics = out / name / "metrics.jsonl"
     injected, orphans = False, None
     if _wait_for_rows(metrics, 2, proc):
@@ -190,9 +191,7 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of this run's Ray
     resumed_rc = None
     if first_rc != 0:
-        again = subprocess.run(
-            [*args, "--resume"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=900
-        )
+        again = harness.run_cli(*args, "--resume", log=log, check=False, cwd=harness.ROOT, timeout=900)
         resumed_rc = again.returncode
     log.close()
     iterations = [r["iteration"] for r in metric_rows(metrics)]
@@ -244,8 +243,8 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
 
         out.mkdir(parents=True, exist_ok=True)
         with (out / "node_reference.log").open("w") as log:
-            ref = subprocess.run(
-                args("node_reference"), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=900
+            ref = harness.run_cli(
+                *args("node_reference"), log=log, check=False, cwd=harness.ROOT, timeout=900
             )
         if ref.returncode != 0:  # recorded as not survived, with the reason; the other results stay
             tail = _tail(out / "node_reference.log")
@@ -254,7 +253,9 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
             role = name.split("_")[0]
             t0 = time.perf_counter()
             log = (out / f"{name}.log").open("w")
-            proc = subprocess.Popen(args(name), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = subprocess.Popen(
+                harness.cli_argv(*args(name)), stdout=log, stderr=subprocess.STDOUT, cwd=harness.ROOT
+            )
             metrics, injected = out / name / "metrics.jsonl", False
             if _wait_for_rows(metrics, 2, proc):
                 node_id = json.loads((out / name / "placement.json").read_text())[role][0]["node_id"]
@@ -304,7 +305,7 @@ def main() -> None:
     ap.add_argument("--no-runs", action="store_true", help="the fault matrix only")
     ap.add_argument("--faults", nargs="+", choices=[*FAULTS, *NODE_FAULTS], default=[*FAULTS, *NODE_FAULTS])
     ap.add_argument("--no-reference", action="store_true", help="skip the two uninterrupted runs")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.json"))
+    ap.add_argument("--out", default=str(harness.result_path("reliability")))
     args = ap.parse_args()
     matrix = run_matrix()
     print(f"matrix: {matrix['cases']} cases, {matrix['clear']} clear, {matrix['silent']} silent, "
@@ -325,7 +326,6 @@ def main() -> None:
             if node_faults:
                 faults += run_node_faults(Path(tmp) / "nodes", base, node_faults)
     result = {
-        "benchmark": "reliability",
         "cases": matrix["cases"],
         "clear": matrix["clear"],
         "silent": matrix["silent"],
@@ -336,12 +336,9 @@ def main() -> None:
         "matrix": matrix,
         "faults": faults,
         "run_iterations": ITERATIONS,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {harness.write_result('reliability', result, args.out)}")
 
 
 if __name__ == "__main__":

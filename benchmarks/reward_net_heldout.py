@@ -15,22 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from envs.synthetic import SyntheticFundus  # noqa: E402
-from policies.config import RewardNetConfig  # noqa: E402
-from policies.reward_data import build_reward_dataset, dice_histogram  # noqa: E402
-from policies.reward_train import predict_dataset, train_reward_net  # noqa: E402
+from envs.synthetic import SyntheticFundus
+from policies.config import RewardNetConfig
+from policies.reward_data import build_reward_dataset, dice_histogram
+from policies.reward_train import predict_dataset, train_reward_net
 
 DEFAULTS = RewardNetConfig()
 
@@ -52,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch intra-op threads; more threads than free cores makes these small convolutions far slower",
     )
-    p.add_argument("--out-dir", type=Path, default=Path("runs/reward_net_bench"))
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/reward_net_heldout.json"))
+    p.add_argument("--out-dir", type=Path, default=harness.RUNS / "reward_net_bench")
+    p.add_argument("--json", type=Path, default=harness.result_path("reward_net_heldout"))
     return p.parse_args(argv)
 
 
@@ -93,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     pred = predict_dataset(report.net, val_ds, device="cpu")
     true = val_ds.targets.astype(np.float64)
 
+    machine = harness.machine()
     result = {
-        "benchmark": "reward_net_heldout",
         "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
         "image_size": args.size,
         "seed": args.seed,
@@ -128,16 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
             "total": round(time.perf_counter() - t0, 1),
         },
         "outputs": {"out_dir": str(args.out_dir), "best": report.best_path, "final": report.final_path},
-        "environment": {
-            "python": platform.python_version(),
+        "environment": {  # as first recorded; the result's "machine" block has the machine's own
+            "python": machine["python"],
             "torch": torch.__version__,
             "device": "cpu",
             "torch_threads": torch.get_num_threads(),
-            "machine": platform.machine(),
+            "machine": machine["arch"],
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_result("reward_net_heldout", result, args.json, machine_block=machine)
     print(json.dumps(result["heldout"], indent=2))
     print(f"train {result['seconds']['train_and_eval']} s, data {result['seconds']['data']} s -> {args.json}")
     return result

@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
+import harness
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "examples/tiny_synthetic.yaml"))
+    parser.add_argument("--config", default=str(harness.ROOT / "examples/tiny_synthetic.yaml"))
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/reward_parts.json"))
+    parser.add_argument("--json", default=str(harness.result_path("reward_parts")))
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args()
 
@@ -81,9 +77,7 @@ def main() -> int:
         for a, b in zip(rewards[n], rewards[first], strict=True)
     )
     out = {
-        "benchmark": "reward_parts",
-        "machine": f"{os.cpu_count()} CPUs",
-        "config": str(Path(args.config).resolve().relative_to(ROOT)),
+        "config": harness.display_path(args.config),
         "overrides": args.overrides,
         "images_per_shard": cfg.rollout.images_per_iteration,
         "samples_per_image": cfg.rollout.samples_per_image,
@@ -98,7 +92,7 @@ def main() -> int:
             str(n): rows[first]["reward_part_s_median"] / rows[n]["reward_part_s_median"] for n in args.actors
         },
     }
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result("reward_parts", out, args.json)
     print(json.dumps(out, indent=2))
     return 0 if same else 1
 

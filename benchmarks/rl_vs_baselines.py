@@ -27,7 +27,7 @@ benchmarks/real_layout_pipeline.py):
         --output-dir runs/rl_vs_baselines_drive --json benchmarks/results/rl_vs_baselines_drive.json
 
 Every (recipe, seed) of ``--recipes`` x ``--seeds`` is one ``raysys train`` from the SFT checkpoint
-(``rl_gain.train_and_score``); its scores are kept in ``<output-dir>/<recipe>_s<seed>.json``, so an
+(``rl_common.train_and_score``); its scores are kept in ``<output-dir>/<recipe>_s<seed>.json``, so an
 interrupted benchmark goes on where it stopped, and the tables hold every run in that folder (a screening of
 all recipes on one seed, then more seeds for the promising ones). Each recipe's seeds are in its row.
 """
@@ -40,11 +40,11 @@ import json
 import sys
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-from rl_gain import FIRST_RECIPE, KEYS, best_threshold, scores, train_and_score
+from rl_common import FIRST_RECIPE, KEYS, best_threshold, markdown, scores, summary, train_and_score
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = FIRST_RECIPE
 """Applied before every recipe: the levers are measured against the recipe the tiny config had when they were
 screened (lock-step GRPO on raw masks, no clDice/Betti term, checkpoint by val Dice); the config has since
@@ -86,14 +86,6 @@ POSTPROC_GRID = {"closing_radius": (0, 1, 2), "min_size": (0, 8, 16, 32, 64)}
 def _select(scored: dict[str, float]) -> float:
     """What recipes and post-processing settings are chosen on (validation only)."""
     return scored["dice"] + scored["cldice"]
-
-
-def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
-    out = {}
-    for k in KEYS:
-        values = [r[k] for r in rows]
-        out[k], out[f"{k}_std"] = float(np.mean(values)), float(np.std(values))
-    return out
 
 
 def fragments(probs, samples, threshold: float, small: int = FRAGMENT_PIXELS) -> dict[str, float]:
@@ -168,11 +160,11 @@ def postprocessed_sft(config: str, sft: str, overrides: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft", required=True, help="tiny SFT checkpoint folder (model.safetensors)")
-    parser.add_argument("--config", default=str(ROOT / "examples/tiny_synthetic.yaml"))
+    parser.add_argument("--config", default=str(harness.ROOT / "examples/tiny_synthetic.yaml"))
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--output-dir", default=str(ROOT / "runs/rl_vs_baselines"))
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/rl_vs_baselines.json"))
+    parser.add_argument("--output-dir", default=str(harness.RUNS / "rl_vs_baselines"))
+    parser.add_argument("--json", default=str(harness.result_path("rl_vs_baselines")))
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. data.root=...)")
     args = parser.parse_args()
 
@@ -203,15 +195,15 @@ def main() -> int:
 
     first = next(iter(runs.values()))
     table = {
-        "sft@0.5": _summary([r["sft_test_at_0.5"] for r in first]),
-        "sft@val-best": _summary([r["sft_test_at_best_threshold"] for r in first]),
+        "sft@0.5": summary([r["sft_test_at_0.5"] for r in first]),
+        "sft@val-best": summary([r["sft_test_at_best_threshold"] for r in first]),
     }
     pp = postprocessed_sft(args.config, args.sft, args.overrides)
     table["sft+postproc"] = {**pp["test"], **{f"{k}_std": 0.0 for k in KEYS}}  # deterministic: one value
     ablation = {}
     for recipe, rs in runs.items():
-        table[f"{recipe}@0.5"] = _summary([r["rl_test_at_0.5"] for r in rs])
-        table[f"{recipe}@val-best"] = _summary([r["rl_test_at_best_threshold"] for r in rs])
+        table[f"{recipe}@0.5"] = summary([r["rl_test_at_0.5"] for r in rs])
+        table[f"{recipe}@val-best"] = summary([r["rl_test_at_best_threshold"] for r in rs])
         ablation[recipe] = {
             "overrides": RECIPES[recipe],
             "val_select": float(np.mean([_select(r["rl_val_at_best_threshold"]) for r in rs])),
@@ -241,10 +233,7 @@ def main() -> int:
     dpos = [k for k in ablation if k.startswith("dpo")]
     best_dpo = max(dpos, key=lambda k: ablation[k]["val_select"]) if dpos else None
     result = {
-        "benchmark": "rl_vs_baselines",
-        "config": str(Path(args.config).resolve().relative_to(ROOT))
-        if ROOT in Path(args.config).resolve().parents
-        else args.config,
+        "config": harness.display_path(args.config),
         "overrides": args.overrides,
         "seeds": sorted({r["seed"] for rs in runs.values() for r in rs}),
         "n_test": first[0]["n_test"],
@@ -259,23 +248,10 @@ def main() -> int:
         "table": table,
         "ablation": ablation,
     }
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    harness.write_result("rl_vs_baselines", result, args.json)
     print(markdown(table))
     print(json.dumps({k: v for k, v in result.items() if k not in ("table", "postproc")}, indent=2))
     return 0
-
-
-def markdown(table: dict[str, dict[str, float]]) -> str:
-    """The README table: one row per model, mean +- std over seeds, metrics in points (x100)."""
-    head = "| model | " + " | ".join(KEYS) + " |\n|---|" + "---|" * len(KEYS)
-    lines = [head]
-    for name, row in table.items():
-        cells = []
-        for k in KEYS:
-            scale = 1 if k.startswith("betti") else 100
-            cells.append(f"{row[k] * scale:.1f} ± {row[f'{k}_std'] * scale:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -13,25 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
+
 SEEDS: list[int] = [0, 1, 2]
 
 
 def _run(args: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "raysys", *args, "--out", str(out), "--seeds", *map(str, SEEDS)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    sys.stdout.write(proc.stdout[-2500:])
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    run = harness.run_cli(*args, "--out", str(out), "--seeds", *map(str, SEEDS))
+    sys.stdout.write(run.stdout[-2500:])
     res = json.loads((out / "results.json").read_text())
-    return {"command": " ".join(["raysys", *args]), "wall_s": round(wall, 1), "results": res}
+    return {"command": " ".join(["raysys", *args]), "wall_s": round(run.wall_s, 1), "results": res}
 
 
 def main() -> int:
@@ -39,11 +33,11 @@ def main() -> int:
     parser.add_argument("--sft", required=True, help="tiny SFT checkpoint (postproc-rl's segmenter)")
     parser.add_argument("--reward-net", required=True, help="reward net checkpoint (the GT-free variant)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rllib_experiments.json"))
+    parser.add_argument("--out", default=str(harness.result_path("rllib_experiments")))
     args = parser.parse_args()
     SEEDS[:] = args.seeds
-    runs = ROOT / "runs" / "rllib_bench"
-    common = [str(ROOT / "examples" / "tiny_synthetic.yaml"), f"run.output_dir={runs}"]
+    runs = harness.RUNS / "rllib_bench"
+    common = [str(harness.ROOT / "examples" / "tiny_synthetic.yaml"), f"run.output_dir={runs}"]
     reward_net = f"reward.reward_net={Path(args.reward_net).resolve()}"
     gt = _run(["prompt-rl", *common, reward_net], runs / "prompt_rl")
     segmenter = gt["results"]["segmenter"]
@@ -52,9 +46,8 @@ def main() -> int:
     post = _run(
         ["postproc-rl", *common, f"policy.checkpoint={Path(args.sft).resolve()}"], runs / "postproc_rl"
     )
-    Path(args.out).write_text(json.dumps({"prompt_rl_gt": gt, "prompt_rl_learned": learned, "postproc_rl": post},
-                                         indent=2, default=float) + "\n")  # fmt: skip
-    print(f"wrote {args.out}")
+    result = {"prompt_rl_gt": gt, "prompt_rl_learned": learned, "postproc_rl": post}
+    print(f"wrote {harness.write_result('rllib_experiments', result, args.out)}")
     return 0
 
 

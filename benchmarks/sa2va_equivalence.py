@@ -21,20 +21,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DEFAULT_REMOTE = Path(os.environ.get("RAYSYS_SA2VA_REMOTE", ROOT.parent / "shared" / "sa2va_remote"))
 PROMPT = "Please segment the blood vessels."
 ANSWER = "It is [SEG]."
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--remote", default=str(DEFAULT_REMOTE))
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/sa2va_equivalence.json"))
+    parser.add_argument("--remote", default=str(harness.SA2VA_REMOTE))
+    parser.add_argument("--json", default=str(harness.result_path("sa2va_equivalence")))
     args = parser.parse_args()
     if not (Path(args.remote) / "modeling_sa2va_chat.py").is_file():
         print(f"Sa2VA's remote code is not at {args.remote}: pass --remote", file=sys.stderr)
@@ -90,7 +88,6 @@ def main() -> int:
     import transformers
 
     out = {
-        "benchmark": "sa2va_equivalence",
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "dtype": "float32",
@@ -101,8 +98,7 @@ def main() -> int:
         "merged_adapter_vs_trained_adapter_max_logit_diff": float((ours - theirs).abs().max()),
         "merged_vs_its_remote_code": again,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result("sa2va_equivalence", out, args.json)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -14,9 +14,6 @@ forward with grad and a backward through LoRA, text_hidden_fcs and the mask deco
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from sa2va_scale import main

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,12 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DEFAULT_REMOTE = Path(os.environ.get("RAYSYS_SA2VA_REMOTE", ROOT.parent / "shared" / "sa2va_remote"))
 PROMPT = "Please segment the blood vessels."
 MIB = 2**20
 
@@ -256,7 +252,9 @@ def arguments(argv: list[str] | None = None, *, json_default: str) -> argparse.N
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=["1b"], help="shapes to build and time")
     parser.add_argument("--count-only", nargs="*", default=["4b"], help="shapes to count on the meta device")
-    parser.add_argument("--remote", default=str(DEFAULT_REMOTE), help="folder of Sa2VA's remote-code files")
+    parser.add_argument(
+        "--remote", default=str(harness.SA2VA_REMOTE), help="folder of Sa2VA's remote-code files"
+    )
     parser.add_argument("--image-sizes", nargs="*", type=parse_size, default=[(584, 565), (1024, 1024)],
                         help="HxW; 584x565 is DRIVE's size (1 InternVL tile), 1024x1024 gives 9 tiles + thumbnail")  # fmt: skip
     parser.add_argument("--cache", nargs="*", type=lambda s: s.lower() in ("1", "true", "on"), default=[True],
@@ -270,22 +268,24 @@ def arguments(argv: list[str] | None = None, *, json_default: str) -> argparse.N
     return parser.parse_args(argv)
 
 
-def machine(device: torch.device) -> dict[str, Any]:
+def run_context(device: torch.device, machine: dict[str, Any]) -> dict[str, Any]:
+    """The device the figures were measured on and the libraries that ran (``device`` is what
+    scale_model.py reads from sa2va_gpu.json); the other keys as first recorded."""
     import transformers
 
     return {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"cpu ({os.cpu_count()} cores)",
+        else f"cpu ({machine['cpus']} cores)",
         "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
+        "platform": machine["platform"],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
 
 
 def main(argv: list[str] | None = None, *, device: str = "cpu", name: str = "sa2va_scale") -> int:
-    args = arguments(argv, json_default=str(ROOT / f"benchmarks/results/{name}.json"))
+    args = arguments(argv, json_default=str(harness.result_path(name)))
     remote_dir = Path(args.remote)
     if not (remote_dir / "modeling_sa2va_chat.py").is_file():
         print(
@@ -304,9 +304,9 @@ def main(argv: list[str] | None = None, *, device: str = "cpu", name: str = "sa2
         if shape not in shapes:
             shapes[shape] = count_shape(shape, remote_dir, args, torch.bfloat16)
     first = shapes.get("1b") or next(iter(shapes.values()))
+    machine = harness.machine()
     out = {
-        "benchmark": name,
-        **machine(dev),
+        **run_context(dev, machine),
         "dtype": args.dtype,
         "shape_of_top_level_keys": "1b" if "1b" in shapes else next(iter(shapes)),
         "params_total": first["params_total"],
@@ -315,8 +315,7 @@ def main(argv: list[str] | None = None, *, device: str = "cpu", name: str = "sa2
         "model_bytes": first["model_bytes"],
         "shapes": shapes,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result(name, out, args.json, machine_block=machine)
     print(json.dumps({k: v for k, v in out.items() if k != "shapes"}, indent=2))
     return 0
 

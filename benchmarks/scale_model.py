@@ -36,12 +36,10 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
+import harness
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 LLM_SHAPE = {"1b": {"layers": 24, "hidden": 896}, "4b": {"layers": 36, "hidden": 2048}}
 """Qwen2.5-0.5B and -3B (the LLMs of Sa2VA-1B and -4B): layers and width, for the attention FLOPs."""
 PROMPT_TOKENS = 48
@@ -75,11 +73,6 @@ def rollout_flops(parts: dict[str, int], shape: str, tiles: int) -> float:
     projector = 2 * (parts["mlp1"] * tiles * TOKENS_PER_TILE + parts["text_hidden_fcs"])
     decoder = 2 * parts["grounding_encoder.sam2_model.sam_mask_decoder"] * DECODER_TOKENS
     return float(llm + attention + projector + decoder)
-
-
-def load(name: str) -> dict | None:
-    path = RESULTS / name
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def per_image_seconds(scale: dict, gpu: dict | None, args) -> dict:
@@ -237,15 +230,15 @@ def main() -> int:
     parser.add_argument("--inter-node-gbps", type=float, default=200.0, help="inter-node link, Gbit/s")
     parser.add_argument("--intra-node-gbs", type=float, default=300.0, help="NVLink all-reduce, GByte/s")
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--json", default=str(RESULTS / "scale_model.json"))
+    parser.add_argument("--json", default=str(harness.result_path("scale_model")))
     args = parser.parse_args()
 
-    scale, reward, gpu = load("sa2va_scale.json"), load("reward_speed.json"), load("sa2va_gpu.json")
+    scale, reward, gpu = (harness.read_result(n) for n in ("sa2va_scale", "reward_speed", "sa2va_gpu"))
     if scale is None or reward is None:
         print("needs benchmarks/results/sa2va_scale.json and reward_speed.json", file=sys.stderr)
         return 2
     times, check = per_image_seconds(scale, gpu, args)
-    ex = {p.stem: yaml.safe_load(p.read_text()) for p in (ROOT / "examples").glob("sa2va_*gpu.yaml")}
+    ex = {p.stem: yaml.safe_load(p.read_text()) for p in (harness.ROOT / "examples").glob("sa2va_*gpu.yaml")}
     cases = [
         ("examples/sa2va_1node_8gpu.yaml (DRIVE)", ex["sa2va_1node_8gpu"], (584, 565)),
         ("examples/sa2va_4node_32gpu.yaml (FIVES)", ex["sa2va_4node_32gpu"], (2048, 2048)),
@@ -257,7 +250,6 @@ def main() -> int:
     ]
     rows = [predict(name, cfg, hw, times, reward, scale, args) for name, cfg, hw in cases]
     result = {
-        "benchmark": "scale_model",
         "assumptions": {
             "peak_tflops": args.peak_tflops,
             "mfu": args.mfu,
@@ -274,7 +266,7 @@ def main() -> int:
         "per_image_gpu_seconds": {f"{s}_tiles{t}": v for (s, t), v in times.items()},
         "predicted": rows,
     }
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    harness.write_result("scale_model", result, args.json)
     print(f"{'GPUs':>5} {'bottleneck':<22} {'lock-step s':>11} {'async s':>8} {'util lock':>9} {'util async':>10} "
           f"{'sample':>7} {'reward':>7} {'update':>7} {'sync':>6}")  # fmt: skip
     for r in rows:

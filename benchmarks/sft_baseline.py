@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="*", default=[str(ROOT / "examples/tiny_synthetic.yaml")])
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/sft_baseline.json"))
+    parser.add_argument("config", nargs="*", default=[str(harness.ROOT / "examples/tiny_synthetic.yaml")])
+    parser.add_argument("--json", default=str(harness.result_path("sft_baseline")))
     args = parser.parse_args()
 
     from envs.datasets import load_dataset
@@ -48,8 +45,8 @@ def main() -> int:
     model.eval()
     at_05 = evaluate(lambda im, pr: model(im, pr), test, threshold=0.5)
     at_best = evaluate(lambda im, pr: model(im, pr), test, threshold=res.val_best_threshold)
+    machine = harness.machine()
     out = {
-        "benchmark": "sft_baseline",
         "config": path,
         "overrides": overrides,
         "torch_threads": torch.get_num_threads(),
@@ -65,11 +62,11 @@ def main() -> int:
         "test_at_0.5": at_05.mean,
         "test_at_val_best_threshold": at_best.mean,
         "checkpoint": res.checkpoint,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
+        # as first recorded; the result's "machine" block has the same
+        "python": machine["python"],
+        "platform": machine["platform"],
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result("sft_baseline", out, args.json, machine_block=machine)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -10,44 +10,23 @@ the aim, so that slower CI machines keep headroom. Writes JSON and prints it.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import time
+from pathlib import Path
 
-# One core: set before numpy/scipy load their thread pools.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_var] = "1"
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import scipy  # noqa: E402
-import skimage  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from envs.synthetic import generate_fundus, vessel_stats  # noqa: E402
+import harness
 
 TARGET_IMAGES_PER_S_256 = 4.0
 STAT_KEYS = ("vessel_fraction_fov", "thin_skeleton_share", "n_components", "skeleton_length")
 
 
-def _pin_one_core() -> bool:
-    """Pin this process to one CPU where the OS allows it (Linux); returns whether it did."""
-    try:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    except (AttributeError, OSError):
-        return False
-    return True
-
-
 def bench_size(size: int, n: int, first_seed: int = 0) -> dict:
     """Time ``n`` images of ``size`` px (seeds first_seed..first_seed+n-1) and summarise their GT."""
+    from envs.synthetic import generate_fundus, vessel_stats
+
     generate_fundus(10**9, size)  # warm-up: imports, allocator, caches
     samples = []
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -80,29 +59,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--out",
         type=Path,
-        default=ROOT / "benchmarks" / "results" / "synthetic_speed.json",
+        default=harness.result_path("synthetic_speed"),
         help="where to write the JSON result",
     )
     args = parser.parse_args(argv)
     if args.n < 4:
         parser.error(f"--n must be >= 4 (512 px is timed with n // 4 images), got {args.n}")
 
-    pinned = _pin_one_core()
+    pinned = harness.one_core()  # before numpy and scipy load (they size their thread pools then)
+    import numpy as np
+    import scipy
+    import skimage
+
     plan = {args.size: args.n}
     plan.setdefault(512, max(1, args.n // 4))
     results = {f"size_{size}": bench_size(size, n) for size, n in sorted(plan.items())}
 
+    machine = harness.machine()
     report = {
-        "benchmark": "synthetic_speed",
         "target_images_per_s_256": TARGET_IMAGES_PER_S_256,
         "results": results,
-        "env": {
-            "python": platform.python_version(),
+        "env": {  # as first recorded; the result's "machine" block has the machine's own
+            "python": machine["python"],
             "numpy": np.__version__,
             "scipy": scipy.__version__,
             "skimage": skimage.__version__,
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "platform": machine["platform"],
+            "processor": machine["arch"],
             "pinned_to_one_core": pinned,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         },
@@ -111,8 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_images_per_s counts this process's CPU time only."
         ),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_result("synthetic_speed", report, args.out, machine_block=machine)
     print(json.dumps(report, indent=2))
     return report
 

@@ -22,7 +22,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
+
 TESTS = ["tests/remote", "tests/unit/test_compat.py"]
 RELEASES = ["4.51.3", "4.57.6"]
 """What Sa2VA's releases were built with: 4.51 (InternVL-based checkpoints' remote code loads unchanged), 4.57
@@ -31,18 +32,18 @@ RELEASES = ["4.51.3", "4.57.6"]
 
 def constraints() -> Path:
     cuda = shutil.which("nvidia-smi") is not None
-    return ROOT / "constraints" / ("cuda.txt" if cuda else "cpu.txt")
+    return harness.ROOT / "constraints" / ("cuda.txt" if cuda else "cpu.txt")
 
 
 def ensure_venv(version: str) -> Path:
-    venv = ROOT / f".venv-tf{version}"
+    venv = harness.ROOT / f".venv-tf{version}"
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run(
             [str(python), "-m", "pip", "install", "--quiet", "-c", str(constraints()), "-e", ".[dev,sa2va]",
              f"transformers=={version}"],
-            cwd=ROOT, check=True,
+            cwd=harness.ROOT, check=True,
         )  # fmt: skip
     return python
 
@@ -62,7 +63,8 @@ def run_tests(python: Path) -> dict:
         t = time.perf_counter()
         proc = subprocess.run(
             [str(python), "-m", "pytest", *TESTS, "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
-            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+            cwd=harness.ROOT, capture_output=True, text=True,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
         )  # fmt: skip
         seconds = time.perf_counter() - t
         tests = {}
@@ -83,8 +85,8 @@ def equivalence(python: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "eq.json"
         proc = subprocess.run(
-            [str(python), str(ROOT / "benchmarks" / "sa2va_equivalence.py"), "--json", str(out)],
-            cwd=ROOT, capture_output=True, text=True,
+            [str(python), str(harness.ROOT / "benchmarks" / "sa2va_equivalence.py"), "--json", str(out)],
+            cwd=harness.ROOT, capture_output=True, text=True,
         )  # fmt: skip
         if proc.returncode != 0 or not out.exists():
             return {"error": proc.stderr[-1500:]}
@@ -94,9 +96,9 @@ def equivalence(python: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--versions", nargs="*", default=RELEASES)
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/transformers_versions.json"))
+    parser.add_argument("--json", default=str(harness.result_path("transformers_versions")))
     args = parser.parse_args()
-    pythons = {"installed": ROOT / ".venv" / "bin" / "python"}
+    pythons = {"installed": harness.ROOT / ".venv" / "bin" / "python"}
     pythons.update({v: ensure_venv(v) for v in args.versions})
     results = {}
     for label, python in pythons.items():
@@ -104,8 +106,7 @@ def main() -> int:
         r = results[label]
         print(f"{label:10s} transformers {r['transformers']}: {r['passed']} passed, {r['failed']} failed, "
               f"{r['error']} errors, {r['skipped']} skipped in {r['seconds']} s", flush=True)  # fmt: skip
-    out = {"benchmark": "transformers_versions", "tests": TESTS, "results": results}
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    harness.write_result("transformers_versions", {"tests": TESTS, "results": results}, args.json)
     return 0 if all(r["exit_code"] == 0 for r in results.values()) else 1
 
 

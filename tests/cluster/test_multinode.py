@@ -16,9 +16,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import torch
-from rl_small import NODE_ROLES as ROLES
-from rl_small import PLACED_ON_NODES, SMALL_RL, metric_rows
 from safetensors.torch import load_file
+
+from raysys.testing.rl_small import NODE_ROLES as ROLES
+from raysys.testing.rl_small import PLACED_ON_NODES, SMALL_RL, metric_rows
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(

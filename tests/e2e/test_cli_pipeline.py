@@ -38,7 +38,7 @@ def test_an_interrupted_rl_stage_continues_from_its_checkpoints(tmp_path) -> Non
     import signal
     import time
 
-    from rl_small import SMALL_RL, metric_rows, popen_interruptible
+    from raysys.testing.rl_small import SMALL_RL, metric_rows, popen_interruptible
 
     args = [sys.executable, "-m", "raysys", "pipeline", f"run.output_dir={tmp_path}", "run.name=i", *SMALL_RL,
             "data.n_test=2", "sft.steps=2", "sft.eval_every=2", "sft.batch_size=2", "reward_net.epochs=1",

@@ -12,9 +12,9 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from rl_small import metric_rows
 
 from raysys.evaluate import load_probs
+from raysys.testing.rl_small import metric_rows
 
 FAST = [
     "data.crop=128", "rollout.samples_per_image=4", "rollout.images_per_iteration=2",

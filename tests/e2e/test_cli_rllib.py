@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from rl_small import metric_rows
+
+from raysys.testing.rl_small import metric_rows
 
 pytest.importorskip("ray.rllib")
 

@@ -10,9 +10,9 @@ import time
 
 import pandas as pd
 import pytest
-from rl_small import SMALL_RL, metric_rows, popen_interruptible
 
 from raysys.config_io import load_config
+from raysys.testing.rl_small import SMALL_RL, metric_rows, popen_interruptible
 
 pytest.importorskip("ray")
 

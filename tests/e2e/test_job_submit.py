@@ -16,9 +16,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from rl_small import SMALL_RL, metric_rows
 
 from raysys.runtime import latest_iteration
+from raysys.testing.rl_small import SMALL_RL, metric_rows
 
 pytest.importorskip("ray")
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rl_small import ONE_GPU, SMALL_RL, metric_rows
+
+from raysys.testing.rl_small import ONE_GPU, SMALL_RL, metric_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from rl_small import SMALL_RL as SMALL
 
 from raysys.config import ConfigError
 from raysys.config_io import load_config
+from raysys.testing.rl_small import SMALL_RL as SMALL
 from raysys.train import run_training
 
 pytest.importorskip("deepspeed")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import re
 
-from rl_small import SMALL_RL
-
 from raysys.config_io import load_config, replace
 from raysys.pipeline import STAGES, Pipeline
+from raysys.testing.rl_small import SMALL_RL
 
 TINY = [
     *SMALL_RL, "data.n_test=3", "sft.steps=4", "sft.eval_every=2", "sft.batch_size=2", "reward_net.epochs=1",

@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from rl_small import SMALL_RL as SMALL
 
 from raysys.config_io import load_config
 from raysys.coordinator import LocalCoordinator, RayCoordinator
@@ -19,6 +18,7 @@ from raysys.learner import iteration_indices
 from raysys.reward import RewardWorker
 from raysys.rollout import RolloutWorker
 from raysys.runtime import ResourceError, check_resources
+from raysys.testing.rl_small import SMALL_RL as SMALL
 from raysys.train import run_training
 
 

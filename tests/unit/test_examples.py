@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from rl_small import ONE_GPU
 
 from raysys.config_io import load_config
 from raysys.runtime import PRIVATE_RAY_ENV, required_resources, role_resources
+from raysys.testing.rl_small import ONE_GPU
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 

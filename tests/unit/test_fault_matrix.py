@@ -1,11 +1,12 @@
-"""The fault matrix (tests/fault_cases.py): every bad input gets its exit code and a message naming the key or
-file, and no file that existed before the command changes. Ray never starts; each case runs the CLI in this
-process."""
+"""The fault matrix (raysys/testing/fault_cases.py): every bad input gets its exit code and a message naming
+the key or file, and no file that existed before the command changes. Ray never starts; each case runs the CLI
+in this process."""
 
 from __future__ import annotations
 
 import pytest
-from fault_cases import CASES, Case, World, classify, run_case
+
+from raysys.testing.fault_cases import CASES, Case, World, classify, run_case
 
 
 @pytest.fixture(scope="module")

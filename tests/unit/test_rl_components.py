@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from rl_small import SMALL_RL as SMALL
 
 from policies.distributions import kl_bernoulli
 from policies.losses import kl_penalty
@@ -15,6 +14,7 @@ from raysys.coordinator import LocalCoordinator, shards
 from raysys.learner import Learner, iteration_indices
 from raysys.reward import RewardWorker, part_rows
 from raysys.rollout import RolloutWorker
+from raysys.testing.rl_small import SMALL_RL as SMALL
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Config overrides for a tiny, fast RL setup shared by the unit, Ray, DeepSpeed and e2e tests, a reader of a
-run's metrics.jsonl, and a way to start a CLI process that Ctrl-C can interrupt."""
+"""Config overrides for a tiny, fast RL setup shared by the unit, Ray, DeepSpeed and e2e tests and
+benchmarks/reliability.py, a reader of a run's metrics.jsonl, and a way to start a CLI process that Ctrl-C can
+interrupt."""
 
 import json
 import signal

@@ -1,0 +1,145 @@
+"""What the RL benchmarks share (rl_gain, rl_vs_baselines, gt_free_adaptation, async_speedup): the recipe the
+levers were first screened with, one ``raysys train`` run through the real CLI, held-out scoring of a run's
+checkpoints, and the README table of scores over seeds.
+
+Scores are the mean test metrics of ``KEYS`` (``policies.evaluation``); ``summary`` turns per-seed scores into
+mean and std, and ``markdown`` prints them the way the README quotes them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import harness
+import numpy as np
+
+from raysys import keys
+from raysys.testing.rl_small import metric_rows
+
+KEYS = ("dice", "recall", "precision", "cldice", "betti0_err", "betti1_err")
+"""The test metrics every RL benchmark reports."""
+FIRST_RECIPE = [
+    "reward.postprocess=false", "reward.weights.cldice=0", "reward.weights.betti=0", "eval.select_metric=val/dice",
+]  # fmt: skip
+"""The RL recipe of examples/tiny_synthetic.yaml when the levers were first screened (raw masks scored, no
+clDice or Betti term, checkpoint kept by val Dice): the benchmarks that compare against earlier measurements
+pin it, since the example has since moved to the recipe they chose."""
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def scores(probs, samples, threshold: float) -> dict[str, float]:
+    """Mean test metrics (KEYS) of probability maps at ``threshold``."""
+    from policies.evaluation import evaluate_probs
+
+    mean = evaluate_probs(probs, samples, threshold=threshold).mean
+    return {k: mean[k] for k in KEYS}
+
+
+def best_threshold(probs, samples, thresholds) -> float:
+    """The threshold among ``thresholds`` with the best mean Dice on ``samples``."""
+    from policies.evaluation import evaluate_probs
+
+    return evaluate_probs(probs, samples, thresholds=thresholds).best_threshold
+
+
+def summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and std over seeds of each of KEYS: ``{"dice": mean, "dice_std": std, ...}``."""
+    out = {}
+    for k in KEYS:
+        values = [r[k] for r in rows]
+        out[k], out[f"{k}_std"] = float(np.mean(values)), float(np.std(values))
+    return out
+
+
+def markdown(table: dict[str, dict[str, float]]) -> str:
+    """The README table: one row per model, mean +- std over seeds, metrics in points (x100)."""
+    head = "| model | " + " | ".join(KEYS) + " |\n|---|" + "---|" * len(KEYS)
+    lines = [head]
+    for name, row in table.items():
+        cells = []
+        for k in KEYS:
+            scale = 1 if k.startswith("betti") else 100
+            cells.append(f"{row[k] * scale:.1f} ± {row[f'{k}_std'] * scale:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ one run
+@dataclass(frozen=True)
+class TrainRun:
+    """A finished ``raysys train``."""
+
+    cfg: Any
+    """Its resolved config (``raysys.config``); ``cfg.run_dir`` is its folder."""
+    rows: list[dict[str, Any]]
+    """Its metrics.jsonl, one row per iteration."""
+    wall_s: float
+    """Wall time of the CLI process (start-up included)."""
+
+
+def resume_flag(cfg) -> list[str]:
+    """``--resume`` for a run an interrupted benchmark left behind (its own folder), so it goes on from its
+    last checkpoint instead of refusing to overwrite it (the wall time then covers the rest only)."""
+    from raysys.runtime import holds_results
+
+    return ["--resume"] if holds_results(cfg.run_dir) else []
+
+
+def train(config: str, overrides: list[str]) -> TrainRun:
+    """``raysys train config overrides`` through the real CLI (continuing a run left behind)."""
+    from raysys.config_io import load_config
+
+    cfg = load_config(config, overrides)
+    run = harness.run_cli("train", config, *overrides, "--no-progress", *resume_flag(cfg))
+    return TrainRun(cfg=cfg, rows=metric_rows(cfg.run_dir / "metrics.jsonl"), wall_s=run.wall_s)
+
+
+def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str, overrides) -> dict:
+    """``raysys train`` from the SFT checkpoint, then SFT, the best-validation RL checkpoint ("rl") and the
+    last one ("rl_last") scored on the test split at 0.5 and at each model's best validation threshold."""
+    from envs.datasets import load_dataset
+    from policies.evaluation import predict_probs
+    from policies.factory import load_policy
+    from raysys.data import dataset_for_split, inference_for
+
+    overrides = [
+        f"policy.checkpoint={sft}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={output_dir}",
+        *overrides,
+    ]  # fmt: skip
+    run = train(config, overrides)
+    cfg = run.cfg
+    val_rows = [r for r in run.rows if keys.VAL_DICE in r]
+    test = list(dataset_for_split(cfg.data, "test", load=load_dataset))
+    val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
+    best_meta = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
+    out = {
+        "seed": seed,
+        "train_wall_s": round(run.wall_s, 1),
+        "iterations": cfg.learner.iterations,
+        "best_iteration": best_meta["iteration"],
+        "select_metric": cfg.eval.select_metric,
+        "n_test": len(test),
+    }
+    models = {
+        "sft": load_policy(cfg.policy, seed=seed),
+        "rl": load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "best", seed=seed),
+        "rl_last": load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "latest", seed=seed),
+    }
+    th, inference = cfg.eval.thresholds, inference_for(cfg)
+    for label, pol in models.items():
+        val_p, test_p = (
+            predict_probs(lambda im, pr, p=pol: p.mask_logits(im, pr), v, inference) for v in (val, test)
+        )
+        best_t = best_threshold(val_p, val, th)
+        out[f"{label}_test_at_0.5"] = scores(test_p, test, 0.5)
+        out[f"{label}_best_val_threshold"] = best_t
+        out[f"{label}_test_at_best_threshold"] = scores(test_p, test, best_t)
+        out[f"{label}_val_at_best_threshold"] = scores(val_p, val, best_t)
+    out["val_curve"] = [
+        {k: r[k] for k in ("iteration", keys.VAL_DICE, keys.VAL_RECALL, keys.VAL_CLDICE) if k in r}
+        for r in val_rows
+    ]
+    print(json.dumps({k: v for k, v in out.items() if k != "val_curve"}, indent=1), flush=True)
+    return out

@@ -1,0 +1,96 @@
+"""benchmarks/ stands on one harness: one ROOT, no imports from tests/ or of another script's private names,
+and results written in one shape (``{"benchmark", "machine", ...}``)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
+NOT_YET_ON_HARNESS = {"reward_speed.py"}
+"""Scripts that still carry their own ROOT and one-core set-up (being extended elsewhere; issue 28 moves them)."""
+
+
+def _harness():
+    """benchmarks/harness.py, imported under the name the scripts use."""
+    if "harness" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("harness", BENCHMARKS / "harness.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["harness"] = module  # before running it: its dataclass looks itself up there
+        spec.loader.exec_module(module)
+    return sys.modules["harness"]
+
+
+def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
+    """(module, imported names) of every import in the file, at any depth."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.module or "", [alias.name for alias in node.names]))
+    return out
+
+
+def test_root_is_defined_once_in_the_harness() -> None:
+    def targets(node: ast.stmt) -> list[ast.expr]:
+        if isinstance(node, ast.Assign):
+            return node.targets
+        return [node.target] if isinstance(node, ast.AnnAssign) else []
+
+    defining = [
+        p.name
+        for p in SCRIPTS
+        for node in ast.parse(p.read_text()).body
+        if any(isinstance(t, ast.Name) and t.id == "ROOT" for t in targets(node))
+    ]
+    assert sorted(set(defining) - NOT_YET_ON_HARNESS) == ["harness.py"], defining
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_no_script_imports_tests_or_another_scripts_private_names(path: Path) -> None:
+    siblings = {p.stem for p in SCRIPTS}
+    for module, names in _imports(ast.parse(path.read_text())):
+        top = module.split(".")[0]
+        assert top not in ("tests", "rl_small", "fault_cases", "conftest"), (
+            f"{path.name} imports {module}: shared helpers live in raysys.testing"
+        )
+        if top in siblings:
+            private = [n for n in names if n.startswith("_")]
+            assert not private, (
+                f"{path.name} imports private {private} from {module}.py: make them public there"
+            )
+    if path.name not in NOT_YET_ON_HARNESS and path.name != "harness.py":
+        assert "sys.path.insert" not in path.read_text(), f"{path.name}: the harness sets sys.path"
+
+
+def test_a_result_has_the_benchmark_name_then_the_machine_block(tmp_path: Path) -> None:
+    import numpy as np
+
+    harness = _harness()
+    path = harness.write_result(
+        "demo", {"value": np.float32(0.5), "where": Path("a")}, tmp_path / "r" / "d.json"
+    )
+    result = json.loads(path.read_text())
+    assert list(result)[:3] == ["benchmark", "machine", "value"]
+    assert result["benchmark"] == "demo" and result["value"] == 0.5 and result["where"] == "a"
+    machine = result["machine"]
+    assert set(machine) == {"summary", "cpus", "gpus", "arch", "platform", "python", "packages", "loadavg"}
+    assert machine["summary"].startswith(f"{machine['cpus']} CPUs, ")
+    with pytest.raises(ValueError, match="harness writes the 'machine' block"):
+        harness.write_result("demo", {"machine": "2 CPUs"}, tmp_path / "x.json")
+    with pytest.raises(ValueError, match="says benchmark 'other'"):
+        harness.write_result("demo", {"benchmark": "other"}, tmp_path / "x.json")
+
+
+def test_results_default_to_benchmarks_results_and_configs_are_recorded_from_the_root() -> None:
+    harness = _harness()
+    assert harness.result_path("rl_gain") == BENCHMARKS / "results" / "rl_gain.json"
+    assert harness.display_path(BENCHMARKS.parent / "examples" / "drive.yaml") == "examples/drive.yaml"
+    assert harness.display_path("/elsewhere/x.yaml") == "/elsewhere/x.yaml"
