@@ -32,9 +32,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from raysys.config_io import load_config
-    from raysys.learner import Learner, iteration_indices
+    from raysys.learner import Learner
     from raysys.reward import RewardWorker
     from raysys.rollout import RolloutWorker
+    from raysys.train import iteration_indices
 
     cuda = torch.cuda.is_available()
     cfg = load_config(

@@ -33,10 +33,10 @@ def main() -> int:
 
     from raysys.config_io import load_config
     from raysys.coordinator import LocalCoordinator
-    from raysys.learner import Learner, iteration_indices
+    from raysys.learner import Learner
     from raysys.reward import RewardWorker
     from raysys.rollout import RolloutWorker
-    from raysys.train import run_training
+    from raysys.train import iteration_indices, run_training
 
     out_dir = harness.RUNS / "ray_overhead"
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -34,9 +34,9 @@ def main() -> int:
 
     from raysys.config_io import load_config
     from raysys.coordinator import RayCoordinator
-    from raysys.learner import iteration_indices
     from raysys.reward import RewardWorker
     from raysys.rollout import RolloutWorker
+    from raysys.train import iteration_indices
 
     cfg = load_config(args.config, ["rollout.num_workers=1", *args.overrides])
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)

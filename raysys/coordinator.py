@@ -42,7 +42,7 @@ class CollectStats:
             keys.TIME_ROLLOUT_WAIT: self.wait_s,
             keys.TIME_SAMPLE: self.sample_s,
             keys.TIME_REWARD: self.reward_s,
-            "fault/retries": float(self.retries),
+            keys.RETRIES: float(self.retries),
         }
 
 

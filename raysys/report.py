@@ -16,7 +16,7 @@ from raysys.viz import _pyplot
 
 TABLE_KEYS = ("threshold", "dice", "recall", "precision", "cldice", "betti0_err", "betti1_err")
 CURVES = (
-    ("Reward", (keys.REWARD_MEAN, "reward/dice", "reward/recall", "reward/topology", "reward/length")),
+    ("Reward", (keys.REWARD_MEAN, *map(keys.reward_component, ("dice", "recall", "topology", "length")))),
     ("KL and entropy", (keys.LOSS_KL, keys.KL_OLD_NEW, keys.ENTROPY)),
     ("Validation", (keys.VAL_DICE, keys.VAL_RECALL, keys.VAL_PRECISION, keys.VAL_CLDICE)),
 )

@@ -16,7 +16,7 @@ import numpy as np
 from envs.datasets import load_dataset
 from envs.postprocess import postprocess
 from envs.rewards import MultiObjectiveReward
-from raysys.batches import RolloutBatch, ScoredRollout
+from raysys.batches import RolloutBatch, ScoredRollout, TileScores
 from raysys.config import Config
 from raysys.data import dataset_for_split, train_view
 
@@ -33,11 +33,32 @@ def part_rows(n: int, part: int, parts: int) -> tuple[int, int]:
     return start, start + size + (part < extra)
 
 
+class _Scores:
+    """The arrays a batch's scores fill, image by image: rewards float32 [B, K] (NaN until scored), per tile
+    size tiles float32 [B, K, ty, tx] and tile_valid bool [B, ty, tx], components name -> float32 [B, K]."""
+
+    def __init__(self, b: int, k: int, h: int, w: int, tile_sizes: Sequence[int]) -> None:
+        self.rewards = np.full((b, k), np.nan, np.float32)
+        self.valid = np.zeros(b, bool)
+        self.tiles = {t: np.zeros((b, k, -(-h // t), -(-w // t)), np.float32) for t in tile_sizes}
+        self.tile_valid = {t: np.zeros((b, -(-h // t), -(-w // t)), bool) for t in tile_sizes}
+        self.components: dict[str, np.ndarray] = {}
+        self._shape = (b, k)
+
+    def put(self, i: int, rewards: np.ndarray, tiled: dict | None, components: dict[str, np.ndarray]) -> None:
+        """Image ``i``'s scores (``RewardWorker._score_image``); ``tiled`` is None for learned rewards."""
+        self.rewards[i], self.valid[i] = rewards, True
+        if tiled is not None:
+            for t in self.tiles:
+                self.tiles[t][i], self.tile_valid[t][i] = tiled[t].total, tiled[t].valid
+        for name, v in components.items():
+            self.components.setdefault(name, np.full(self._shape, np.nan, np.float32))[i] = v
+
+
 class RewardWorker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.reward = MultiObjectiveReward(cfg.reward)
-        self.tile, *self.more_tiles = cfg.reward.tile_sizes
         self.train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
         self._targets: OrderedDict[object, object] = OrderedDict()  # GT skeletons etc. per image or crop
         self.scorer = None
@@ -65,26 +86,17 @@ class RewardWorker:
         return src
 
     def score(self, batch: RolloutBatch, part: tuple[int, int] | None = None) -> ScoredRollout:
-        """Whole-image rewards [B, K], tiled rewards [B, K, ty, tx] and components for a rollout batch, or
-        with ``part`` (p, n) for the p-th of its images split n ways (``part_rows``) and that sub-batch."""
+        """Whole-image rewards [B, K], tiled rewards [B, K, ty, tx] and components for a rollout batch (and
+        those of its greedy masks), or with ``part`` (p, n) for the p-th of its images split n ways
+        (``part_rows``) and that sub-batch."""
         t0 = time.perf_counter()
         if part is not None:
             batch = batch.rows(*part_rows(len(batch), *part))
-        masks = batch.unpack_all()  # the greedy mask, if any, is scored like a sample and split off below
+        masks, greedy = batch.unpack(), batch.unpack_greedy()
         b, k, h, w = masks.shape
-        ty, tx = -(-h // self.tile), -(-w // self.tile)
-        rewards = np.full((b, k), np.nan, np.float32)
-        tiles = np.zeros((b, k, ty, tx), np.float32)
-        tile_valid = np.zeros((b, ty, tx), bool)
-        scales = {
-            t: (
-                np.zeros((b, k, -(-h // t), -(-w // t)), np.float32),
-                np.zeros((b, -(-h // t), -(-w // t)), bool),
-            )
-            for t in self.more_tiles
-        }
-        comps: dict[str, np.ndarray] = {}
-        sources, valid, errors = [], np.zeros(b, bool), []
+        out = _Scores(b, k, h, w, self.cfg.reward.tile_sizes)
+        greedy_out = None if greedy is None else _Scores(b, 1, h, w, self.cfg.reward.tile_sizes)
+        sources, errors = [], []
         for i, index in enumerate(batch.indices):
             key, sample = self.train.get(index, batch.iteration)
             source = self._source(sample)
@@ -96,47 +108,44 @@ class RewardWorker:
                     )
                 if masks.shape[-2:] != sample.mask.shape:
                     raise ValueError(f"masks are {masks.shape[-2:]} but the image is {sample.mask.shape}")
-                row = self._score_image(key, sample, masks[i], source)
+                rows = [self._score_image(key, sample, masks[i], source)]
+                if greedy is not None:
+                    rows.append(self._score_image(key, sample, greedy[i][None], source))
             except (ValueError, FloatingPointError) as exc:  # NaN guards and malformed masks
                 errors.append(f"{batch.ids[i]}: {exc}")
                 continue
-            r, tiled, c = row
-            if not np.all(np.isfinite(r)):
-                errors.append(f"{batch.ids[i]}: non-finite reward {r.tolist()}")
+            if not all(np.all(np.isfinite(r)) for r, _, _ in rows):
+                errors.append(f"{batch.ids[i]}: non-finite reward {[r.tolist() for r, _, _ in rows]}")
                 continue
-            rewards[i], valid[i] = r, True
-            if tiled is not None:
-                tiles[i], tile_valid[i] = tiled[self.tile].total, tiled[self.tile].valid
-                for t, (tr, tv) in scales.items():
-                    tr[i], tv[i] = tiled[t].total, tiled[t].valid
-            for name, v in c.items():
-                comps.setdefault(name, np.full((b, k), np.nan, np.float32))[i] = v
+            out.put(i, *rows[0])
+            if greedy_out is not None:
+                greedy_out.put(i, *rows[1])
         for e in errors:
             log.warning("reward skipped: %s", e)
-        greedy: dict = {}
-        if batch.greedy:
-            greedy = {
-                "greedy_rewards": rewards[:, -1],
-                "greedy_tile_rewards": tiles[:, -1],
-                "greedy_components": {name: v[:, -1] for name, v in comps.items()},
-            }
-            rewards, tiles, comps = rewards[:, :-1], tiles[:, :-1], {n: v[:, :-1] for n, v in comps.items()}
-        scales_out = {
-            t: (tr[:, :-1], tv, tr[:, -1]) if batch.greedy else (tr, tv, None)
-            for t, (tr, tv) in scales.items()
-        }
+        first, *more = self.cfg.reward.tile_sizes
         return ScoredRollout(
             batch=batch,
-            rewards=rewards,
-            tile_rewards=tiles,
-            tile_valid=tile_valid,
-            components=comps,
+            rewards=out.rewards,
+            tile_rewards=out.tiles[first],
+            tile_valid=out.tile_valid[first],
+            components=out.components,
             sources=sources,
-            valid=valid,
+            valid=out.valid,
             errors=errors,
             seconds=time.perf_counter() - t0,
-            scales=scales_out,
-            **greedy,
+            greedy_rewards=None if greedy_out is None else greedy_out.rewards[:, 0],
+            greedy_tile_rewards=None if greedy_out is None else greedy_out.tiles[first][:, 0],
+            greedy_components={}
+            if greedy_out is None
+            else {name: v[:, 0] for name, v in greedy_out.components.items()},
+            scales={
+                t: TileScores(
+                    rewards=out.tiles[t],
+                    valid=out.tile_valid[t],
+                    greedy=None if greedy_out is None else greedy_out.tiles[t][:, 0],
+                )
+                for t in more
+            },
         )
 
     def _score_image(self, key, s, masks: np.ndarray, source: str):

@@ -76,18 +76,17 @@ class RolloutWorker:
         logits = self.policy.mask_logits(
             np.stack([s.image for s in samples]), [s.prompt for s in samples], features=feats
         ).float()
-        shape = (len(indices), k + greedy, *logits.shape[-2:])
-        masks = torch.empty(shape, dtype=torch.bool, device=logits.device)
+        masks = torch.empty((len(indices), k, *logits.shape[-2:]), dtype=torch.bool, device=logits.device)
         for b, i in enumerate(indices):  # one generator per image: its masks do not depend on the batch
             gen = torch.Generator(device=logits.device).manual_seed(
                 sample_seed(self.cfg.run.seed, iteration, i)
             )
             fov = torch.tensor(samples[b].fov, device=logits.device)
-            masks[b, :k] = (
-                sample_masks(logits[b : b + 1], k=k, temperature=temperature, generator=gen)[0] & fov
-            )
-            if greedy:  # the deployed mask (thresholded as evaluation does), the self-critical baseline
-                masks[b, k] = (torch.sigmoid(logits[b]) >= self.cfg.eval.threshold) & fov
+            masks[b] = sample_masks(logits[b : b + 1], k=k, temperature=temperature, generator=gen)[0] & fov
+        greedy_masks = None
+        if greedy:  # the deployed masks (thresholded as evaluation does), the self-critical baseline
+            fovs = torch.from_numpy(np.stack([s.fov for s in samples])).to(logits.device)
+            greedy_masks = pack_masks(((torch.sigmoid(logits) >= self.cfg.eval.threshold) & fovs).cpu())
         return RolloutBatch(
             indices=indices,
             ids=[s.id for s in samples],
@@ -97,7 +96,7 @@ class RolloutWorker:
             temperature=temperature,
             worker=self.index,
             seconds=time.perf_counter() - t0,
-            greedy=bool(greedy),
+            greedy_masks=greedy_masks,
             # float16 holds |z| <= 65504; clamped first so a saturated logit stays finite
             logits=logits.clamp(-3e4, 3e4).cpu().numpy().astype(np.float16)
             if self.cfg.rollout.max_staleness > 0

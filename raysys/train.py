@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raysys import keys
 from raysys.config import Config, ConfigError
 from raysys.config_io import save_config
@@ -37,6 +39,13 @@ from raysys.runtime import (
 log = logging.getLogger(__name__)
 
 
+def iteration_indices(cfg: Config, iteration: int, n_train: int) -> list[int]:
+    """The training images of ``iteration`` (seeded, so resumed runs see the same images)."""
+    rng = np.random.default_rng([cfg.run.seed, iteration])
+    n = min(cfg.rollout.images_per_iteration, n_train)
+    return sorted(rng.choice(n_train, size=n, replace=False).tolist())
+
+
 # ------------------------------------------------------------------------------------------- train loop
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. Rank 0 syncs weights, validates, checkpoints and logs."""
@@ -46,7 +55,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from raysys.coordinator import ActorTimeoutError, RayCoordinator, get_within
-    from raysys.learner import Learner, iteration_indices
+    from raysys.learner import Learner
 
     cfg: Config = config["cfg"]
     ctx = ray.train.get_context()
@@ -199,8 +208,8 @@ def _validate(learner, sink, cfg: Config, iteration: int, sink_get) -> dict[str,
     from policies.checkpoint import trainable_meta
 
     t = time.perf_counter()
-    val = learner.validate()
-    if learner.improved(val):
+    val = learner.validator.run()
+    if learner.validator.improved(val):
         key = cfg.eval.select_metric
         meta = trainable_meta(
             learner.policy, {"iteration": iteration, "version": learner.version, key: val[key]}

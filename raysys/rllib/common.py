@@ -124,7 +124,7 @@ def train_with_early_stopping(cfg: Config, algo, evaluate_val, sink, extra_metri
         row[keys.REWARD_MEAN] = row[keys.EP_REW_MEAN]
         row.update(extra_metrics(module))
         val = evaluate_val(module)
-        row.update({f"val/{k}": v for k, v in val.items()})
+        row.update({keys.val(k): v for k, v in val.items()})
         row[keys.TIME_ITERATION] = time.perf_counter() - t0
         sink.log(row)
         if val["reward"] > best + 1e-9:

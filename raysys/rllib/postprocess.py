@@ -19,6 +19,7 @@ import numpy as np
 
 from envs.environments import PostProcessEnv
 from envs.rewards import MultiObjectiveReward
+from raysys import keys
 from raysys.config import Config, ConfigError
 from raysys.rllib.common import (
     dist_inputs,
@@ -177,10 +178,10 @@ def _postproc_seed(cfg: Config, splits, probs, reward, targets, seed: int, out: 
     def extra(module) -> dict[str, float]:
         acts = actions(module, "train")
         return {
-            "policy/threshold_mean": float(acts[:, 0].mean()),
-            "policy/threshold_std": float(acts[:, 0].std()),
-            "policy/closing_radius_mean": float(acts[:, 1].mean()),
-            "policy/min_size_mean": float(acts[:, 2].mean()),
+            keys.POSTPROCESS_THRESHOLD_MEAN: float(acts[:, 0].mean()),
+            keys.POSTPROCESS_THRESHOLD_STD: float(acts[:, 0].std()),
+            keys.POSTPROCESS_CLOSING_RADIUS_MEAN: float(acts[:, 1].mean()),
+            keys.POSTPROCESS_MIN_SIZE_MEAN: float(acts[:, 2].mean()),
         }
 
     try:

@@ -24,6 +24,7 @@ from envs.environments import PromptSelectionEnv
 from envs.morphology import target_mask
 from envs.rewards import MultiObjectiveReward, RewardResult
 from envs.types import VesselSample
+from raysys import keys
 from raysys.config import Config, ConfigError
 from raysys.rllib.common import (
     dist_inputs,
@@ -278,9 +279,9 @@ def _prompt_seed(cfg: Config, splits, tables, seed: int, out: Path) -> dict[str,
     def extra(module) -> dict[str, float]:
         probs = softmax(dist_inputs(module, train_table.embedding))
         share = np.bincount(probs.argmax(1), minlength=p) / len(probs)
-        row = {f"policy/action_{a}_share": float(share[a]) for a in range(p)}
-        row.update({f"policy/action_{a}_prob": float(probs[:, a].mean()) for a in range(p)})
-        row["policy/greedy_entropy"] = entropy(probs)
+        row = {keys.prompt_action_share(a): float(share[a]) for a in range(p)}
+        row.update({keys.prompt_action_prob(a): float(probs[:, a].mean()) for a in range(p)})
+        row[keys.PROMPT_GREEDY_ENTROPY] = entropy(probs)
         return row
 
     try:

@@ -14,12 +14,11 @@ import torch
 
 from raysys.config_io import load_config
 from raysys.coordinator import LocalCoordinator, RayCoordinator
-from raysys.learner import iteration_indices
 from raysys.reward import RewardWorker
 from raysys.rollout import RolloutWorker
 from raysys.runtime import ResourceError, check_resources
 from raysys.testing.rl_small import SMALL_RL as SMALL
-from raysys.train import run_training
+from raysys.train import iteration_indices, run_training
 
 
 def _rows(run_dir) -> list[dict]:

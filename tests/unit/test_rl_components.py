@@ -11,10 +11,33 @@ from policies.losses import kl_penalty
 from raysys.config import ConfigError
 from raysys.config_io import load_config
 from raysys.coordinator import LocalCoordinator, shards
-from raysys.learner import Learner, iteration_indices
+from raysys.learner import Learner
 from raysys.reward import RewardWorker, part_rows
 from raysys.rollout import RolloutWorker
 from raysys.testing.rl_small import SMALL_RL as SMALL
+from raysys.train import iteration_indices
+
+
+def all_parameters(learner: Learner) -> dict[str, torch.Tensor]:
+    """A copy of every parameter the learner holds, frozen ones included: the policy model's, and the PPO
+    value head's under ``value_head.``."""
+    params = dict(learner.policy.model.named_parameters())
+    if learner.value_head is not None:
+        params.update({f"value_head.{n}": p for n, p in learner.value_head.named_parameters()})
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def assert_exactly_the_trainable_set_changed(learner: Learner, before: dict[str, torch.Tensor]) -> None:
+    """Every parameter that trains now moved, and no other (a frozen part that moved, or a trainable one left
+    behind, fails)."""
+    after = all_parameters(learner)
+    trainable = {n for n, p in learner.policy.model.named_parameters() if p.requires_grad}
+    if learner.value_head is not None:
+        trainable |= {f"value_head.{n}" for n, p in learner.value_head.named_parameters() if p.requires_grad}
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert trainable, "nothing is trainable"
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:3]}"
+    assert trainable <= changed, f"trainable parameters did not change: {sorted(trainable - changed)[:3]}"
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +103,9 @@ def test_reward_worker_scores_tags_and_skips_nan(cfg, rollout, reward, monkeypat
 
 def test_learner_update_moves_trainable_weights_and_rejects_stale_and_empty(cfg, rollout, reward) -> None:
     learner = Learner(cfg)
-    before = learner.trainable_state_dict()
+    before = all_parameters(learner)
     scored = [reward.score(rollout.sample([0, 1, 2, 3], iteration=0))]
-    m = learner.update(scored, iteration=0)
+    m = learner.update(scored, iteration=0)  # two minibatch steps: LoRA B leaves 0, then LoRA A moves too
     assert learner.version == 1 and m["batch/images"] == 4
     for key in (
         "loss/policy",
@@ -95,8 +118,7 @@ def test_learner_update_moves_trainable_weights_and_rejects_stale_and_empty(cfg,
         "time/update_s",
     ):
         assert np.isfinite(m[key]), key
-    after = learner.trainable_state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert_exactly_the_trainable_set_changed(learner, before)
     # The same rollouts are now stale (sampled at version 0): nothing is trained on them.
     m2 = learner.update(scored, iteration=1)
     assert m2["update/skipped"] == 1.0 and m2["batch/stale"] == 4 and learner.version == 1
@@ -122,9 +144,12 @@ def test_other_algorithms_update(cfg, rollout, reward, algorithm) -> None:
     co = LocalCoordinator([RolloutWorker(c, 0)], [RewardWorker(c)])
     for it in range(2):
         scored, _ = co.collect(iteration_indices(c, it, 6), iteration=it)
+        before = all_parameters(learner)
         m = learner.update(scored, iteration=it)
         co.push_weights(learner.trainable_state_dict(), learner.version)
         assert np.isfinite(m["loss/total"])
+        # ppo: the value head too; rce_grpo: everything in RCE, then the heads only (LoRA frozen)
+        assert_exactly_the_trainable_set_changed(learner, before)
     if algorithm == "ppo":
         assert np.isfinite(m["loss/value"])
     else:
@@ -145,11 +170,13 @@ def test_advantage_and_policy_loss_come_from_the_config(cfg, rollout, reward, mo
     for advantage, loss in (("grpo", "ppo_clip"), ("rloo", "pg")):
         c = load_config(None, [*SMALL, f"learner.advantage={advantage}", f"learner.policy_loss={loss}"])
         learner = Learner(c)
+        before = all_parameters(learner)
         m = learner.update([scored], iteration=0)
         assert np.isfinite(m["loss/total"]) and advantage in asked and loss in asked
+        assert_exactly_the_trainable_set_changed(learner, before)
         weights[advantage] = learner.trainable_state_dict()
-    # same start, same rollouts: another estimator and loss give another step
-    assert any(not torch.equal(weights["grpo"][k], weights["rloo"][k]) for k in weights["grpo"])
+    # same start, same rollouts: another estimator and loss give another step, in every trainable tensor
+    assert all(not torch.equal(weights["grpo"][k], weights["rloo"][k]) for k in weights["grpo"])
 
 
 def test_checkpoint_round_trip_restores_learner(cfg, rollout, reward, tmp_path) -> None:
@@ -255,12 +282,13 @@ def test_learned_rewards_are_tagged_weighted_or_skipped(rollout, reward_net_path
     m = skip.update([scored], iteration=0)
     assert m["update/skipped"] == 1.0 and m["batch/skipped_learned"] == 2
 
-    # Control: at the default weight 1 the same learned rewards give a gradient that moves the weights.
-    full = Learner(load_config(None, learned))
-    before = full.trainable_state_dict()
+    # Control: at the default weight 1 the same learned rewards give a gradient that moves every trainable
+    # weight (two epochs of the one minibatch: LoRA A moves only once LoRA B has left 0).
+    full = Learner(load_config(None, [*learned, "learner.epochs=2"]))
+    before = all_parameters(full)
     m = full.update([scored], iteration=0)
     assert m["batch/images"] == 2 and m["policy/grad_norm"] > 1e-4
-    assert any(not torch.equal(before[k], v) for k, v in full.trainable_state_dict().items())
+    assert_exactly_the_trainable_set_changed(full, before)
 
     zero = Learner(load_config(None, [*learned, "reward.learned_weight=0"]))
     before = zero.trainable_state_dict()
@@ -273,7 +301,7 @@ def test_learned_rewards_are_tagged_weighted_or_skipped(rollout, reward_net_path
     assert m["loss/policy"] == 0.0 and m["loss/kl"] == 0.0 and m["policy/grad_norm"] == 0.0
     assert all(torch.equal(before[k], v) for k, v in zero.trainable_state_dict().items())
 
-    val = zero.validate()
+    val = zero.validator.run()
     for key in ("val/learned_score", "val/reward_gap", "val/reward_gap_abs", "val/dice@0.5"):
         assert np.isfinite(val[key]), key
     assert val["val/reward_gap"] == pytest.approx(val["val/learned_score"] - val["val/dice"], abs=1e-6)
@@ -294,16 +322,18 @@ def test_self_critical_baseline_is_the_greedy_masks_reward(cfg, rollout, reward)
     sc = load_config(None, [*SMALL, "learner.advantage=self_critical"])
     worker = RolloutWorker(sc, 0)
     batch = worker.sample([1, 3], iteration=5)
-    # The K samples are the ones the group baselines see; the greedy mask rides along as mask K + 1.
+    # The K samples are the ones the group baselines see; the greedy masks ride along in their own field.
     np.testing.assert_array_equal(batch.unpack(), rollout.sample([1, 3], iteration=5).unpack())
-    every = batch.unpack_all()
-    assert batch.greedy and every.shape == (2, 5, 64, 64)
+    greedy = batch.unpack_greedy()
+    assert greedy.shape == (2, 64, 64) and rollout.sample([1, 3], iteration=5).greedy_masks is None
     sample = worker.train[3]
     probs = torch.sigmoid(worker.policy.mask_logits(sample.image[None], [sample.prompt]))[0].detach().numpy()
-    np.testing.assert_array_equal(every[1, -1], (probs >= sc.eval.threshold) & sample.fov)
+    np.testing.assert_array_equal(greedy[1], (probs >= sc.eval.threshold) & sample.fov)
+    # A part of the shard (more reward actors than rollout actors) keeps its images' greedy masks.
+    np.testing.assert_array_equal(batch.rows(1, 2).unpack_greedy(), greedy[1:2])
 
     scored = RewardWorker(sc).score(batch)
-    alone = reward.score_masks([1, 3], every[:, -1:], iteration=5)
+    alone = reward.score_masks([1, 3], greedy[:, None], iteration=5)
     assert scored.rewards.shape == (2, 4) and scored.greedy_rewards.shape == (2,)
     np.testing.assert_allclose(scored.greedy_rewards, alone.rewards[:, 0], rtol=1e-6)
     np.testing.assert_allclose(scored.greedy_tile_rewards, alone.tile_rewards[:, 0], rtol=1e-6)
@@ -355,6 +385,7 @@ def test_dpo_learns_offline_from_the_starting_policys_masks(cfg, rollout, reward
     dpo = load_config(None, [*SMALL, "learner.algorithm=dpo"])
     learner = Learner(dpo)
     start = {k: v.clone() for k, v in learner.trainable_state_dict().items()}
+    before = all_parameters(learner)
     co = LocalCoordinator([RolloutWorker(dpo, 0)], [RewardWorker(dpo)])
     for it in range(2):
         co.push_weights(learner.behaviour_state_dict(), learner.version)
@@ -362,7 +393,7 @@ def test_dpo_learns_offline_from_the_starting_policys_masks(cfg, rollout, reward
         m = learner.update(scored, iteration=it)
         assert m["batch/images"] == 4 and np.isfinite(m["loss/total"]) and m["policy/dpo_pairs"] > 0
     # The learner moved; what the rollout actors sample with did not (offline preference data).
-    assert any(not torch.equal(start[k], v) for k, v in learner.trainable_state_dict().items())
+    assert_exactly_the_trainable_set_changed(learner, before)
     for k, v in learner.behaviour_state_dict().items():
         assert torch.equal(start[k], v)
     # Same seed and iteration: the offline masks are exactly those of a fresh starting policy.
@@ -382,15 +413,16 @@ def test_multi_scale_tiles_reach_the_advantage_as_the_mean_over_sizes(cfg, rollo
     np.testing.assert_array_equal(scored.tile_rewards, single.tile_rewards)
     np.testing.assert_array_equal(scored.rewards, single.rewards)
     masks = batch.unpack()
-    for t, (tr, tv, greedy) in scored.scales.items():
-        assert tr.shape == (2, 4, 64 // t, 64 // t) and tv.shape == (2, 64 // t, 64 // t) and greedy is None
+    for t, tiles in scored.scales.items():
+        assert tiles.rewards.shape == (2, 4, 64 // t, 64 // t) and tiles.valid.shape == (2, 64 // t, 64 // t)
+        assert tiles.greedy is None
         for i, index in enumerate(batch.indices):
             sample = worker.train.get(index, 2)[1]
             alone = worker.reward.score_tiles(
                 masks[i], worker.reward.prepare_target(sample.mask, sample.fov), tile=t
             )
-            np.testing.assert_array_equal(tr[i], alone.total)
-            np.testing.assert_array_equal(tv[i], alone.valid)
+            np.testing.assert_array_equal(tiles.rewards[i], alone.total)
+            np.testing.assert_array_equal(tiles.valid[i], alone.valid)
 
     # Tile weight 1: a pixel's advantage is the mean of its three tiles' group advantages.
     learner = Learner(
@@ -404,7 +436,7 @@ def test_multi_scale_tiles_reach_the_advantage_as_the_mean_over_sizes(cfg, rollo
         sum(
             expand_tiles(tile_advantages(tr, valid=tv), tile=t, height=64, width=64)
             for t, (tr, tv) in [(16, (b.tile_rewards, b.tile_valid))]
-            + [(t, s[:2]) for t, s in b.scales.items()]
+            + [(t, (s.rewards, s.valid)) for t, s in b.scales.items()]
         )
         / 3
     )
@@ -415,12 +447,29 @@ def test_multi_scale_tiles_reach_the_advantage_as_the_mean_over_sizes(cfg, rollo
     sc = load_config(None, [*SMALL, "reward.tile_sizes=[16,32]", "learner.advantage=self_critical"])
     greedy_batch = RolloutWorker(sc, 0).sample([1, 3], iteration=2)
     sc_scored = RewardWorker(sc).score(greedy_batch)
-    tr, tv, greedy = sc_scored.scales[32]
-    alone = RewardWorker(sc).score_masks([1, 3], greedy_batch.unpack_all()[:, -1:], iteration=2)
-    np.testing.assert_allclose(greedy, alone.scales[32][0][:, 0], rtol=1e-6)
-    assert tr.shape == (2, 4, 2, 2)
+    tiles = sc_scored.scales[32]
+    alone = RewardWorker(sc).score_masks([1, 3], greedy_batch.unpack_greedy()[:, None], iteration=2)
+    np.testing.assert_allclose(tiles.greedy, alone.scales[32].rewards[:, 0], rtol=1e-6)
+    assert tiles.rewards.shape == (2, 4, 2, 2)
     b, _ = Learner(sc)._assemble([sc_scored])
-    torch.testing.assert_close(b.scales[32][2], torch.from_numpy(greedy))
+    torch.testing.assert_close(b.scales[32].baseline, torch.from_numpy(tiles.greedy))
+    # Rows of a batch are one selection over every field, the nested tile sizes included.
+    sub = b.select(torch.tensor([1, 0]))
+    assert sub.indices == b.indices[::-1] and sub.samples == b.samples[::-1] and sub.keys == b.keys[::-1]
+    for name in (
+        "masks",
+        "fov",
+        "rewards",
+        "tile_rewards",
+        "tile_valid",
+        "weight",
+        "baseline",
+        "tile_baseline",
+    ):
+        torch.testing.assert_close(getattr(sub, name), getattr(b, name).flip(0))
+    torch.testing.assert_close(sub.scales[32].rewards, b.scales[32].rewards.flip(0))
+    torch.testing.assert_close(sub.scales[32].baseline, b.scales[32].baseline.flip(0))
+    assert sub.lag is None and sub.behaviour_logits is None
     with pytest.raises(ConfigError, match=r"reward\.tile_sizes"):
         load_config(None, ["learner.algorithm=ppo", "reward.tile_sizes=[16,32]"])
 
