@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage as ndi
 
+from envs.config_checks import check
 from envs.metrics import (
     EIGHT,
     as_mask,
@@ -35,7 +36,6 @@ from envs.metrics import (
     recall_from_counts,
     skeleton,
 )
-from envs.validation import check
 
 __all__ = [
     "MultiObjectiveReward",

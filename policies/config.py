@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from envs.validation import check
+from envs.config_checks import check
 
 TRAINABLE_PARTS = ("llm_lora", "text_hidden_fcs", "mask_decoder")
 

@@ -3,7 +3,7 @@
 One tree of frozen dataclasses (run, data, policy, reward, rollout, learner, tune, eval, sft, reward_net,
 rllib). Every default and every field's doc string lives here or, for nodes owned by a package, in that package
 (the reward objective in ``envs.rewards``; policy, sft and reward_net in ``policies.config``). Each node checks
-its values when built (``envs.validation.check``) and raises :class:`ConfigError` naming the dotted key and
+its values when built (``envs.config_checks.check``) and raises :class:`ConfigError` naming the dotted key and
 what is allowed. Reading YAML files and ``key.sub=value`` overrides into this tree, and writing it back, is
 ``raysys.config_io``::
 
@@ -23,21 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from envs.metrics import SEGMENTATION_METRICS, SWEEP_THRESHOLDS
+from envs.config_checks import ConfigError as ConfigError  # the tree's error, raised by raysys too
+from envs.config_checks import check
+from envs.metrics import SWEEP_THRESHOLDS
 from envs.rewards import RewardConfig as ObjectiveConfig
 from envs.types import DEFAULT_PROMPT
-from envs.validation import ConfigError as ConfigError  # the tree's error, raised by raysys too
-from envs.validation import check
 from policies.config import PolicyConfig, RewardNetConfig, SFTConfig
+from raysys import keys
 
-VAL_METRICS = tuple(
-    f"val/{k}"
-    for k in (
-        *SEGMENTATION_METRICS,
-        "best_threshold_dice", "best_threshold_cldice", "learned_score", "reward_gap", "reward_gap_abs",
-    )
-)  # fmt: skip
-"""Metrics validation reports (``Learner.validate``), so a typo in ``eval.select_metric`` stops at once."""
 FOLDER_CROP = 128
 """Training crop of folder datasets when ``data.crop`` is null (see benchmarks/crop_quality.py)."""
 
@@ -389,7 +382,7 @@ def parse_objective(metric: str) -> dict[str, float]:
         except ValueError:
             w = math.nan
         check(
-            name.startswith("val/") and math.isfinite(w) and name not in terms,
+            name.startswith(keys.val("")) and math.isfinite(w) and name not in terms,
             "tune.metric",
             f"{metric!r} must be a val/... metric or a sum like '0.7*val/dice + 0.3*val/cldice'",
         )
@@ -414,7 +407,7 @@ def _field_type(cls: type, path: list[str]) -> Any | None:
 class TuneConfig:
     num_samples: int = 1
     """Samples drawn from the search space (grid axes multiply this)."""
-    metric: str = "val/dice"
+    metric: str = keys.VAL_DICE
     """Validation metric to optimise (``val/dice``, ``val/cldice``, ``val/recall``, ...) or a weighted sum
     of them, e.g. ``0.7*val/dice + 0.3*val/cldice``."""
     mode: Literal["max", "min"] = "max"
@@ -545,7 +538,7 @@ class EvalConfig:
     """Thresholds swept on probability maps."""
     every: int = 10
     """Validate every N iterations."""
-    select_metric: str = "val/dice"
+    select_metric: str = keys.VAL_DICE
     """Validation metric that picks runs/<name>/checkpoints/best (model selection on val, never test)."""
     select_mode: Literal["max", "min"] = "max"
     """Direction of ``select_metric``."""
@@ -573,9 +566,9 @@ class EvalConfig:
         check(len(self.thresholds) > 0, "eval.thresholds", "give at least one threshold, e.g. [0.3, 0.5]")
         check(self.every >= 1, "eval.every", "must be >= 1")
         check(
-            self.select_metric in VAL_METRICS or self.select_metric.startswith("val/dice@"),
+            self.select_metric in keys.VAL_METRICS or self.select_metric.startswith(keys.VAL_DICE_AT_PREFIX),
             "eval.select_metric",
-            f"{self.select_metric!r} is not a validation metric; allowed: {', '.join(VAL_METRICS)}",
+            f"{self.select_metric!r} is not a validation metric; allowed: {', '.join(keys.VAL_METRICS)}",
         )
         check(self.closing_radius >= 0 and self.min_size >= 0, "eval.closing_radius/min_size", "must be >= 0")
 

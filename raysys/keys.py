@@ -10,6 +10,8 @@ eval.threshold, plus ``val/dice@T`` per threshold), ``time/`` (seconds per stage
 ``update/`` and ``fault/`` (counts), ``tune/`` (sweeps).
 """
 
+from envs.metrics import SEGMENTATION_METRICS
+
 GROUPS = (
     "rollout/", "reward/", "custom/", "loss/", "policy/", "learner/", "async/", "val/", "time/", "sync/",
     "batch/", "update/", "fault/", "tune/",
@@ -116,6 +118,16 @@ SUMMARY = (REWARD_MEAN, VAL_DICE, VAL_RECALL, VAL_PRECISION, VAL_CLDICE)
 def val(metric: str) -> str:
     """``val/<metric>``: an evaluation metric (``envs.metrics``, e.g. ``dice``) on the validation split."""
     return f"val/{metric}"
+
+
+VAL_DICE_AT_PREFIX = val("dice@")
+"""What every ``val/dice@T`` name starts with."""
+VAL_METRICS = (
+    *(val(k) for k in SEGMENTATION_METRICS),
+    VAL_BEST_THRESHOLD_DICE, VAL_BEST_THRESHOLD_CLDICE, VAL_LEARNED_SCORE, VAL_REWARD_GAP, VAL_REWARD_GAP_ABS,
+)  # fmt: skip
+"""Every metric validation reports (``raysys.validation``) besides ``val/dice@T``: ``eval.select_metric`` and
+``tune.metric`` must name one of them, so a typo stops at once."""
 
 
 def val_dice_at(threshold: float) -> str:

@@ -97,7 +97,7 @@ def test_bad_values_name_the_key(override: str | list[str], needle: str) -> None
 
 
 def test_every_tree_checks_values_alike() -> None:
-    # One check (envs.validation) for the reward objective, the policies' nodes and raysys' own: a node owned by
+    # One check (envs.config_checks) for the reward objective, the policies' nodes and raysys' own: a node owned by
     # a package names its field by class, and the loader turns that into the key the user wrote.
     for build, key in [
         (lambda: RewardConfig(dice_scale=0), "RewardConfig.dice_scale"),
