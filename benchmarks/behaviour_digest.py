@@ -47,8 +47,8 @@ SCENARIOS: dict[str, list[str]] = {
     "async_staleness_1": ["rollout.max_staleness=1", "learner.is_cap=1.5"],
     "dpo": ["learner.algorithm=dpo"],
     "learned_weight_validate": ["reward.source=learned", "reward.learned_weight=0.5"],
-    # Scores the greedy masks with the learned net. Every step is non-finite (all tiles invalid under a learned
-    # reward: the self-critical tile std is NaN), so the weights stay at their start; recorded as it is.
+    # Scores the greedy masks with the learned net. Before the fix recorded as "after_selfcritical_fix" every
+    # step was non-finite (no tile is valid under a learned reward: the self-critical tile std was NaN).
     "learned_self_critical": ["learner.advantage=self_critical", "reward.source=learned"],
 }
 ITERATIONS = 3

@@ -121,7 +121,8 @@ def baseline_advantages(
     Args:
         rewards: [B,K] whole-image rewards, or [B,K,ty,tx] tile rewards.
         baseline: V broadcastable to ``rewards`` (e.g. [B,1] image values, [B,1,ty,tx] tile values).
-        valid: for tile rewards, [B,ty,tx] bool: tiles that count; the others get 0 and stay out of the std.
+        valid: for tile rewards, [B,ty,tx] bool: tiles that count; the others get 0 (whatever their reward, NaN
+            included) and stay out of the std. Fewer than 2 valid values: all advantages are 0.
         eps: added to the std.
 
     Returns:
@@ -131,8 +132,11 @@ def baseline_advantages(
     if valid is None:
         return adv / (adv.std() + eps)
     keep = valid.bool().unsqueeze(1)
-    adv = adv * keep
-    return adv / (adv[keep.expand_as(adv)].std() + eps)
+    adv = torch.where(keep, adv, adv.new_zeros(()))
+    kept = adv[keep.expand_as(adv)]
+    if kept.numel() < 2:  # no spread to normalise by (e.g. no tile with a GT reward): no tile signal
+        return torch.zeros_like(adv)
+    return adv / (kept.std() + eps)
 
 
 def tile_advantages(

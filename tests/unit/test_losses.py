@@ -10,6 +10,7 @@ import torch
 from policies.distributions import pixel_log_probs, sample_masks
 from policies.losses import (
     ADVANTAGE_FNS,
+    baseline_advantages,
     POLICY_LOSSES,
     dpo_loss,
     entropy_bonus,
@@ -220,6 +221,27 @@ def test_full_rl_loss_gives_finite_grads_even_with_empty_fov() -> None:
 
 
 # --- value, RCE, regularisers -------------------------------------------------------------------
+
+
+def test_baseline_advantages_hand_values_and_tiles_without_a_reward() -> None:
+    # R - V = [1, -1, 3, -3] (4 tiles, one image, K=1): std (unbiased) = sqrt(20/3) = 2.582
+    r = torch.tensor([[[[2.0, 0.0], [4.0, -2.0]]]])
+    v = torch.ones(1, 1, 2, 2)
+    all_valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    adv = baseline_advantages(r, v, valid=all_valid, eps=0.0)
+    assert torch.allclose(adv.flatten(), torch.tensor([1.0, -1.0, 3.0, -3.0]) / math.sqrt(20 / 3))
+    # An invalid tile is 0 even with a NaN reward and stays out of the std: [1, 3, -3] has std sqrt(28/3).
+    r_nan = r.clone()
+    r_nan[0, 0, 0, 1] = float("nan")
+    valid = torch.tensor([[[True, False], [True, True]]])
+    adv = baseline_advantages(r_nan, v, valid=valid, eps=0.0)
+    assert torch.allclose(adv.flatten(), torch.tensor([1.0, 0.0, 3.0, -3.0]) / math.sqrt(28 / 3))
+    # No tile with a reward (a learned reward scores whole images only), or a single one: no tile signal, not
+    # NaN (self-critical under a learned reward used to skip every step as non-finite).
+    for n_valid in (0, 1):
+        valid = torch.zeros(1, 2, 2, dtype=torch.bool)
+        valid.view(-1)[:n_valid] = True
+        assert torch.equal(baseline_advantages(r_nan, v, valid=valid), torch.zeros_like(r))
 
 
 def test_value_loss_plain_and_clipped() -> None:
