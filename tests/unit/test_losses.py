@@ -10,8 +10,8 @@ import torch
 from policies.distributions import pixel_log_probs, sample_masks
 from policies.losses import (
     ADVANTAGE_FNS,
-    baseline_advantages,
     POLICY_LOSSES,
+    baseline_advantages,
     dpo_loss,
     entropy_bonus,
     expand_tiles,
