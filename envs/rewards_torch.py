@@ -12,20 +12,19 @@ on any device, bit-for-bit equal to :class:`envs.rewards.MultiObjectiveReward`::
 How, with no Python loop over masks:
 
 1. Skeleton: scikit-image's 2-D ``skeletonize`` (``_fast_skeletonize``, Zhang-Suen) is a parallel algorithm:
-   each of the two sub-iterations of a pass reads the previous state and removes every flagged pixel at once.
-   So: neighbourhood code = 8 weighted shifted adds (uint8), lookup in its 256-entry table, remove; a mask
-   leaves the batch after a pass that removed nothing (one host sync per pass).
-2. Connected components: label propagation on the member pixels only. Edges join each pixel to its forward
-   neighbours (8- or 4-connectivity); each round hooks every root onto the smallest root across its edges
-   (``scatter_reduce`` amin), then pointer jumping ``L = L[L]`` until stable, and drops the edges already
-   inside one component. A root is the smallest pixel index of its component, i.e. its first pixel in raster
-   order: exactly the canonical label the tile rules need. Holes use 4-connected background on the image
-   padded by one background pixel, like :func:`envs.metrics.hole_labels`; the whole-image hole count without
-   tiles comes from the Euler number instead (b1 = b0 - chi, chi from 2x2 bit-quads), which needs no
-   background labelling.
-3. Counts per mask and per tile from the member pixels: ``index_add`` of per-pixel flags, distinct
-   (tile, label) pairs for components and holes (as ``_distinct_per_tile``), a junction cluster in the tile of
-   its first pixel.
+   each of the two sub-iterations of a pass reads the previous state and removes every flagged pixel at once
+   (neighbourhood code of 8 weighted neighbours, lookup in its 256-entry table). It runs block-sparse (only
+   blocks near a recent change are visited, which is exact) as one fused Triton kernel per sub-iteration on
+   CUDA, or as torch ops (shifted adds, table gather) anywhere; one host sync per pass.
+2. Connected components, labelled by runs (maximal horizontal segments of member pixels): edges from run
+   starts to the runs above and below; rounds of hooking every root onto the smallest root across its edges
+   (``scatter_reduce`` amin) and pointer jumping ``L = L[L]`` until stable, dropping edges inside a component.
+   A root is its component's first run, so its first pixel in raster order: the canonical label the tile
+   rules need. Holes are 4-connected background components of the mask padded by one background pixel that
+   are not the padded corner's, like :func:`envs.metrics.hole_labels` (only when the Betti term is weighted).
+3. Counts: pixel counts per mask and per tile from dense maps (tile sums are reshapes and reductions);
+   distinct (tile, component) pairs for components and holes, as ``_distinct_per_tile``; a junction cluster
+   in the tile of its first pixel.
 4. Terms: :func:`envs.rewards.reward_terms`, the numpy path's own formula, run with torch ops in float64.
 
 Exactness contract: for masks whose values are 0/1, every count (pixels, skeleton, junction clusters,
@@ -45,6 +44,12 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
+try:  # the fused thinning kernel (CUDA); without it the torch ops run everywhere
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 from envs.metrics import ArrayOps
 from envs.rewards import (
     RewardConfig,
@@ -55,6 +60,7 @@ from envs.rewards import (
 )
 
 __all__ = [
+    "THINNING",
     "BatchRewards",
     "BatchTiles",
     "LabelStats",
@@ -129,7 +135,22 @@ def _dilate_blocks(b: Tensor) -> Tensor:
     return out
 
 
-def _thin(x: Tensor, block: int = _BLOCK) -> int:
+THINNING = ("auto", "torch", "triton")
+"""Thinning back-ends: "torch" (any device), "triton" (one fused kernel per sub-iteration; CUDA, or CPU under
+TRITON_INTERPRET=1 for tests), "auto" (triton on CUDA when it imports, else torch). Same result bit for bit."""
+
+
+def _backend(thinning: str, device: torch.device) -> str:
+    if thinning not in THINNING:
+        raise ValueError(f"thinning is {thinning!r}; choose one of {THINNING}")
+    if thinning == "auto":
+        return "triton" if device.type == "cuda" and triton is not None else "torch"
+    if thinning == "triton" and triton is None:
+        raise ValueError("thinning='triton' needs the triton package; use 'torch' (or 'auto')")
+    return thinning
+
+
+def _thin(x: Tensor, *, thinning: str = "auto", block: int = _BLOCK) -> int:
     """Thin padded uint8 0/1 masks [N, H+2, W+2] (zero ring) in place to their skeletons; returns the number
     of passes (the last one removes nothing), as scikit-image's loop runs them on the slowest mask.
 
@@ -140,6 +161,7 @@ def _thin(x: Tensor, block: int = _BLOCK) -> int:
     masks most blocks are final after a few passes while the thickest vessels need tens (34 passes at
     2048x2048, but only ~3 full images' worth of block visits).
     """
+    backend = _backend(thinning, x.device)
     tables = _removal_tables(x.device)
     n, h2, w2 = x.shape
     by, bx = -(-(h2 - 2) // block), -(-(w2 - 2) // block)
@@ -149,37 +171,128 @@ def _thin(x: Tensor, block: int = _BLOCK) -> int:
         xp = torch.zeros((n, hp, wp), dtype=x.dtype, device=x.device)
         xp[:, :h2, :w2] = x
     strides = (hp * wp, block * wp, block, wp, 1)
-    # Overlapping views: each block with its 1-pixel halo (read), and each block's own pixels (written).
-    halo = xp.as_strided((n, by, bx, block + 2, block + 2), strides)
+    # Each block's own pixels, a view (blocks do not overlap).
     inner = xp.as_strided((n, by, bx, block, block), strides, storage_offset=wp + 1)
     occupied = inner.amax((3, 4)) > 0  # blocks without foreground never change
-    recent = [occupied, occupied]  # blocks changed in the last two sub-iterations (all, to start)
+    step = _TritonThinning if backend == "triton" else _TorchThinning
+    state = step(xp, inner, occupied, tables, block)
     passes = 0
     while True:
-        for table in tables:
-            visit = (_dilate_blocks(recent[0] | recent[1]) & occupied).nonzero()  # host sync
-            changed = torch.zeros_like(occupied)
-            if visit.shape[0]:
-                i, r, c = visit.unbind(1)
-                tiles = halo[i, r, c]  # [V, block+2, block+2] copies: reads see the previous state
-                # 1. Neighbourhood code of every pixel: 8 weighted shifted adds.
-                (dr, dc, _), *rest = _NEIGHBOURS
-                code = tiles[:, 1 + dr : 1 + dr + block, 1 + dc : 1 + dc + block].contiguous()
-                for dr, dc, weight in rest:
-                    code.add_(tiles[:, 1 + dr : 1 + dr + block, 1 + dc : 1 + dc + block], alpha=weight)
-                # 2. Remove every flagged foreground pixel at once.
-                removed = table.index_select(0, code.view(-1).int()).view_as(code)
-                centre = tiles[:, 1:-1, 1:-1]
-                removed &= centre
-                inner[i, r, c] = centre - removed
-                changed[i, r, c] = removed.view(removed.shape[0], -1).any(1).bool()  # any() of uint8 is uint8
-            recent = [recent[1], changed]
+        changed = [state.sub_iteration(t) for t in (0, 1)]
         passes += 1
-        if not bool((recent[0] | recent[1]).any()):  # host sync; a pass that removed nothing: done
+        if not bool((changed[0] | changed[1]).any()):  # host sync; a pass that removed nothing: done
             break
     if xp is not x:
         x.copy_(xp[:, :h2, :w2])
     return passes
+
+
+class _TorchThinning:
+    """Sub-iterations with torch ops: gather the visited blocks with their halo, code, table, write back."""
+
+    def __init__(self, xp: Tensor, inner: Tensor, occupied: Tensor, tables: Tensor, block: int) -> None:
+        n, by, bx = occupied.shape
+        wp = xp.shape[2]
+        strides = (xp.shape[1] * wp, block * wp, block, wp, 1)
+        self.halo = xp.as_strided((n, by, bx, block + 2, block + 2), strides)  # overlapping: read only
+        self.inner, self.occupied, self.tables, self.block = inner, occupied, tables, block
+        self.recent = [occupied, occupied]  # blocks changed in the last two sub-iterations (all, to start)
+
+    def sub_iteration(self, t: int) -> Tensor:
+        b = self.block
+        visit = (_dilate_blocks(self.recent[0] | self.recent[1]) & self.occupied).nonzero()  # host sync
+        changed = torch.zeros_like(self.occupied)
+        if visit.shape[0]:
+            i, r, c = visit.unbind(1)
+            tiles = self.halo[i, r, c]  # [V, block+2, block+2] copies: reads see the previous state
+            # 1. Neighbourhood code of every pixel: 8 weighted shifted adds.
+            (dr, dc, _), *rest = _NEIGHBOURS
+            code = tiles[:, 1 + dr : 1 + dr + b, 1 + dc : 1 + dc + b].contiguous()
+            for dr, dc, weight in rest:
+                code.add_(tiles[:, 1 + dr : 1 + dr + b, 1 + dc : 1 + dc + b], alpha=weight)
+            # 2. Remove every flagged foreground pixel at once.
+            removed = self.tables[t].index_select(0, code.view(-1).int()).view_as(code)
+            centre = tiles[:, 1:-1, 1:-1]
+            removed &= centre
+            self.inner[i, r, c] = centre - removed
+            changed[i, r, c] = removed.view(removed.shape[0], -1).any(1).bool()  # any() of uint8 is uint8
+        self.recent = [self.recent[1], changed]
+        return changed
+
+
+class _TritonThinning:
+    """Sub-iterations as two kernels over the occupied blocks (no host sync): ``_zs_visit`` decides from the
+    block flags whether a block may change, computes its new pixels into a buffer and flags a change;
+    ``_zs_write`` then copies the visited blocks back (a second launch, so every read saw the old state)."""
+
+    def __init__(self, xp: Tensor, inner: Tensor, occupied: Tensor, tables: Tensor, block: int) -> None:
+        _, by, bx = occupied.shape
+        hp, wp = xp.shape[1:]
+        cells = occupied.reshape(-1).nonzero().squeeze(1)  # host sync, once
+        m, rem = cells // (by * bx), cells % (by * bx)
+        self.base = m * hp * wp + (rem // bx * block + 1) * wp + rem % bx * block + 1  # first pixel of each
+        self.xp, self.cells, self.tables, self.block, self.shape = xp, cells, tables, block, (by, bx, wp)
+        self.active = torch.zeros(cells.numel(), dtype=torch.uint8, device=xp.device)
+        self.out = torch.empty((cells.numel(), block, block), dtype=torch.uint8, device=xp.device)
+        flags = occupied.to(torch.uint8).reshape(-1)
+        self.recent = [flags, flags]
+
+    def sub_iteration(self, t: int) -> Tensor:
+        by, bx, wp = self.shape
+        changed = torch.zeros_like(self.recent[0])
+        v = self.cells.numel()
+        if v:
+            _zs_visit[(v,)](self.xp, self.tables[t], self.base, self.cells, self.recent[0], self.recent[1],
+                            changed, self.active, self.out, by, bx, wp, BLOCK=self.block)  # fmt: skip
+            _zs_write[(v,)](self.xp, self.base, self.active, self.out, wp, BLOCK=self.block)
+        self.recent = [self.recent[1], changed]
+        return changed
+
+
+if triton is not None:
+
+    @triton.jit
+    def _zs_visit(
+        x, table, base, cells, recent0, recent1, changed, active, out, by, bx, wp, BLOCK: tl.constexpr
+    ):
+        v = tl.program_id(0)
+        cell = tl.load(cells + v)
+        per_mask = by * bx
+        m, r, c = cell // per_mask, cell % per_mask // bx, cell % bx
+        act = tl.load(recent0 + cell) | tl.load(recent1 + cell)
+        for dr in tl.static_range(-1, 2):
+            for dc in tl.static_range(-1, 2):
+                ok = (r + dr >= 0) & (r + dr < by) & (c + dc >= 0) & (c + dc < bx)
+                nb = m * per_mask + (r + dr) * bx + (c + dc)
+                act |= tl.load(recent0 + nb, mask=ok, other=0) | tl.load(recent1 + nb, mask=ok, other=0)
+        tl.store(active + v, act)
+        if act != 0:
+            rows = tl.arange(0, BLOCK)[:, None]
+            cols = tl.arange(0, BLOCK)[None, :]
+            p = tl.load(base + v) + rows * wp + cols
+            centre = tl.load(x + p).to(tl.int32)
+            code = (
+                tl.load(x + p - wp - 1).to(tl.int32)
+                + 2 * tl.load(x + p - wp).to(tl.int32)
+                + 4 * tl.load(x + p - wp + 1).to(tl.int32)
+                + 8 * tl.load(x + p + 1).to(tl.int32)
+                + 16 * tl.load(x + p + wp + 1).to(tl.int32)
+                + 32 * tl.load(x + p + wp).to(tl.int32)
+                + 64 * tl.load(x + p + wp - 1).to(tl.int32)
+                + 128 * tl.load(x + p - 1).to(tl.int32)
+            )
+            removed = tl.load(table + code).to(tl.int32) & centre
+            tl.store(out + v * BLOCK * BLOCK + rows * BLOCK + cols, (centre - removed).to(tl.uint8))
+            tl.store(changed + cell, tl.max(tl.max(removed, 1), 0).to(tl.uint8))
+
+    @triton.jit
+    def _zs_write(x, base, active, out, wp, BLOCK: tl.constexpr):
+        v = tl.program_id(0)
+        if tl.load(active + v) != 0:
+            rows = tl.arange(0, BLOCK)[:, None]
+            cols = tl.arange(0, BLOCK)[None, :]
+            p = tl.load(base + v) + rows * wp + cols
+            tl.store(x + p, tl.load(out + v * BLOCK * BLOCK + rows * BLOCK + cols))
 
 
 def _neighbour_count(s: Tensor) -> Tensor:
@@ -331,13 +444,13 @@ class _Analysis:
     stats: LabelStats
 
 
-def _analyse(fg: Tensor, *, holes: bool) -> _Analysis:
+def _analyse(fg: Tensor, *, holes: bool, thinning: str = "auto") -> _Analysis:
     """Skeletonise and label a padded bool stack [N, H+2, W+2] (masks already ANDed with the FOV); with
     ``holes``, label the background too (b1 and the per-tile hole counts need it)."""
     n, h2, w2 = fg.shape
     hw2 = h2 * w2
     x = fg.to(torch.uint8)
-    passes = _thin(x)
+    passes = _thin(x, thinning=thinning)
     skel = x.bool()
     junctions = torch.zeros_like(fg)
     junctions[:, 1:-1, 1:-1] = skel[:, 1:-1, 1:-1] & (_neighbour_count(x) >= 3)
@@ -617,8 +730,11 @@ class TorchReward:
         config: the reward objective (weights, scales, tile sizes).
         device: where masks are scored ("cpu", "cuda", ...); masks and GTs given as numpy arrays or tensors
             elsewhere are moved there.
-        max_pixels: masks are processed in chunks of at most this many (padded) pixels: it bounds memory
-            (about 40 bytes per pixel at peak with holes labelled) and keeps flat indices below 2**31.
+        max_pixels: masks are processed in chunks of at most this many pixels (padded by one on each side):
+            it bounds memory and keeps flat indices below 2**31. Peak GPU memory is about 50 bytes per pixel on
+            sampled vessel masks (the labelling's edge lists dominate): ~6.5 GB at the default, a chunk of 31
+            masks of 2048x2048 or 404 of 584x565. Throughput barely depends on it beyond ~30 masks of 2048.
+        thinning: the skeleton back-end (:data:`THINNING`); "auto" uses the fused Triton kernel on CUDA.
     """
 
     def __init__(
@@ -627,6 +743,7 @@ class TorchReward:
         device: str | torch.device = "cpu",
         *,
         max_pixels: int = 2**27,
+        thinning: str = "auto",
     ) -> None:
         config = RewardConfig() if config is None else config
         if not isinstance(config, RewardConfig):
@@ -636,6 +753,7 @@ class TorchReward:
         self.config = config
         self.device = torch.device(device)
         self.max_pixels = max_pixels
+        self.thinning = _backend(thinning, self.device)
         self._need_holes = config.weights.betti > 0
 
     # --------------------------------------------------------------------------------------- inputs
@@ -698,7 +816,10 @@ class TorchReward:
         g = g & f
         fg = _pad(g)
         step = self._chunk_size(*g.shape[1:])
-        parts = [_analyse(fg[i : i + step], holes=self._need_holes) for i in range(0, fg.shape[0], step)]
+        parts = [
+            _analyse(fg[i : i + step], holes=self._need_holes, thinning=self.thinning)
+            for i in range(0, fg.shape[0], step)
+        ]
         target = TorchTargets(
             gt=fg,
             skeleton=torch.cat([a.skeleton for a in parts]),
@@ -719,7 +840,8 @@ class TorchReward:
         if parts is None:
             step = self._chunk_size(h, w)
             parts = [
-                _analyse(target.gt[i : i + step], holes=self._need_holes) for i in range(0, len(target), step)
+                _analyse(target.gt[i : i + step], holes=self._need_holes, thinning=self.thinning)
+                for i in range(0, len(target), step)
             ]
         for t in missing:
             grid = _Grid(t, h, w)
@@ -791,8 +913,8 @@ class TorchReward:
         tiles = self._tiles(tiles) if tiles else ()
         self._tile_targets(targets, tiles)
         grids = [_Grid(t, h, w) for t in tiles]
-        hw2 = (h + 2) * (w + 2)
-        gt_flat, gsk_flat = targets.gt.reshape(-1), targets.skeleton.reshape(-1)
+        hp = max([h, *(g.ty * g.tile for g in grids)])
+        wp = max([w, *(g.tx * g.tile for g in grids)])
 
         # 1. Counts, chunk by chunk (skeleton and labels once per chunk for every tile size).
         whole, cross, tiled = [], [], {t: ([], []) for t in tiles}
@@ -801,37 +923,35 @@ class TorchReward:
         for lo in range(0, n, step):
             r = rows[lo : lo + step]
             fg = _pad(m[lo : lo + step] & targets.fov[r])
-            an = _analyse(fg, holes=self._need_holes)
+            an = _analyse(fg, holes=self._need_holes, thinning=self.thinning)
             stats = stats.merge(an.stats)
             k = fg.shape[0]
-            # Per foreground pixel: [skeleton, in GT, skeleton in GT, on the GT skeleton].
-            idx = fg.reshape(-1).nonzero().squeeze(1)  # the foreground pixels
-            mask_of = idx // hw2
-            g_idx = r.index_select(0, mask_of) * hw2 + idx % hw2
-            s_at, g_at = an.skeleton.reshape(-1).index_select(0, idx), gt_flat.index_select(0, g_idx)
-            flags = torch.stack([g_at, s_at & g_at, gsk_flat.index_select(0, g_idx)], 1).to(torch.int64)
+            # Pixel maps [area, length, |P & G|, |S_P & G|, |S_G & P|], zero-padded to whole tiles of every
+            # size: tile sums are then reshapes and reductions (no atomics).
+            g, gs = targets.gt.index_select(0, r), targets.skeleton.index_select(0, r)
+            maps = torch.zeros((5, k, hp, wp), dtype=torch.bool, device=self.device)
+            inside = (slice(None), slice(1, h + 1), slice(1, w + 1))
+            for i, (a, b) in enumerate(
+                ((fg, fg), (an.skeleton, an.skeleton), (fg, g), (an.skeleton, g), (fg, gs))
+            ):
+                torch.logical_and(a[inside], b[inside], out=maps[i, :, :h, :w])
+            sums = maps.view(torch.uint8)
+            cross.append(sums[2:].view(3, k, -1).sum(2, dtype=torch.int64).T)
             whole.append(an.counts)
-            cross.append(
-                torch.zeros((k, 3), dtype=torch.int64, device=self.device).index_add_(0, mask_of, flags)
-            )
             for grid in grids:
                 tc = _tile_counts(an, grid)
-                cells = k * grid.ty * grid.tx
-                tid = grid.tile_of(idx)
-                px = torch.zeros((cells, 5), dtype=torch.int64, device=self.device)
-                px.index_add_(
-                    0, tid, torch.cat([torch.ones_like(flags[:, :1]), s_at[:, None].long(), flags], 1)
-                )
-                px = px.view(k, grid.ty, grid.tx, 5)
+                t = grid.tile
+                px = sums[:, :, : grid.ty * t, : grid.tx * t].reshape(5, k, grid.ty, t, grid.tx, t)
+                px = px.sum((3, 5), dtype=torch.int64)
                 tc = RewardCounts(
-                    area=px[..., 0],
-                    length=px[..., 1],
+                    area=px[0],
+                    length=px[1],
                     junctions=tc.junctions,
                     components=tc.components,
                     holes=tc.holes,
                 )
-                tiled[grid.tile][0].append(tc)
-                tiled[grid.tile][1].append(px[..., 2:])
+                tiled[t][0].append(tc)
+                tiled[t][1].append(px[2:].permute(1, 2, 3, 0))
 
         # 2. Terms: the numpy path's formula on the counts, in float64 on the device.
         pc, x = _cat_counts(whole), torch.cat(cross)
@@ -913,11 +1033,11 @@ def _check_finite(total: Tensor, comps: dict[str, Tensor]) -> None:
 # ------------------------------------------------------------------------------------- public helpers
 
 
-def skeletonize(masks: Tensor) -> Tensor:
+def skeletonize(masks: Tensor, *, thinning: str = "auto") -> Tensor:
     """Skeletons of a stack of masks, bool [N, H, W] -> bool [N, H, W], each equal to scikit-image's
-    ``skeletonize`` (2-D, Zhang-Suen) of that mask."""
+    ``skeletonize`` (2-D, Zhang-Suen) of that mask; ``thinning`` picks the back-end (:data:`THINNING`)."""
     x = _pad(masks.bool()).to(torch.uint8)
-    _thin(x)
+    _thin(x, thinning=thinning)
     return x[:, 1:-1, 1:-1].bool()
 
 

@@ -129,11 +129,12 @@ def assert_identical(
     *,
     tiles: Sequence[int] = TILES,
     max_pixels: int = 2**27,
+    thinning: str = "auto",
 ) -> int:
     """Score ``masks[i]`` against image i with both paths; assert every total and component (whole image
     and every tile size) has the same bits. Returns how many masks were compared."""
     cpu = MultiObjectiveReward(config)
-    tr = TorchReward(config, device, max_pixels=max_pixels)
+    tr = TorchReward(config, device, max_pixels=max_pixels, thinning=thinning)
     targets = tr.prepare_targets(np.stack(gts), None if fovs is None else np.stack(fovs))
     rows = np.concatenate([np.full(len(m), i) for i, m in enumerate(masks)])
     flat = np.stack([m for group in masks for m in group])

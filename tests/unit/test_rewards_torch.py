@@ -177,5 +177,7 @@ def test_inputs_are_checked() -> None:
         tr.score(np.zeros((1, 8, 8), bool), targets, image=[0], tiles=(0,))
     with pytest.raises(ValueError, match="fov is"):
         tr.prepare_targets(np.zeros((8, 8), bool), np.ones((8, 9), bool))
+    with pytest.raises(ValueError, match="thinning is 'fast'"):
+        TorchReward(RewardConfig(), thinning="fast")
     with pytest.raises(TypeError, match="RewardConfig"):
         TorchReward({"weights": None})  # type: ignore[arg-type]
