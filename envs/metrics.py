@@ -15,7 +15,8 @@ Conventions (never NaN; each is repeated in the function's doc string):
   exists in scikit-image 0.26).
 
 The ``*_from_counts`` helpers are the same formulas on count arrays of any shape, so the reward code can
-score many tiles at once with exactly the conventions used here.
+score many tiles at once with exactly the conventions used here; their ``ops`` (:class:`ArrayOps`) lets the
+torch reward (``envs/rewards_torch.py``) run the very same formulas on tensors.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from skimage.morphology import skeletonize as _skeletonize
 __all__ = [
     "EIGHT",
     "FOUR",
+    "NUMPY_OPS",
+    "ArrayOps",
     "accuracy",
     "as_mask",
     "betti_errors",
@@ -102,49 +105,86 @@ def _pair(
 # ------------------------------------------------------------------------------------- count formulas
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+class ArrayOps:
+    """The float64 operations the count formulas use, on numpy arrays.
+
+    The formulas below (and ``envs.rewards.reward_terms``) call only these methods plus ``+ - * /`` and
+    comparisons, all exactly rounded IEEE operations, so a subclass for another array library (torch, in
+    ``envs.rewards_torch``) computes bit-identical values from the same integer counts.
+    """
+
+    def f64(self, x: ArrayLike) -> np.ndarray:
+        """``x`` (counts, scalars) as a float64 array; exact for integers below 2**53."""
+        return np.asarray(x, dtype=np.float64)
+
+    def where(self, cond: ArrayLike, a: ArrayLike, b: ArrayLike) -> np.ndarray:
+        return np.where(cond, a, b)
+
+    def minimum(self, a: ArrayLike, b: ArrayLike) -> np.ndarray:
+        return np.minimum(a, b)
+
+    def maximum(self, a: ArrayLike, b: ArrayLike) -> np.ndarray:
+        return np.maximum(a, b)
+
+    def abs(self, x: ArrayLike) -> np.ndarray:
+        return np.abs(x)
+
+    def clip(self, x: ArrayLike, lo: float, hi: float) -> np.ndarray:
+        return np.clip(x, lo, hi)
+
+
+NUMPY_OPS = ArrayOps()
+"""The numpy :class:`ArrayOps`, the default of every count formula."""
+
+
+def _safe_div(num: ArrayLike, den: ArrayLike, fallback: ArrayLike, ops: ArrayOps = NUMPY_OPS) -> np.ndarray:
     """num / den where den > 0, else ``fallback``; float64, no warnings, no NaN."""
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    out = np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
-    return np.where(den > 0, out, np.asarray(fallback, dtype=np.float64))
+    num, den = ops.f64(num), ops.f64(den)
+    pos = den > 0
+    return ops.where(pos, num / ops.where(pos, den, 1.0), ops.f64(fallback))
 
 
-def dice_from_counts(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike) -> np.ndarray:
+def dice_from_counts(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike, *, ops: ArrayOps = NUMPY_OPS) -> np.ndarray:
     """Dice = 2TP / (2TP + FP + FN), elementwise; 1.0 where both masks are empty (FP = FN = TP = 0)."""
-    tp, fp, fn = np.asarray(tp), np.asarray(fp), np.asarray(fn)
-    return _safe_div(2 * tp, 2 * tp + fp + fn, 1.0)
+    tp, fp, fn = ops.f64(tp), ops.f64(fp), ops.f64(fn)
+    return _safe_div(2 * tp, 2 * tp + fp + fn, 1.0, ops)
 
 
-def iou_from_counts(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike) -> np.ndarray:
+def iou_from_counts(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike, *, ops: ArrayOps = NUMPY_OPS) -> np.ndarray:
     """IoU = TP / (TP + FP + FN), elementwise; 1.0 where both masks are empty."""
-    tp, fp, fn = np.asarray(tp), np.asarray(fp), np.asarray(fn)
-    return _safe_div(tp, tp + fp + fn, 1.0)
+    tp, fp, fn = ops.f64(tp), ops.f64(fp), ops.f64(fn)
+    return _safe_div(tp, tp + fp + fn, 1.0, ops)
 
 
-def precision_from_counts(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike) -> np.ndarray:
+def precision_from_counts(
+    tp: ArrayLike, fp: ArrayLike, fn: ArrayLike, *, ops: ArrayOps = NUMPY_OPS
+) -> np.ndarray:
     """Precision = TP / (TP + FP); with no predicted positives: 1.0 if the GT is empty too, else 0.0."""
-    tp, fp, fn = np.asarray(tp), np.asarray(fp), np.asarray(fn)
-    return _safe_div(tp, tp + fp, np.where(fn == 0, 1.0, 0.0))
+    tp, fp, fn = ops.f64(tp), ops.f64(fp), ops.f64(fn)
+    return _safe_div(tp, tp + fp, ops.where(fn == 0, 1.0, 0.0), ops)
 
 
-def recall_from_counts(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike) -> np.ndarray:
+def recall_from_counts(
+    tp: ArrayLike, fp: ArrayLike, fn: ArrayLike, *, ops: ArrayOps = NUMPY_OPS
+) -> np.ndarray:
     """Recall = TP / (TP + FN); with an empty GT: 1.0 if the prediction is empty too, else 0.0."""
-    tp, fp, fn = np.asarray(tp), np.asarray(fp), np.asarray(fn)
-    return _safe_div(tp, tp + fn, np.where(fp == 0, 1.0, 0.0))
+    tp, fp, fn = ops.f64(tp), ops.f64(fp), ops.f64(fn)
+    return _safe_div(tp, tp + fn, ops.where(fp == 0, 1.0, 0.0), ops)
 
 
-def cldice_from_counts(sp_in_g: ArrayLike, sp: ArrayLike, sg_in_p: ArrayLike, sg: ArrayLike) -> np.ndarray:
+def cldice_from_counts(
+    sp_in_g: ArrayLike, sp: ArrayLike, sg_in_p: ArrayLike, sg: ArrayLike, *, ops: ArrayOps = NUMPY_OPS
+) -> np.ndarray:
     """clDice from skeleton counts, elementwise.
 
     Tprec = |S_P & G| / |S_P|, Tsens = |S_G & P| / |S_G|, clDice = 2 Tprec Tsens / (Tprec + Tsens).
     Both skeletons empty -> 1.0; exactly one empty -> 0.0; Tprec + Tsens = 0 -> 0.0.
     """
-    sp_in_g, sp, sg_in_p, sg = (np.asarray(a) for a in (sp_in_g, sp, sg_in_p, sg))
-    tprec = _safe_div(sp_in_g, sp, 0.0)
-    tsens = _safe_div(sg_in_p, sg, 0.0)
-    harmonic = _safe_div(2.0 * tprec * tsens, tprec + tsens, 0.0)
-    return np.where((sp == 0) & (sg == 0), 1.0, np.where((sp == 0) | (sg == 0), 0.0, harmonic))
+    sp_in_g, sp, sg_in_p, sg = (ops.f64(a) for a in (sp_in_g, sp, sg_in_p, sg))
+    tprec = _safe_div(sp_in_g, sp, 0.0, ops)
+    tsens = _safe_div(sg_in_p, sg, 0.0, ops)
+    harmonic = _safe_div(2.0 * tprec * tsens, tprec + tsens, 0.0, ops)
+    return ops.where((sp == 0) & (sg == 0), 1.0, ops.where((sp == 0) | (sg == 0), 0.0, harmonic))
 
 
 # ------------------------------------------------------------------------------------- pixel metrics

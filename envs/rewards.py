@@ -26,6 +26,8 @@ from scipy import ndimage as ndi
 from envs.config_checks import check
 from envs.metrics import (
     EIGHT,
+    NUMPY_OPS,
+    ArrayOps,
     as_mask,
     cldice_from_counts,
     dice_from_counts,
@@ -40,11 +42,13 @@ from envs.metrics import (
 __all__ = [
     "MultiObjectiveReward",
     "RewardConfig",
+    "RewardCounts",
     "RewardResult",
     "RewardSource",
     "RewardWeights",
     "Target",
     "TiledRewards",
+    "reward_terms",
 ]
 
 RewardSource = Literal["gt", "learned"]
@@ -199,8 +203,9 @@ class TiledRewards:
 
 
 @dataclass(frozen=True, eq=False)
-class _Counts:
-    """Per-mask (or per-tile) counts that the terms are computed from; int64 arrays of one shape."""
+class RewardCounts:
+    """Per-mask (or per-tile) integer counts that the terms are computed from, arrays of one shape (or
+    broadcastable): int64 numpy arrays here, int64 tensors in ``envs.rewards_torch``."""
 
     area: np.ndarray
     """Mask pixels in the FOV."""
@@ -222,7 +227,7 @@ class _TileTarget:
     skeleton: np.ndarray
     fov: np.ndarray
     valid: np.ndarray
-    counts: _Counts
+    counts: RewardCounts
 
 
 @dataclass(frozen=True, eq=False)
@@ -245,7 +250,7 @@ class Target:
     labels: np.ndarray
     holes: np.ndarray | None
     junction_rc: np.ndarray
-    counts: _Counts
+    counts: RewardCounts
     tiles: dict[int, _TileTarget] = field(default_factory=dict, repr=False)
     """Per tile size GT aggregates, built on first use by score_tiles."""
 
@@ -327,6 +332,79 @@ def _pad_to(x: np.ndarray, tile: int) -> np.ndarray:
     if ph == 0 and pw == 0:
         return x
     return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)])
+
+
+# ----------------------------------------------------------------------------------------------- terms
+
+
+def reward_terms(
+    config: RewardConfig,
+    pc: RewardCounts,
+    gc: RewardCounts,
+    tp: ArrayLike,
+    sp_in_g: ArrayLike,
+    sg_in_p: ArrayLike,
+    *,
+    ops: ArrayOps = NUMPY_OPS,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Terms and raw metrics from integer counts of any (broadcastable) shape -> (total, components).
+
+    The one formula of the reward: the numpy path (:class:`MultiObjectiveReward`) and the torch path
+    (``envs.rewards_torch``, ``ops`` for tensors) both call it, so equal counts give bit-identical float64
+    terms. Counts are converted to float64 first (exact below 2**53).
+
+    Args:
+        config: weights and scales.
+        pc, gc: prediction and GT counts (gc broadcasts against pc, e.g. [1, ty, tx] against [K, ty, tx]).
+        tp: |P & G|; sp_in_g: |S_P & G|; sg_in_p: |S_G & P| (S = skeleton), shaped like pc's counts.
+        ops: the array operations (numpy by default).
+    Returns:
+        total (float64, pc's shape) and {name: float64 array}: the weighted terms (dice, recall, topology,
+        length; cldice, betti when weighted > 0) then the raw metrics (``*_raw``).
+    """
+    c, w = config, config.weights.as_dict()
+    f64 = ops.f64
+    tp, sp_in_g, sg_in_p = f64(tp), f64(sp_in_g), f64(sg_in_p)
+    p_area, g_area = f64(pc.area), f64(gc.area)
+    fp, fn = p_area - tp, g_area - tp
+    dice_raw = dice_from_counts(tp, fp, fn, ops=ops)
+    recall_raw = recall_from_counts(tp, fp, fn, ops=ops)
+    # 1. Dice and recall shortfall. Recall of an empty GT is a convention, not a miss: no penalty.
+    dice = dice_raw * c.dice_scale
+    recall = ops.where(g_area > 0, ops.minimum(recall_raw - c.recall_target, 0.0) * c.recall_scale, 0.0)
+    # 2. Topology: junction agreement minus a component-count penalty, clipped so it stays bounded
+    #    however many fragments a prediction has.
+    jp, jg = f64(pc.junctions), f64(gc.junctions)
+    js = ops.where(jg > 0, ops.minimum(jp, jg) / ops.maximum(jg, 1.0), 1.0 / (1.0 + jp))
+    b0_err = ops.abs(f64(pc.components) - f64(gc.components))
+    topology = ops.clip(js - c.component_penalty * b0_err, -1.0, 1.0) * c.topology_scale
+    # 3. Skeleton length ratio, clipped to [0, 2] (an empty GT skeleton would otherwise divide by 0).
+    p_len, g_len = f64(pc.length), f64(gc.length)
+    ratio = ops.where(g_len > 0, p_len / ops.maximum(g_len, 1.0), ops.where(p_len > 0, 2.0, 1.0))
+    ratio = ops.clip(ratio, 0.0, 2.0)
+    length = 0.0 - ops.abs(1.0 - ratio) * c.length_scale  # "0.0 -": no -0.0 in logs
+    cl = cldice_from_counts(sp_in_g, p_len, sg_in_p, g_len, ops=ops)
+
+    terms = {"dice": dice, "recall": recall, "topology": topology, "length": length}
+    if w["cldice"] > 0:
+        terms["cldice"] = cl * c.cldice_scale
+    raw = {
+        "dice_raw": dice_raw,
+        "recall_raw": recall_raw,
+        "precision_raw": precision_from_counts(tp, fp, fn, ops=ops),
+        "cldice_raw": cl,
+        "junction_score_raw": js,
+        "length_ratio_raw": ratio,
+        "betti0_err_raw": b0_err,
+    }
+    if w["betti"] > 0:
+        if pc.holes is None or gc.holes is None:
+            raise ValueError("the Betti term is weighted but the counts have no holes; count them (b1)")
+        b1_err = ops.abs(f64(pc.holes) - f64(gc.holes))
+        terms["betti"] = -ops.minimum(b0_err + b1_err, c.betti_clip) * c.betti_scale
+        raw["betti1_err_raw"] = b1_err
+    total = sum(w[k] * v for k, v in terms.items())
+    return f64(total), {**terms, **raw}
 
 
 # ---------------------------------------------------------------------------------------------- reward
@@ -423,7 +501,7 @@ class MultiObjectiveReward:
         # Hole labels only feed the Betti term; skip them when it carries no weight.
         holes, n_bg = hole_labels(g) if self._need_holes else (None, 1)
         jfirst, n_junc = _junction_clusters(skel)
-        counts = _Counts(
+        counts = RewardCounts(
             area=np.int64(np.count_nonzero(g)),
             length=np.int64(np.count_nonzero(skel)),
             junctions=np.int64(n_junc),
@@ -454,7 +532,7 @@ class MultiObjectiveReward:
         ty, tx = g.shape[1] // tile, g.shape[2] // tile
         r, c = target.junction_rc[:, 0], target.junction_rc[:, 1]
         junctions = np.bincount((r // tile) * tx + c // tile, minlength=ty * tx).reshape(1, ty, tx)
-        counts = _Counts(
+        counts = RewardCounts(
             area=_tile_sum(g, tile),
             length=_tile_sum(s, tile),
             junctions=junctions.astype(np.int64),
@@ -466,53 +544,6 @@ class MultiObjectiveReward:
         tt = _TileTarget(gt=g[0], skeleton=s[0], fov=fp[0], valid=_tile_sum(fp, tile)[0] > 0, counts=counts)
         target.tiles[tile] = tt
         return tt
-
-    # ----------------------------------------------------------------------------------------- terms
-
-    def _terms(
-        self, pc: _Counts, gc: _Counts, tp: np.ndarray, sp_in_g: np.ndarray, sg_in_p: np.ndarray
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Terms and raw metrics from counts of any (broadcastable) shape; returns (total, components)."""
-        c, w = self.config, self.weights
-        fp, fn = pc.area - tp, gc.area - tp
-        dice_raw = dice_from_counts(tp, fp, fn)
-        recall_raw = recall_from_counts(tp, fp, fn)
-        # 1. Dice and recall shortfall. Recall of an empty GT is a convention, not a miss: no penalty.
-        dice = dice_raw * c.dice_scale
-        recall = np.where(gc.area > 0, np.minimum(recall_raw - c.recall_target, 0.0) * c.recall_scale, 0.0)
-        # 2. Topology: junction agreement minus a component-count penalty, clipped so it stays bounded
-        #    however many fragments a prediction has.
-        jp, jg = pc.junctions, gc.junctions
-        js = np.where(jg > 0, np.minimum(jp, jg) / np.maximum(jg, 1), 1.0 / (1.0 + jp))
-        b0_err = np.abs(pc.components - gc.components)
-        topology = np.clip(js - c.component_penalty * b0_err, -1.0, 1.0) * c.topology_scale
-        # 3. Skeleton length ratio, clipped to [0, 2] (an empty GT skeleton would otherwise divide by 0).
-        ratio = np.where(
-            gc.length > 0, pc.length / np.maximum(gc.length, 1), np.where(pc.length > 0, 2.0, 1.0)
-        )
-        ratio = np.clip(ratio, 0.0, 2.0)
-        length = 0.0 - np.abs(1.0 - ratio) * c.length_scale  # "0.0 -": no -0.0 in logs
-        cl = cldice_from_counts(sp_in_g, pc.length, sg_in_p, gc.length)
-
-        terms = {"dice": dice, "recall": recall, "topology": topology, "length": length}
-        if w["cldice"] > 0:
-            terms["cldice"] = cl * c.cldice_scale
-        raw = {
-            "dice_raw": dice_raw,
-            "recall_raw": recall_raw,
-            "precision_raw": precision_from_counts(tp, fp, fn),
-            "cldice_raw": cl,
-            "junction_score_raw": js,
-            "length_ratio_raw": ratio,
-            "betti0_err_raw": b0_err.astype(np.float64),
-        }
-        if w["betti"] > 0:
-            assert pc.holes is not None and gc.holes is not None  # _need_holes is set with the weight
-            b1_err = np.abs(pc.holes - gc.holes)
-            terms["betti"] = -np.minimum(b0_err + b1_err, c.betti_clip) * c.betti_scale
-            raw["betti1_err_raw"] = b1_err.astype(np.float64)
-        total = sum(w[k] * v for k, v in terms.items())
-        return np.asarray(total, dtype=np.float64), {**terms, **raw}
 
     # ------------------------------------------------------------------------------------ whole image
 
@@ -536,14 +567,15 @@ class MultiObjectiveReward:
         if self._need_holes:
             _, n_bg = hole_labels(p)
             holes = np.int64(n_bg - 1)  # minus the outer background
-        pc = _Counts(
+        pc = RewardCounts(
             area=np.int64(np.count_nonzero(p)),
             length=np.int64(np.count_nonzero(sp)),
             junctions=np.int64(n_junc),
             components=np.int64(n_comp),
             holes=holes,
         )
-        total, comps = self._terms(
+        total, comps = reward_terms(
+            self.config,
             pc,
             target.counts,
             np.int64(np.count_nonzero(p & g)),
@@ -625,7 +657,7 @@ class MultiObjectiveReward:
             kk, rem = np.divmod(jfirst, p.shape[1] * p.shape[2])
             r, c = np.divmod(rem, p.shape[2])
             junctions = np.bincount((kk * ty + r // tile) * tx + c // tile, minlength=k * ty * tx)
-            pc = _Counts(
+            pc = RewardCounts(
                 area=_tile_sum(pt, tile),
                 length=_tile_sum(spt, tile),
                 junctions=junctions.reshape(k, ty, tx).astype(np.int64),
@@ -636,7 +668,7 @@ class MultiObjectiveReward:
             tp = _tile_sum(pt & tt.gt, tile)
             sp_in_g = _tile_sum(spt & tt.gt, tile)
             sg_in_p = _tile_sum(pt & tt.skeleton, tile)
-            total, comps = self._terms(pc, tt.counts, tp, sp_in_g, sg_in_p)
+            total, comps = reward_terms(self.config, pc, tt.counts, tp, sp_in_g, sg_in_p)
             _check_finite(total, comps)
             # 3. Tiles without FOV pixels carry no reward at all (not the "perfect" score of empty vs empty).
             valid = tt.valid
