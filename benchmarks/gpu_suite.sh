@@ -2,6 +2,11 @@
 # The GPU checks on a one-GPU machine, in order of cost; each writes its JSON into OUT (default
 # benchmarks/results) as soon as it finishes, so a run cut short keeps what it measured.
 #
+# On the lent device machine (nvidia-h200: no Ray, no network): first build the carry kit here with
+# benchmarks/gpu_kit.sh (-> .whl/ and .sa2va_remote/, git-ignored, ~39 MiB), then in the device command, from
+# the repository root, with carry [".whl", ".sa2va_remote"] (and the SFT checkpoint's folder below):
+#   source benchmarks/gpu_env.sh || exit 1; benchmarks/gpu_suite.sh "$OUT" 0
+#
 #   benchmarks/gpu_suite.sh [OUT] [SEEDS...]      e.g. benchmarks/gpu_suite.sh /tmp/gpu 0 1 2
 #
 #   1. tests/gpu (CUDA metrics; both rollout modes through the CLI with every role on the one GPU)
