@@ -22,7 +22,8 @@ Each one is applied only when the thing it replaces is missing or broken, and ea
 Two context managers serve checks against the remote inference code (``compare_with_remote`` in
 policies/sa2va_remote_checks.py): ``remote_inference_on`` redirects its hard-coded CUDA device to the model's
 device on CPU machines, and ``forced_generation`` forces the tokens a generation emits (a random-init model
-never emits [SEG]). ``set_attention`` sets an LLM's attention implementation under either transformers API.
+never emits [SEG]). ``set_attention`` sets an LLM's attention implementation under either transformers API, and
+``activation_checkpointing`` switches on its activation checkpointing under either name.
 """
 
 from __future__ import annotations
@@ -197,6 +198,20 @@ def set_attention(lm: nn.Module, name: str) -> None:
         lm.set_attn_implementation(name)
     else:
         lm.config._attn_implementation = name
+
+
+def activation_checkpointing(lm: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer of a transformers LLM, under the name each
+    version has (``gradient_checkpointing_enable`` before transformers 5.25, which deprecates it). Non-reentrant
+    checkpoints give LoRA weights inside a layer their gradients although no input requires grad, so the hook
+    transformers adds to make the input embeddings require grad is removed again (a needless graph)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(lm, "_require_grads_hooks", None) or getattr(lm, "_require_grads_hook", None):
+        lm.disable_input_require_grads()
 
 
 def prepare(source: str | Path) -> list[str]:

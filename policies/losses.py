@@ -20,6 +20,7 @@ from policies.distributions import entropy, kl_bernoulli, pixel_log_probs
 __all__ = [
     "ADVANTAGE_FNS",
     "POLICY_LOSSES",
+    "STAT_NORMALISERS",
     "baseline_advantages",
     "dpo_loss",
     "entropy_bonus",
@@ -28,6 +29,7 @@ __all__ = [
     "get_policy_loss",
     "group_advantages",
     "kl_penalty",
+    "loss_normalisers",
     "masked_mean",
     "mean_baseline_advantages",
     "mixed_advantages",
@@ -274,6 +276,32 @@ def masked_mean(x: torch.Tensor, fov: torch.Tensor | None = None) -> torch.Tenso
     return total / m.sum().clamp_min(1).to(x.dtype)
 
 
+def loss_normalisers(
+    fov: torch.Tensor, rewards: torch.Tensor, tile_valid: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Each image's part of what the RL loss terms average over, by name: a minibatch split into micro-batches
+    weights each micro-batch's terms by its share of the minibatch's normaliser, so that the weighted terms,
+    and their gradients, sum to the whole minibatch's (``raysys.learner``).
+
+    "pixels": FOV pixels (policy losses, KL, entropy: masked means over K x FOV; K is the same for every image);
+    "masks": 1 (``rce_loss`` and the per-image ``value_loss``: means over B x K);
+    "tiles": valid tiles (the per-tile ``value_loss``: a mean over K x valid tiles);
+    "pairs": 1 where the image has a preference pair, its K rewards not all equal (``dpo_loss``).
+
+    Args:
+        fov: [B,H,W] bool. rewards: [B,K]. tile_valid: [B,ty,tx] bool.
+
+    Returns:
+        {name: [B] int64}.
+    """
+    return {
+        "pixels": fov.bool().flatten(1).sum(1),
+        "masks": torch.ones(fov.shape[0], dtype=torch.long, device=fov.device),
+        "tiles": tile_valid.bool().flatten(1).sum(1),
+        "pairs": (rewards.amax(1) > rewards.amin(1)).long(),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Policy losses
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +390,13 @@ POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tenso
     "ppo_clip": ppo_clipped_loss,
     "pg": policy_gradient_loss,
 }
+
+
+STAT_NORMALISERS: dict[str, str | None] = {
+    "clipfrac": "pixels", "approx_kl": "pixels", "ratio_mean": "pixels",
+    "dpo_margin": "pairs", "dpo_accuracy": "pairs", "dpo_pairs": None,
+}  # fmt: skip
+"""What each stat of the policy losses is a mean over (a key of ``loss_normalisers``; None: a count)."""
 
 
 def get_policy_loss(name: str) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:

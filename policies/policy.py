@@ -20,6 +20,24 @@ class CheckpointMismatchError(ValueError):
     """A state dict does not fit the policy's trainable tensors."""
 
 
+def bf16_autocast(device: torch.device, *, enabled: bool) -> torch.autocast:
+    """bf16 autocast on CUDA when ``enabled`` (``learner.amp``), a no-op elsewhere. The rollout actors and the
+    learner compute the policy under the same context, so that their log-probabilities compare like with like;
+    callers take ``.float()`` of the logits, so log-probs and losses stay in float32."""
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
+    )
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The transformers LLM inside a Sa2VA-shaped model: the outermost module named ``language_model`` (tiny:
+    ``language_model``; Sa2VA InternVL: ``model.language_model``; Qwen-VL: ``model.model.language_model``)."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "language_model":
+            return module
+    raise ValueError(f"{type(model).__name__} has no language_model module")
+
+
 class AdapterPolicy:
     """Wraps a model that exposes ``encode(images) -> features`` and
     ``forward(images, prompts, features=None) -> logits [B,H,W]`` (TinySa2VA, the Sa2VA adapter).
@@ -58,6 +76,36 @@ class AdapterPolicy:
         self, images: Any, prompts: Sequence[str], *, features: Any | None = None
     ) -> torch.Tensor:
         return self.model(images, list(prompts), features=features)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each LLM decoder layer in the backward pass instead of keeping its activations
+        (``learner.activation_checkpointing``; the gradients are unchanged). transformers checkpoints only in
+        training mode, so the LLM is put in it; attention or LoRA dropout is refused, as training mode would turn
+        it on, and so is InternLM2, whose remote code checkpoints with torch's reentrant default:
+        LoRA weights inside a layer whose inputs need no gradient would get none."""
+        from policies.compat import activation_checkpointing
+
+        if self.spec.backbone == "internlm2":
+            raise ValueError(
+                "activation checkpointing of an InternLM2 language model is not supported (its remote code "
+                "checkpoints reentrantly, which drops LoRA gradients); set learner.activation_checkpointing=false"
+            )
+        lm = language_model(self.base)
+        dropout = float(getattr(getattr(lm, "config", None), "attention_dropout", 0.0) or 0.0)
+        if dropout or self.spec.dropout:
+            raise ValueError(
+                f"the language model has attention dropout {dropout} and LoRA dropout {self.spec.dropout}, which "
+                "training mode (needed for activation checkpointing) would switch on; set "
+                "learner.activation_checkpointing=false or policy.lora_dropout=0"
+            )
+        try:
+            activation_checkpointing(lm)
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(
+                f"{type(lm).__name__} does not support activation checkpointing ({exc}); set "
+                "learner.activation_checkpointing=false"
+            ) from exc
+        lm.train()
 
     @contextmanager
     def reference(self) -> Iterator[None]:

@@ -326,7 +326,9 @@ class TinySa2VA(nn.Module):
         embeds = embeds.masked_scatter(
             img_pos[..., None], tokens.to(embeds.dtype).reshape(-1, tokens.shape[-1])
         )
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attn, output_hidden_states=True)
+        out = self.language_model(
+            inputs_embeds=embeds, attention_mask=attn, output_hidden_states=True, use_cache=False
+        )
         hidden = out.hidden_states[-1]
         seg_pos = (ids == self.seg_token_idx).float().argmax(1)
         h_seg = hidden[torch.arange(len(seqs), device=hidden.device), seg_pos]

@@ -83,6 +83,36 @@ def cmd_data_synth_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sa2va_random_init(args: argparse.Namespace) -> int:
+    import shutil
+
+    from policies.sa2va_random import build_checkpoint
+
+    remote = args.remote or os.environ.get("RAYSYS_SA2VA_REMOTE")
+    if not remote or not (Path(remote) / "modeling_sa2va_chat.py").is_file():
+        raise FileNotFoundError(
+            f"{remote or 'no --remote given'}: need the folder of Sa2VA's remote-code files (the *.py files a "
+            "Sa2VA release ships, modeling_sa2va_chat.py among them); pass --remote DIR or set RAYSYS_SA2VA_REMOTE"
+        )
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out")
+    partial = out.with_name(
+        f".{out.name}.partial"
+    )  # renamed when complete: an interrupted build leaves no DIR
+    shutil.rmtree(partial, ignore_errors=True)
+    start = time.perf_counter()
+    build_checkpoint(remote, partial, args.shape, seed=args.seed)
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
+    gb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
+    print(f"wrote a random-init Sa2VA folder of shape {args.shape} ({gb:.1f} GB of float32 weights) to {out} in "
+          f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+    print(f"use it with: policy.kind=sa2va policy.checkpoint={out.resolve()} policy.trust_remote_code=true")
+    return 0
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
     from raysys.config_io import save_config
     from raysys.stages import run_sft
@@ -339,6 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, help="test images (default: as many as the real dataset)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.set_defaults(func=cmd_data_synth_folder)
+
+    from policies.sa2va_random import SHAPES
+
+    sa2va = sub.add_parser("sa2va", help="Sa2VA model tools")
+    ssub = sa2va.add_subparsers(dest="sa2va_command", required=True)
+    p = ssub.add_parser(
+        "random-init", help="write a random-init Sa2VA release folder of a real shape (no weights download)"
+    )
+    p.add_argument("--shape", required=True, choices=sorted(SHAPES), help="test (tiny LLM and ViT), 1b, 4b")
+    p.add_argument("--out", required=True, help="new (or empty) folder to create")
+    p.add_argument("--seed", type=int, default=0, help="weight init seed (default 0)")
+    p.add_argument("--remote", help="folder of Sa2VA's remote-code *.py files (default $RAYSYS_SA2VA_REMOTE)")
+    p.set_defaults(func=cmd_sa2va_random_init)
 
     p = sub.add_parser("sft", help="supervised baseline of the tiny policy (Sa2VA loss)")
     p.add_argument("config", nargs="*", help=config_help)

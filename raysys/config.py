@@ -203,6 +203,8 @@ class RolloutConfig:
     """Sampling temperature T: m ~ Bernoulli(sigmoid(z / T))."""
     images_per_iteration: int = 8
     """Images per iteration across all rollout workers."""
+    batch_size: int | None = None
+    """Images per policy call in a rollout actor (null: its whole shard at once); the masks do not depend on it."""
     max_restarts: int = 2
     """Ray restarts of a dead rollout actor before the run fails."""
     torch_threads: int = 1
@@ -233,6 +235,7 @@ class RolloutConfig:
         check(self.samples_per_image >= 2, "rollout.samples_per_image", "needs >= 2 for a group baseline")
         check(self.temperature > 0, "rollout.temperature", "must be > 0")
         check(self.images_per_iteration >= 1, "rollout.images_per_iteration", "must be >= 1")
+        check(self.batch_size is None or self.batch_size >= 1, "rollout.batch_size", "must be >= 1 or null")
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,12 @@ class LearnerConfig:
     """Optimisation epochs per rollout batch."""
     minibatch_size: int = 4
     """Images per minibatch (each with its K samples)."""
+    micro_batch_size: int | None = None
+    """Images per forward and backward pass; their gradients add up to the minibatch's before its one step, and
+    the no-grad passes use it too (null: the whole minibatch at once)."""
+    activation_checkpointing: bool = False
+    """Recompute the LLM's activations in the backward pass instead of keeping them (less memory, ~30 % more
+    compute; for 4B-class Sa2VA). The learner's policy only."""
     clip: float = 0.2
     """PPO clip range on the per-pixel ratio."""
     kl_coef: float = 0.05
@@ -303,7 +312,7 @@ class LearnerConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (``strategy: deepspeed``)."""
     amp: bool = True
-    """Mixed precision on GPU (ignored on CPU)."""
+    """bf16 autocast on GPU, in the learner and the rollout actors alike (ignored on CPU)."""
     checkpoint_every: int = 10
     """Report a Ray Train checkpoint every N iterations."""
     max_failures: int = 1
@@ -318,6 +327,16 @@ class LearnerConfig:
         check(self.grpo_lr is None or self.grpo_lr > 0, "learner.grpo_lr", "must be > 0 or null")
         check(self.epochs >= 1, "learner.epochs", "must be >= 1")
         check(self.minibatch_size >= 1, "learner.minibatch_size", "must be >= 1")
+        check(
+            self.micro_batch_size is None or 1 <= self.micro_batch_size <= self.minibatch_size,
+            "learner.micro_batch_size",
+            "must be in 1..learner.minibatch_size or null",
+        )
+        check(
+            self.micro_batch_size is None or self.strategy == "ddp",
+            "learner.micro_batch_size",
+            "is not supported with strategy deepspeed (its engine owns accumulation); use null or strategy ddp",
+        )
         check(0 < self.clip < 1, "learner.clip", "must be in (0, 1)")
         for key in ("kl_coef", "entropy_coef", "value_coef", "rce_epochs"):
             check(getattr(self, key) >= 0, f"learner.{key}", "must be >= 0")

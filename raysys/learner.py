@@ -8,7 +8,8 @@ steps (docs/design.md, "The RL problem"):
                      dropped and counted)
     rollout_logprobs the rollout policy's pixel log-probabilities and the reference logits, no grad
     advantages       whole-image and per-tile baselines, mixed per pixel
-    minibatch_steps  E epochs of: policy loss + beta * KL(pi || pi_ref) - c * entropy (+ value loss)
+    minibatch_steps  E epochs of: policy loss + beta * KL(pi || pi_ref) - c * entropy (+ value loss), each
+                     minibatch's gradient accumulated over its micro-batches before one step
     drift            KL(pi_old || pi_new) over the batch after the update
 
 The maths lives in policies/losses.py and policies/distributions.py; this file orders it and logs it.
@@ -17,6 +18,7 @@ Validation and the reward-gap monitor live in raysys/validation.py (``Learner.va
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -31,12 +33,14 @@ from envs.datasets import load_dataset
 from policies.distributions import kl_bernoulli, pixel_log_probs
 from policies.factory import build_policy
 from policies.losses import (
+    STAT_NORMALISERS,
     baseline_advantages,
     dpo_loss,
     entropy_bonus,
     get_advantage_fn,
     get_policy_loss,
     kl_penalty,
+    loss_normalisers,
     masked_mean,
     mixed_advantages,
     rce_loss,
@@ -44,6 +48,7 @@ from policies.losses import (
     tile_advantages,
     value_loss,
 )
+from policies.policy import bf16_autocast
 from raysys import keys
 from raysys.batches import ScoredRollout, TrainBatch
 from raysys.config import Config
@@ -80,6 +85,8 @@ class Learner:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
         self.policy = build_policy(cfg.policy, seed=cfg.run.seed, device=self.device)
+        if cfg.learner.activation_checkpointing:  # the learner's copy only: rollout actors do no backward
+            self.policy.enable_activation_checkpointing()
         self.module = self.policy.model  # what the minibatch steps call: DDP- or DeepSpeed-wrapped if set up
         self.train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
         self.features = feature_cache(self.policy, self.train, cfg.rollout.images_per_iteration)
@@ -122,15 +129,20 @@ class Learner:
             scored, train=self.train, cfg=self.cfg, version=self.version, device=self.device
         )
 
-    def _values(self, b: TrainBatch, feats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """PPO value head: (image values [B], tile values [B,ty,tx], value loss against the rewards)."""
+    def _values(
+        self, b: TrainBatch, feats, share: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PPO value head: (image values [B], tile values [B,ty,tx], value loss against the rewards). With
+        ``share`` (a micro-batch's, see ``_micro_batches``) each part of the loss is weighted by it."""
         v_img, v_tile = self.value_head(feats.low, tuple(b.tile_rewards.shape[-2:]))
         vt = v_tile[:, None].expand_as(b.tile_rewards)
         valid = b.tile_valid[:, None].expand_as(vt)
-        vloss = value_loss(v_img[:, None].expand_as(b.rewards), b.rewards) + value_loss(
-            vt[valid], b.tile_rewards[valid]
-        )
-        return v_img, v_tile, vloss
+        images = value_loss(v_img[:, None].expand_as(b.rewards), b.rewards)
+        tiles = value_loss(vt[valid], b.tile_rewards[valid])  # NaN without a valid tile
+        if share is not None:  # a micro-batch without a valid tile adds none, unless the minibatch has none
+            images = images * share["masks"]
+            tiles = torch.where(valid.any(), tiles, 0.0) * share["tiles"]
+        return v_img, v_tile, images + tiles
 
     def _advantages(self, b: TrainBatch, feats) -> torch.Tensor:
         """[B,K,H,W] advantages: group (GRPO) or value (PPO) baselines, whole-image and per tile."""
@@ -168,8 +180,8 @@ class Learner:
         return out.float()
 
     def _chunked_logits(self, b: TrainBatch, feats, *, module=None) -> torch.Tensor:
-        """Logits of the whole batch, one minibatch at a time."""
-        step = self.cfg.learner.minibatch_size
+        """Logits of the whole batch, one micro-batch (or minibatch) at a time."""
+        step = self.cfg.learner.micro_batch_size or self.cfg.learner.minibatch_size
         return torch.cat(
             [
                 self._logits(b, feats, slice(i, i + step), module=module)
@@ -179,8 +191,7 @@ class Learner:
 
     def _autocast(self):
         """bf16 autocast on GPU when ``learner.amp``; log-probs and losses stay in float32."""
-        enabled = self.cfg.learner.amp and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return bf16_autocast(self.device, enabled=self.cfg.learner.amp)
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, scored: Sequence[ScoredRollout], *, iteration: int) -> dict[str, float]:
@@ -269,13 +280,11 @@ class Learner:
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, lc.minibatch_size):
                 rows = perm[start : start + lc.minibatch_size].to(self.device)
-                terms = self._loss(b, feats, rows, phase, adv, logp_old, ref_logits)
-                # Never step on a NaN/inf loss; count it instead. CPU-GPU sync point, the one a step needs:
-                # whether to step is decided on the host.
-                if not torch.isfinite(terms[keys.LOSS_TOTAL]):
+                terms = self._backward(b, feats, rows, phase, adv, logp_old, ref_logits)
+                if terms is None:  # a NaN/inf loss: never stepped on, counted instead
                     nonfinite += 1
                     continue
-                terms[keys.GRAD_NORM] = self._step(terms[keys.LOSS_TOTAL])
+                terms[keys.GRAD_NORM] = self._step()
                 steps += 1
                 for key, val in terms.items():
                     val = val.detach().double()
@@ -283,6 +292,69 @@ class Learner:
         out = {k: float(v) / max(steps, 1) for k, v in sums.items()}  # the one sync of the metrics
         out[keys.NONFINITE_STEPS] = float(nonfinite)
         return out
+
+    def _micro_batches(
+        self, b: TrainBatch, rows: torch.Tensor
+    ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor] | None]]:
+        """A minibatch's rows in pieces of ``learner.micro_batch_size``, each with its share of every loss term's
+        normaliser (``loss_normalisers``: FOV pixels, masks, valid tiles, DPO pairs). Each term is a mean over
+        the minibatch, so the pieces' terms weighted by their shares sum to the minibatch's terms, and their
+        gradients to its gradient. Unsplit: the whole minibatch, unweighted (no share)."""
+        size = self.cfg.learner.micro_batch_size
+        if size is None or size >= len(rows):
+            return [(rows, None)]
+        counts = loss_normalisers(b.fov[rows], b.rewards[rows], b.tile_valid[rows])
+        # The denominators as each loss takes them: masked_mean and dpo_loss clamp theirs at 1 (an empty FOV,
+        # no pair: a 0 loss), value_loss's mean over no valid tile is NaN, and so is its share then.
+        totals = {
+            k: v.sum().double() if k == "tiles" else v.sum().clamp_min(1).double() for k, v in counts.items()
+        }
+        return [
+            (rows[i : i + size], {k: (v[i : i + size].sum() / totals[k]).float() for k, v in counts.items()})
+            for i in range(0, len(rows), size)
+        ]
+
+    def _backward(
+        self,
+        b: TrainBatch,
+        feats,
+        rows: torch.Tensor,
+        phase: str,
+        adv: torch.Tensor | None,
+        logp_old: torch.Tensor,
+        ref_logits: torch.Tensor,
+    ) -> dict[str, torch.Tensor] | None:
+        """The minibatch ``rows``'s loss terms (detached), its gradient accumulated one micro-batch at a time;
+        None, with no gradient left, when its loss is not finite."""
+        pieces = self._micro_batches(b, rows)
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        out: dict[str, torch.Tensor] = {}
+        for i, (sub, share) in enumerate(pieces):
+            # DDP all-reduces in the last piece's backward only: a skipped step then never reaches it, as unsplit
+            with self._no_sync() if i < len(pieces) - 1 else contextlib.nullcontext():
+                terms = self._loss(b, feats, sub, phase, adv, logp_old, ref_logits, share=share)
+                # CPU-GPU sync point, one per micro-batch: whether to go on is decided on the host.
+                if not torch.isfinite(terms[keys.LOSS_TOTAL]):
+                    if self.engine is None:
+                        self.optimizer.zero_grad(set_to_none=True)
+                    return None
+                if self.engine is not None:
+                    self.engine.backward(terms[keys.LOSS_TOTAL])
+                else:
+                    terms[keys.LOSS_TOTAL].backward()
+            for key, val in terms.items():
+                out[key] = out[key] + val.detach() if key in out else val.detach()
+        return out
+
+    def _no_sync(self) -> contextlib.ExitStack:
+        """No gradient all-reduce in the DDP-wrapped modules (the policy, the PPO value head) until the last
+        micro-batch's backward (DDP decides it in the forward, so the context holds both)."""
+        stack = contextlib.ExitStack()
+        for module in (self.module, self.value_head):
+            if isinstance(module, nn.parallel.DistributedDataParallel):
+                stack.enter_context(module.no_sync())
+        return stack
 
     def _loss(
         self,
@@ -293,8 +365,10 @@ class Learner:
         adv: torch.Tensor | None,
         logp_old: torch.Tensor,
         ref_logits: torch.Tensor,
+        share: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One minibatch's loss terms by metric name: total, policy, KL, entropy (, value, policy stats)."""
+        """The loss terms of ``rows`` by metric name: total, policy, KL, entropy (, value, policy stats); for a
+        micro-batch, each weighted by its ``share`` of the minibatch (``_micro_batches``)."""
         lc, temp = self.cfg.learner, self.cfg.rollout.temperature
         logits = self._logits(b, feats, rows)
         fov = b.fov[rows]
@@ -313,10 +387,16 @@ class Learner:
             pg, stats = get_policy_loss(lc.policy_loss)(
                 logp, logp_old[rows], adv[rows], fov=fov, clip=lc.clip
             )
+        if share is not None:
+            pg = pg * share[{"rce": "masks", "dpo": "pairs"}.get(phase, "pixels")]
+            kl, ent = kl * share["pixels"], ent * share["pixels"]
+            stats = {
+                k: v * share[STAT_NORMALISERS[k]] if STAT_NORMALISERS[k] else v for k, v in stats.items()
+            }
         loss = pg + lc.kl_coef * kl - lc.entropy_coef * ent
         value = None
         if self.value_head is not None and phase != "rce":
-            _, _, value = self._values(b.select(rows), feats.index(rows))
+            _, _, value = self._values(b.select(rows), feats.index(rows), share)
             loss = loss + lc.value_coef * value
         terms = {keys.LOSS_POLICY: pg, keys.LOSS_KL: kl, keys.ENTROPY: ent, keys.LOSS_TOTAL: loss}
         terms.update({keys.policy_stat(k): v for k, v in stats.items()})
@@ -331,15 +411,12 @@ class Learner:
         kl = kl_bernoulli(old_logits, new_logits, temperature=self.cfg.rollout.temperature)
         return float(masked_mean(kl, b.fov))
 
-    def _step(self, loss: torch.Tensor) -> torch.Tensor:
-        """Backward, clip, step; through the DeepSpeed engine when one is set up."""
+    def _step(self) -> torch.Tensor:
+        """Clip and step on the accumulated gradients (through the DeepSpeed engine when one is set up)."""
         if self.engine is not None:
-            self.engine.backward(loss)
             self.engine.step()  # clips (gradient_clipping) and zeroes the gradients
             norm = self.engine.get_global_grad_norm()
             return torch.tensor(float(norm) if norm is not None else float("nan"))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = nn.utils.clip_grad_norm_(params, self.cfg.learner.max_grad_norm)
         self.optimizer.step()

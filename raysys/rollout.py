@@ -16,6 +16,7 @@ import torch
 from envs.datasets import load_dataset
 from policies.distributions import pack_masks, sample_masks
 from policies.factory import build_policy
+from policies.policy import bf16_autocast
 from raysys.batches import RolloutBatch
 from raysys.config import Config
 from raysys.data import dataset_for_split, train_view
@@ -46,6 +47,21 @@ class RolloutWorker:
         self.features = feature_cache(self.policy, self.train, cfg.rollout.images_per_iteration)
         self.version = 0
 
+    def _logits(self, keys: Sequence, samples: Sequence) -> torch.Tensor:
+        """Mask logits [B,H,W] (float32) of the samples, ``rollout.batch_size`` images per policy call (each with
+        its cached frozen features), under the learner's autocast (``learner.amp``)."""
+        step = self.cfg.rollout.batch_size or len(samples)
+        out = []
+        for start in range(0, len(samples), step):
+            part = samples[start : start + step]
+            feats = self.features.get(keys[start : start + step], [s.image for s in part])
+            with bf16_autocast(self.device, enabled=self.cfg.learner.amp):
+                logits = self.policy.mask_logits(
+                    np.stack([s.image for s in part]), [s.prompt for s in part], features=feats
+                )
+            out.append(logits.float())
+        return out[0] if len(out) == 1 else torch.cat(out)
+
     def ready(self) -> dict[str, object]:
         from raysys.placement import placement
 
@@ -72,20 +88,20 @@ class RolloutWorker:
                 f"training images of different sizes {sizes} cannot share a rollout batch; train on crops "
                 "(data.crop, e.g. 128)"
             )
-        feats = self.features.get(keys, [s.image for s in samples])
-        logits = self.policy.mask_logits(
-            np.stack([s.image for s in samples]), [s.prompt for s in samples], features=feats
-        ).float()
-        masks = torch.empty((len(indices), k, *logits.shape[-2:]), dtype=torch.bool, device=logits.device)
-        for b, i in enumerate(indices):  # one generator per image: its masks do not depend on the batch
-            gen = torch.Generator(device=logits.device).manual_seed(
-                sample_seed(self.cfg.run.seed, iteration, i)
-            )
-            fov = torch.tensor(samples[b].fov, device=logits.device)
-            masks[b] = sample_masks(logits[b : b + 1], k=k, temperature=temperature, generator=gen)[0] & fov
+        logits = self._logits(keys, samples)
+        fovs = torch.from_numpy(np.stack([s.fov for s in samples])).to(logits.device)
+        # one generator per image: its masks depend neither on the other images nor on rollout.batch_size
+        seeds = [sample_seed(self.cfg.run.seed, iteration, i) for i in indices]
+        gens = [torch.Generator(device=logits.device).manual_seed(seed) for seed in seeds]
+        masks = torch.cat(
+            [
+                sample_masks(logits[b : b + 1], k=k, temperature=temperature, generator=g)
+                for b, g in enumerate(gens)
+            ]
+        )
+        masks &= fovs[:, None]
         greedy_masks = None
         if greedy:  # the deployed masks (thresholded as evaluation does), the self-critical baseline
-            fovs = torch.from_numpy(np.stack([s.fov for s in samples])).to(logits.device)
             greedy_masks = pack_masks(((torch.sigmoid(logits) >= self.cfg.eval.threshold) & fovs).cpu())
         return RolloutBatch(
             indices=indices,

@@ -1,7 +1,7 @@
 """The Sa2VA adapter against Sa2VA's real Hugging Face remote code (not the structural fake).
 
 A release-shaped checkpoint folder is built once, at random init, from the remote files in
-``../shared/sa2va_remote`` (or ``$RAYSYS_SA2VA_REMOTE``) by ``policies.sa2va_random`` (shape "test": 2-layer
+``../shared/sa2va_remote`` (or ``$RAYSYS_SA2VA_REMOTE``) by ``raysys sa2va random-init`` (shape "test": 2-layer
 InternViT and Qwen2, 448-px tiles, offline tokenizer). SAM2 is full size (Hiera-L, 224 M parameters), because
 the remote ``sam2.py`` hard-codes it: each 1024-px SAM2 encode costs about 15 s on 2 CPU cores, so the tests
 share one encode of one image where they can. The folder is loaded through ``load_sa2va`` under the installed
@@ -31,9 +31,11 @@ ANSWER = "It is [SEG]."
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from policies.sa2va_random import build_checkpoint
+    from raysys.cli import main
 
-    return build_checkpoint(REMOTE, tmp_path_factory.mktemp("ck") / "sa2va_random", "test")
+    out = tmp_path_factory.mktemp("ck") / "sa2va_random"  # as a user builds one: raysys sa2va random-init
+    assert main(["sa2va", "random-init", "--shape", "test", "--out", str(out), "--remote", str(REMOTE)]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +169,29 @@ def test_logits_gradients_and_lora_scope_on_the_real_model(policy, image, featur
         assert named[n].grad is not None and named[n].grad.abs().sum() > 0, n
     assert all(p.grad is None for n, p in named.items() if n not in trainable)  # nothing frozen moves
     policy.model.zero_grad(set_to_none=True)
+
+
+def test_activation_checkpointing_keeps_the_real_models_gradients(policy, image, features) -> None:
+    from policies.policy import language_model
+
+    def gradients() -> dict[str, torch.Tensor]:
+        policy.mask_logits(image, [PROMPT], features=features).square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_trainable_parameters() if p.grad is not None}
+        policy.model.zero_grad(set_to_none=True)
+        return grads
+
+    lm = language_model(policy.base)
+    expected = gradients()
+    policy.enable_activation_checkpointing()
+    try:
+        assert lm.training and all(layer.gradient_checkpointing for layer in lm.model.layers)
+        got = gradients()
+    finally:  # the other tests share this policy
+        (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
+        lm.eval()
+    assert set(got) == set(expected) and any(".lora_A." in n for n in got)
+    for n, g in expected.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-7)
 
 
 def test_merged_export_loads_and_runs_in_sa2vas_own_code(

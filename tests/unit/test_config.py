@@ -88,6 +88,12 @@ def test_overrides_apply_after_the_file(tmp_path) -> None:
         (["learner.use_gpu=true", "learner.gpus_per_worker=0.5", "learner.num_workers=2"], "NCCL refuses"),
         ("reward.source=learned", "reward.reward_net"),
         ("reward.weights.dice=-1", "dice"),
+        ("rollout.batch_size=0", "rollout.batch_size"),
+        ("learner.micro_batch_size=5", "must be in 1..learner.minibatch_size"),
+        (
+            ["learner.strategy=deepspeed", "learner.micro_batch_size=2"],
+            "not supported with strategy deepspeed",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override: str | list[str], needle: str) -> None:

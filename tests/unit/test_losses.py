@@ -19,6 +19,7 @@ from policies.losses import (
     get_policy_loss,
     group_advantages,
     kl_penalty,
+    loss_normalisers,
     masked_mean,
     mixed_advantages,
     policy_gradient_loss,
@@ -359,3 +360,21 @@ def test_dpo_moves_only_the_pixels_a_pair_disagrees_on() -> None:
     # A step against the gradient raises the best mask's log-probability over the worst one's.
     stepped, _ = dpo_loss(logits - 50.0 * g, logits, masks, rewards, fov=fov, beta=10.0)
     assert stepped.item() < loss.item()
+
+
+def test_loss_normalisers_weight_a_split_batch_back_to_the_whole() -> None:
+    fov = torch.zeros(3, 2, 2, dtype=torch.bool)
+    fov[0] = True  # 4 pixels
+    fov[1, 0] = True  # 2 pixels; image 2 has none
+    rewards = torch.tensor([[0.1, 0.9], [0.5, 0.5], [0.2, 0.3]])  # image 1: equal rewards, no DPO pair
+    tile_valid = torch.tensor([[[True, False]], [[True, True]], [[False, False]]])
+    n = loss_normalisers(fov, rewards, tile_valid)
+    assert {k: v.tolist() for k, v in n.items()} == {
+        "pixels": [4, 2, 0], "masks": [1, 1, 1], "tiles": [1, 2, 0], "pairs": [1, 0, 1],
+    }  # fmt: skip
+    # A masked mean over images {0} and {1, 2}, each weighted by its share of the 6 FOV pixels (4/6, 2/6), is the
+    # mean over all three: (4/6) * mean_0 + (2/6) * mean_12.
+    x = torch.arange(12.0).reshape(3, 2, 2)
+    share = n["pixels"] / n["pixels"].sum()
+    parts = share[:1].sum() * masked_mean(x[:1], fov[:1]) + share[1:].sum() * masked_mean(x[1:], fov[1:])
+    torch.testing.assert_close(parts, masked_mean(x, fov))

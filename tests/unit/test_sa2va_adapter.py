@@ -131,6 +131,38 @@ def test_gradients_reach_lora_text_hidden_fcs_and_mask_decoder(fakes, images, ki
     assert frozen and all(p.grad is None for p in frozen)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_checkpointing_recomputes_the_llm_with_the_same_gradients(fakes, images, kind) -> None:
+    # The remote model is in eval mode, where transformers never checkpoints: switching it on puts the LLM in
+    # training mode. A non-reentrant checkpoint gives LoRA its gradients from inputs_embeds that need none.
+    plain, checkpointed = _policy(fakes, kind), _policy(fakes, kind)
+    _perturb_trainable(plain)
+    checkpointed.load_trainable_state_dict(plain.trainable_state_dict())  # LoRA A's random init too
+    if kind == "internlm2":  # its remote code checkpoints reentrantly
+        with pytest.raises(ValueError, match=r"InternLM2 .* not supported"):
+            checkpointed.enable_activation_checkpointing()
+        return
+    checkpointed.enable_activation_checkpointing()
+
+    def grads(policy: AdapterPolicy) -> tuple[dict[str, torch.Tensor], int]:
+        layers = [
+            m
+            for n, m in policy.model.named_modules()
+            if re.search(r"language_model\.(model\.)?layers\.0$", n)
+        ]
+        runs = []
+        hook = layers[0].mlp.register_forward_pre_hook(lambda *_: runs.append(1))
+        policy.mask_logits(images, [PROMPT] * 2).square().mean().backward()
+        hook.remove()
+        return {n: p.grad for n, p in policy.model.named_parameters() if p.grad is not None}, len(runs)
+
+    (expected, runs), (got, reruns) = grads(plain), grads(checkpointed)
+    assert (runs, reruns) == (2, 4)  # one LLM pass per image, again in the backward pass
+    assert set(got) == set(expected) and any(".lora_A." in n for n in got)
+    for n, g in expected.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kind", ["internvl", "qwen_vl"])
 def test_one_optimiser_step_changes_every_trainable_and_no_frozen_parameter(fakes, images, kind) -> None:
     policy = _policy(fakes, kind)
