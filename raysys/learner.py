@@ -138,10 +138,10 @@ class Learner:
         vt = v_tile[:, None].expand_as(b.tile_rewards)
         valid = b.tile_valid[:, None].expand_as(vt)
         images = value_loss(v_img[:, None].expand_as(b.rewards), b.rewards)
-        tiles = value_loss(vt[valid], b.tile_rewards[valid])  # NaN without a valid tile
-        if share is not None:  # a micro-batch without a valid tile adds none, unless the minibatch has none
-            images = images * share["masks"]
-            tiles = torch.where(valid.any(), tiles, 0.0) * share["tiles"]
+        # No valid tile (a learned reward scores whole images only): no tile term, not the NaN mean of nothing.
+        tiles = torch.where(valid.any(), value_loss(vt[valid], b.tile_rewards[valid]), 0.0)
+        if share is not None:
+            images, tiles = images * share["masks"], tiles * share["tiles"]
         return v_img, v_tile, images + tiles
 
     def _advantages(self, b: TrainBatch, feats) -> torch.Tensor:
@@ -304,11 +304,8 @@ class Learner:
         if size is None or size >= len(rows):
             return [(rows, None)]
         counts = loss_normalisers(b.fov[rows], b.rewards[rows], b.tile_valid[rows])
-        # The denominators as each loss takes them: masked_mean and dpo_loss clamp theirs at 1 (an empty FOV,
-        # no pair: a 0 loss), value_loss's mean over no valid tile is NaN, and so is its share then.
-        totals = {
-            k: v.sum().double() if k == "tiles" else v.sum().clamp_min(1).double() for k, v in counts.items()
-        }
+        # The denominators as each loss takes them: clamped at 1 (an empty FOV, no pair, no valid tile: a 0 term).
+        totals = {k: v.sum().clamp_min(1).double() for k, v in counts.items()}
         return [
             (rows[i : i + size], {k: (v[i : i + size].sum() / totals[k]).float() for k, v in counts.items()})
             for i in range(0, len(rows), size)

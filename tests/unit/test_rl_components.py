@@ -290,6 +290,19 @@ def test_learned_rewards_are_tagged_weighted_or_skipped(rollout, reward_net_path
     assert m["batch/images"] == 2 and m["policy/grad_norm"] > 1e-4
     assert_exactly_the_trainable_set_changed(full, before)
 
+    # PPO and self-critical baselines under learned rewards (no tile rewards: no tile signal) train too; both
+    # used to skip every step on a NaN (the value loss's and the tile std's mean over no valid tile).
+    for extra in (["learner.algorithm=ppo"], ["learner.advantage=self_critical"]):
+        learner = Learner(load_config(None, [*learned, "learner.epochs=2", *extra]))
+        scored_here = scored
+        if extra[0].endswith("self_critical"):  # greedy masks sampled and scored too
+            sampled = RolloutWorker(learner.cfg).sample([0, 1], iteration=0)
+            scored_here = RewardWorker(learner.cfg).score(sampled)
+        before = all_parameters(learner)
+        m = learner.update([scored_here], iteration=0)
+        assert m["update/nonfinite_steps"] == 0.0 and np.isfinite(m["loss/total"]), extra
+        assert_exactly_the_trainable_set_changed(learner, before)
+
     zero = Learner(load_config(None, [*learned, "reward.learned_weight=0"]))
     before = zero.trainable_state_dict()
     m = zero.update([scored], iteration=0)
