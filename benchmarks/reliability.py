@@ -1,6 +1,6 @@
 """Reliability: the fault matrix (every bad input through the CLI) and faults during real Ray training runs.
 
-1. Every case of ``raysys/testing/fault_cases.py`` runs through ``raysys.cli.main`` in this process and is
+1. Every case of ``raysys/testing/faults/`` runs through ``raysys.cli.main`` in this process and is
    classified: ``clear`` (expected exit code and message), ``silent`` (exit 0 where an error was due, or an
    unclear message) or ``data_loss`` (a file that existed before the command changed or vanished).
 2. Faults during ``raysys train`` (a small run in its own process): a rollout actor, the reward actor and the
@@ -32,7 +32,7 @@ from pathlib import Path
 import harness
 
 from raysys import keys
-from raysys.testing.fault_cases import CASES, World, classify, run_case
+from raysys.testing.faults import CASES, World, classify, run_case
 from raysys.testing.rl_small import NODE_ROLES, PLACED_ON_NODES, SMALL_RL, metric_rows
 
 ITERATIONS = 8

@@ -58,7 +58,7 @@ def test_no_script_imports_tests_or_another_scripts_private_names(path: Path) ->
     siblings = {p.stem for p in SCRIPTS}
     for module, names in _imports(ast.parse(path.read_text())):
         top = module.split(".")[0]
-        assert top not in ("tests", "rl_small", "fault_cases", "conftest"), (
+        assert top not in ("tests", "rl_small", "faults", "conftest"), (
             f"{path.name} imports {module}: shared helpers live in raysys.testing"
         )
         if top in siblings:

@@ -1,4 +1,4 @@
-"""The fault matrix (raysys/testing/fault_cases.py): every bad input gets its exit code and a message naming
+"""The fault matrix (raysys/testing/faults/): every bad input gets its exit code and a message naming
 the key or file, and no file that existed before the command changes. Ray never starts; each case runs the CLI
 in this process."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from raysys.testing.fault_cases import CASES, Case, World, classify, run_case
+from raysys.testing.faults import CASES, Case, World, classify, run_case
 
 
 @pytest.fixture(scope="module")

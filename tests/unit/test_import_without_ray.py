@@ -41,7 +41,7 @@ TESTING_IMPORTS_QUIETLY = (
     + """
 import os, sys
 before = sorted(os.listdir("."))
-import raysys.testing.fault_cases, raysys.testing.rl_small
+import raysys.testing.faults, raysys.testing.rl_small
 heavy = [m for m in ("ray", "torch", "raysys.cli") if m in sys.modules]
 assert not heavy, f"importing raysys.testing imported {heavy}"
 assert sorted(os.listdir(".")) == before, "importing raysys.testing wrote files"
