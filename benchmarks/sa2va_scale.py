@@ -453,7 +453,12 @@ class Results:
             n for n, e in self.data["shapes"].items() if isinstance(e.get("images"), list) and e["images"]
         ]
         shape = "1b" if "1b" in measured else self.summary_shape  # 1B's figures once there are any
+        # the load when the last row was written (with "load_average" at the start: how shared the machine was)
+        self.data["runs"][self.run_id]["load_average_at_last_row"] = [round(x, 2) for x in os.getloadavg()]
         self.data.update(summary(self.data, shape))
+        used = {r.get("run") for e in self.data["shapes"].values() for kind in ("images", "batched")
+                if isinstance(e.get(kind), list) for r in e[kind]}  # fmt: skip
+        self.data["runs"] = {k: v for k, v in self.data["runs"].items() if k in used or k == self.run_id}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.data, indent=2))
 
