@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,38 +45,25 @@ from policies.sa2va_preprocess import (
     dynamic_tiles,
     normalize_tile,
 )
+from policies.sa2va_prompts import (
+    DEFAULT_ANSWER,
+    INTERNVL_IMAGE_TOKENS,
+    QWEN_IMAGE_TOKENS,
+    SEG_TOKEN,
+    RowLayout,
+    encode_prompt,
+    gather_seg,
+    pack_rows,
+    prompt_template,
+    scatter_rows,
+    template_name,
+)
 
 log = logging.getLogger(__name__)
 
-SEG_TOKEN = "[SEG]"
-DEFAULT_ANSWER = "It is [SEG]."
-"""Teacher-forced answer (one of Sa2VA's SFT ANSWER_LIST forms); the template's SUFFIX is appended."""
-INTERNVL_IMAGE_TOKENS = ("<img>", "<IMG_CONTEXT>", "</img>")
-QWEN_IMAGE_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 # Sa2VAChatModelQwen.min_pixels / max_pixels (single-image training values), used if the remote lacks them.
 QWEN_MIN_PIXELS = 512 * 28 * 28
 QWEN_MAX_PIXELS = 2048 * 28 * 28
-
-PROMPT_TEMPLATES: dict[str, dict[str, Any]] = {
-    # Sa2VA's templates.py (xtuner's table) for the templates its checkpoints name; the checkpoint's own table
-    # (PROMPT_TEMPLATE in the remote module) takes precedence when it is importable.
-    "qwen_chat": {
-        "INSTRUCTION": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-        "SUFFIX": "<|im_end|>",
-    },
-    "internlm2_chat": {
-        "INSTRUCTION": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-        "SUFFIX": "<|im_end|>",
-    },
-    "phi3_chat": {"INSTRUCTION": "<|user|>\n{input}<|end|>\n<|assistant|>\n", "SUFFIX": "<|end|>"},
-    "llama3_chat": {
-        "INSTRUCTION": (
-            "<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        ),
-        "SUFFIX": "<|eot_id|>",
-    },
-}
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -258,7 +244,10 @@ class Sa2VAModel(nn.Module):
             # Qwen3-VL injects intermediate ViT features into LLM layers: run the tower inside the LLM call
             self._deepstack = bool(getattr(vision_config, "deepstack_visual_indexes", None))
         _ = self.template  # unknown template names fail here, not at the first forward
-        self._ids_cache: dict[tuple, list[int]] = {}
+        self._layouts: dict[tuple, RowLayout] = {}
+        self._positions: dict[tuple, np.ndarray] = {}  # Qwen-VL M-RoPE positions per (row, grid)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._pad_id = 0 if pad is None or pad == self.img_context_token_id else int(pad)
         self.attention = use_sdpa(lm)
         remote.eval()
 
@@ -280,68 +269,42 @@ class Sa2VAModel(nn.Module):
 
     @property
     def template_name(self) -> str | None:
-        name = getattr(self.model.config, "template", None)
-        return None if name is None else str(name).replace("-", "_")
+        return template_name(self.model)
 
     @property
     def template(self) -> dict[str, Any] | None:
-        """The prompt template named by ``model.config.template``: the checkpoint's own PROMPT_TEMPLATE table
-        if its module has one, else this module's copy. None only for Qwen-VL without a template (the
-        processor's chat template is used then, as the remote ``predict_forward`` does)."""
-        name = self.template_name
-        if name is None:
-            if self.flavour == "internvl":
-                raise ValueError(
-                    "model.config.template is missing: Sa2VA's InternVL models name their template"
-                )
-            return None
-        table = getattr(sys.modules.get(type(self.model).__module__), "PROMPT_TEMPLATE", None) or {}
-        if name in table:
-            return dict(table[name])
-        if name in PROMPT_TEMPLATES:
-            return dict(PROMPT_TEMPLATES[name])
-        known = sorted(set(table) | set(PROMPT_TEMPLATES))
-        raise ValueError(f"model.config.template {name!r} is not a known prompt template; known: {known}")
+        """The prompt template named by ``model.config.template`` (policies/sa2va_prompts.py)."""
+        return prompt_template(self.model, self.flavour)
 
     # ------------------------------------------------------------------------------------- prompts
-    def prompt_ids(self, prompt: str, n_image_tokens: int) -> list[int]:
-        """Token ids of the templated turn with ``n_image_tokens`` image placeholders + the answer + SUFFIX.
-
-        As Sa2VA's training: the instruction is encoded with special tokens (BOS for InternLM2 tokenizers,
-        none for Qwen), the answer without; "<image>" is replaced by start + context x N + end tokens.
-        """
+    def prompt_layout(self, prompt: str, n_image_tokens: int) -> RowLayout:
+        """The teacher-forced row of ``prompt`` with ``n_image_tokens`` image tokens (cached):
+        :func:`policies.sa2va_prompts.encode_prompt` and where its image tokens and [SEG] are."""
         key = (self.template_name, prompt, n_image_tokens, self.answer)
-        if key in self._ids_cache:
-            return self._ids_cache[key]
-        if SEG_TOKEN not in self.answer:
-            raise ValueError(f"the teacher-forced answer must contain {SEG_TOKEN}, got {self.answer!r}")
-        template = self.template
-        if template is not None:
-            start, context, end = INTERNVL_IMAGE_TOKENS if self.flavour == "internvl" else QWEN_IMAGE_TOKENS
-            user = prompt if "<image>" in prompt else "<image>\n" + prompt
-            text = user.replace("<image>", start + context * n_image_tokens + end, 1).strip()
-            instruction = template["INSTRUCTION"].format(input=text, round=1, bot_name="BOT")
-            suffix = template.get("SUFFIX", "")
-        else:
-            content = [{"type": "image"}, {"type": "text", "text": prompt.replace("<image>", "").strip()}]
-            messages = [{"role": "user", "content": content}]
-            instruction = self.processor.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+        layout = self._layouts.get(key)
+        if layout is None:
+            ids = encode_prompt(
+                prompt,
+                n_image_tokens,
+                tokenizer=self.tokenizer,
+                template=self.template,
+                flavour=self.flavour,
+                answer=self.answer,
+                processor=self.processor,
             )
-            pad = getattr(self.processor, "image_token", QWEN_IMAGE_TOKENS[1])
-            if instruction.count(pad) != 1:
-                raise ValueError(f"the processor's chat template should hold one {pad!r}: {instruction!r}")
-            instruction = instruction.replace(pad, pad * n_image_tokens)
-            suffix = self.tokenizer.eos_token or ""
-        ids = list(self.tokenizer.encode(instruction))
-        ids += list(self.tokenizer.encode(self.answer + suffix, add_special_tokens=False))
-        found = ids.count(self.img_context_token_id)
-        if found != n_image_tokens:
-            raise RuntimeError(
-                f"tokenizing the prompt gave {found} image tokens for {n_image_tokens} embeddings"
+            layout = RowLayout.from_ids(
+                ids, image_token=self.img_context_token_id, seg_token=self.seg_token_idx
             )
-        self._ids_cache[key] = ids
-        return ids
+            if layout.image.size != n_image_tokens:
+                raise RuntimeError(
+                    f"tokenizing the prompt gave {layout.image.size} image tokens for {n_image_tokens} embeddings"
+                )
+            self._layouts[key] = layout
+        return layout
+
+    def prompt_ids(self, prompt: str, n_image_tokens: int) -> list[int]:
+        """Token ids of the templated turn with ``n_image_tokens`` image placeholders + the answer + SUFFIX."""
+        return self.prompt_layout(prompt, n_image_tokens).ids.tolist()
 
     # ------------------------------------------------------------------------------------- frozen features
     def _sam_autocast(self) -> contextlib.AbstractContextManager:
@@ -431,64 +394,82 @@ class Sa2VAModel(nn.Module):
         return Sa2VAFeatures(fpn=fpn, vision=vision, grid_thw=grids, pixel_values=pixels, sizes=sizes)
 
     # ------------------------------------------------------------------------------------- language side
-    def _seg_hidden_internvl(self, vision: torch.Tensor, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.tensor([self.prompt_ids(prompt, vision.shape[0])], device=self.device)
+    def seg_hidden_states(self, features: Sa2VAFeatures, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, D]: the LLM's last-layer (post-norm) hidden state at each row's answer [SEG] token.
+
+        One LLM forward over the batch: rows (whose lengths differ with the tile count and the prompt) are
+        padded on the right (policies/sa2va_prompts.py says why that leaves every real token's hidden state
+        as an unpadded forward computes it), the vision embeddings are written into the image tokens of all
+        rows at once, and each row's [SEG] is gathered. Host work per call: cached prompt layouts, one
+        host-to-device copy (Qwen-VL: plus one copy of the grids back); no per-row launches or syncs.
+        """
+        prompts = list(prompts)
+        if len(prompts) != len(features):
+            raise ValueError(f"got {len(prompts)} prompts for {len(features)} images")
+        if self.flavour == "internvl":
+            return self._seg_hidden_internvl(features, prompts)
+        return self._seg_hidden_qwen(features, prompts)
+
+    def _seg_hidden_internvl(self, f: Sa2VAFeatures, prompts: list[str]) -> torch.Tensor:
+        rows = [self.prompt_layout(p, v.shape[0]) for p, v in zip(prompts, f.vision, strict=True)]
+        packed = pack_rows(rows, pad_id=self._pad_id, device=self.device)
         lm = self.model.language_model
-        emb = lm.get_input_embeddings()(ids)
-        emb = emb.masked_scatter((ids == self.img_context_token_id)[..., None], vision.to(emb.dtype))
+        emb = scatter_rows(lm.get_input_embeddings()(packed.ids), packed, torch.cat(f.vision))
         # the decoder without the LM head: logits over the vocabulary are not needed for the mask
         body = lm.model if isinstance(getattr(lm, "model", None), nn.Module) else lm
-        out = body(inputs_embeds=emb, attention_mask=torch.ones_like(ids), use_cache=False)
-        return ids[0], out.last_hidden_state[0]
+        out = body(inputs_embeds=emb, attention_mask=packed.attention_mask, use_cache=False)
+        return gather_seg(out.last_hidden_state, packed)
 
-    def _rope_index(self, vl: nn.Module, ids: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """Qwen-VL's 3-D M-RoPE positions; get_rope_index's signature differs across transformers versions."""
-        kwargs: dict[str, Any] = {
-            "input_ids": ids,
-            "image_grid_thw": grid,
-            "attention_mask": torch.ones_like(ids),
-        }
-        if "mm_token_type_ids" in inspect.signature(vl.get_rope_index).parameters:
-            kwargs["mm_token_type_ids"] = (ids == self.img_context_token_id).int()  # text 0, image 1
-        return vl.get_rope_index(**kwargs)[0]
+    def _mrope_positions(self, vl: nn.Module, layout: RowLayout, grid: tuple[int, ...]) -> np.ndarray:
+        """[3, L] Qwen-VL M-RoPE positions of one unpadded row (cached; computed on CPU by the model's own
+        ``get_rope_index``, whose signature differs across transformers versions)."""
+        key = (layout.ids.tobytes(), grid)
+        if key not in self._positions:
+            ids = torch.from_numpy(layout.ids)[None]
+            kwargs: dict[str, Any] = {
+                "input_ids": ids,
+                "image_grid_thw": torch.tensor([grid]),
+                "attention_mask": torch.ones_like(ids),
+            }
+            if "mm_token_type_ids" in inspect.signature(vl.get_rope_index).parameters:
+                kwargs["mm_token_type_ids"] = (ids == self.img_context_token_id).int()  # text 0, image 1
+            self._positions[key] = vl.get_rope_index(**kwargs)[0][:, 0].numpy()
+        return self._positions[key]
 
-    def _seg_hidden_qwen(self, f: Sa2VAFeatures, i: int, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _seg_hidden_qwen(self, f: Sa2VAFeatures, prompts: list[str]) -> torch.Tensor:
         vl = self.model.model.model
-        grid = f.grid_thw[i]
-        n_tokens = int(grid.prod()) // int(vl.visual.spatial_merge_size) ** 2
-        ids = torch.tensor([self.prompt_ids(prompt, n_tokens)], device=self.device)
-        mask = torch.ones_like(ids)
-        positions = self._rope_index(vl, ids, grid)
-        vision = f.vision[i]
-        if vision is not None:
-            emb = vl.get_input_embeddings()(ids)
-            emb = emb.masked_scatter((ids == self.img_context_token_id)[..., None], vision.to(emb.dtype))
+        merge = int(vl.visual.spatial_merge_size) ** 2
+        grid = torch.cat(f.grid_thw)  # [B, 3]
+        rows, positions = [], []
+        for prompt, thw in zip(prompts, grid.tolist(), strict=True):  # one device-to-host copy
+            rows.append(self.prompt_layout(prompt, thw[0] * thw[1] * thw[2] // merge))
+            positions.append(self._mrope_positions(vl, rows[-1], tuple(thw)))
+        packed = pack_rows(rows, pad_id=self._pad_id, device=self.device, positions=positions)
+        cached = [v is not None for v in f.vision]
+        if all(cached):
+            emb = scatter_rows(vl.get_input_embeddings()(packed.ids), packed, torch.cat(f.vision))
             out = vl.language_model(
-                inputs_embeds=emb, attention_mask=mask, position_ids=positions, use_cache=False
+                inputs_embeds=emb,
+                attention_mask=packed.attention_mask,
+                position_ids=packed.positions,
+                use_cache=False,
             )
-        else:
+        elif not any(
+            cached
+        ):  # Qwen3-VL deepstack: the vision tower runs inside the call, on all rows' pixels
             out = vl(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                pixel_values=f.pixel_values[i],
+                input_ids=packed.ids,
+                attention_mask=packed.attention_mask,
+                position_ids=packed.positions,
+                pixel_values=torch.cat(f.pixel_values),
                 image_grid_thw=grid,
                 use_cache=False,
             )
-        return ids[0], out.last_hidden_state[0]
-
-    def seg_hidden_states(self, features: Sa2VAFeatures, prompts: Sequence[str]) -> torch.Tensor:
-        """[B, D]: the LLM's last-layer (post-norm) hidden state at the answer's [SEG] token, one image at a
-        time (sequence lengths differ with the tile count; the remote code has no batched path either)."""
-        rows = []
-        for i, prompt in enumerate(prompts):
-            if self.flavour == "internvl":
-                ids, hidden = self._seg_hidden_internvl(features.vision[i], prompt)
-            else:
-                ids, hidden = self._seg_hidden_qwen(features, i, prompt)
-            seg = (ids == self.seg_token_idx).nonzero()[-1, 0]  # the answer's [SEG] (the last one)
-            rows.append(hidden[seg])
-        return torch.stack(rows)
+        else:
+            raise ValueError(
+                "features mix cached vision embeddings and raw pixels; encode them with one model"
+            )
+        return gather_seg(out.last_hidden_state, packed)
 
     # ------------------------------------------------------------------------------------- SAM2 heads
     def _multimask(self) -> bool:
@@ -532,8 +513,7 @@ class Sa2VAModel(nn.Module):
             )
         masks = masks.float()
         if multimask:
-            best = ious.argmax(dim=-1)
-            masks = masks[torch.arange(b, device=masks.device), best].unsqueeze(1)
+            masks = masks.take_along_dim(ious.argmax(dim=-1)[:, None, None, None], dim=1)
         return masks
 
     # ------------------------------------------------------------------------------------- full forward

@@ -7,6 +7,7 @@ What each verifies: docs/sa2va_adapter.md."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import sys
 
@@ -17,14 +18,9 @@ from fakes.sa2va_fake import PROMPT_TEMPLATE, make_internvl_fake, make_qwen_vl_f
 
 from policies.lora import LLM_LORA_TARGETS, LoRASpec
 from policies.policy import AdapterPolicy
-from policies.sa2va import (
-    PROMPT_TEMPLATES,
-    Sa2VAFeatures,
-    Sa2VALoadError,
-    Sa2VAModel,
-    load_sa2va,
-)
+from policies.sa2va import Sa2VAFeatures, Sa2VALoadError, Sa2VAModel, load_sa2va
 from policies.sa2va_preprocess import dynamic_tiles
+from policies.sa2va_prompts import PROMPT_TEMPLATES
 from policies.sa2va_remote_checks import answering, sam_heads_difference
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -102,6 +98,49 @@ def test_prompt_changes_the_mask(fakes, images) -> None:
     a = model(images, [PROMPT] * 2, features=feats)
     b = model(images, ["find only the thick arteries"] * 2, features=feats)
     assert not torch.allclose(a, b)
+
+
+def _llm_body(model: Sa2VAModel) -> torch.nn.Module:
+    if model.flavour == "qwen_vl":
+        return model.model.model.model.language_model
+    lm = model.model.language_model
+    return lm.model if isinstance(getattr(lm, "model", None), torch.nn.Module) else lm
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "qwen_vl_deepstack"])
+def test_one_padded_llm_forward_equals_one_image_at_a_time(fakes, kind) -> None:
+    # rows of different lengths (tile counts or Qwen grids, and prompts, differ) run as one LLM forward padded
+    # on the right; each row's logits and gradients are those of a forward of that row alone
+    policy = _policy(fakes, kind.removesuffix("_deepstack"))
+    model = policy.base
+    # Qwen3-VL (deepstack): the processor pixels go through the vision tower inside the LLM call
+    model._deepstack = kind.endswith("_deepstack")
+    _perturb_trainable(policy)  # LoRA B off zero: LoRA acts
+    rng = np.random.default_rng(4)
+    sizes = [(48, 80), (40, 40), (30, 90)]
+    feats = Sa2VAFeatures.cat([model.encode(rng.integers(0, 256, (1, *s, 3), dtype=np.uint8)) for s in sizes])
+    # one output size for the batch's logits; the LLM still sees three different images
+    feats = dataclasses.replace(feats, sizes=[(48, 80)] * 3)
+    prompts = [PROMPT, "vessels", "find only the thick arteries"]
+    calls = []
+    hook = _llm_body(model).register_forward_pre_hook(
+        lambda _m, _a, kw: calls.append(kw["attention_mask"]), with_kwargs=True
+    )
+    batched = policy.mask_logits(None, prompts, features=feats)
+    hook.remove()
+    assert len(calls) == 1 and calls[0] is not None and not calls[0].all()  # one forward, padded rows
+    batched.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_trainable_parameters() if p.grad is not None}
+    policy.model.zero_grad(set_to_none=True)
+    rows = [policy.mask_logits(None, [p], features=feats.index([i])) for i, p in enumerate(prompts)]
+    single = torch.cat(rows)
+    single.square().mean().backward()
+    assert not torch.allclose(single[0], single[1], atol=1e-3)  # rows differ: a real comparison
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+    assert any(".lora_A." in n for n in grads) and any(".text_hidden_fcs." in n for n in grads)
+    params = dict(policy.named_trainable_parameters())
+    for n, g in grads.items():
+        torch.testing.assert_close(g, params[n].grad, rtol=1e-4, atol=1e-6)
 
 
 # --- gradient flow -------------------------------------------------------------------------------------------
@@ -275,7 +314,7 @@ def test_own_template_table_is_used_when_the_remote_module_has_none(fakes, monke
     model = _model(fakes, "internvl")
     with_remote_table = model.prompt_ids(PROMPT, 4)
     monkeypatch.delattr(sys.modules[type(model.model).__module__], "PROMPT_TEMPLATE")
-    model._ids_cache.clear()
+    model._layouts.clear()
     assert model.prompt_ids(PROMPT, 4) == with_remote_table
     for name in PROMPT_TEMPLATES.keys() & PROMPT_TEMPLATE.keys():
         assert PROMPT_TEMPLATES[name]["INSTRUCTION"] == PROMPT_TEMPLATE[name]["INSTRUCTION"]
