@@ -11,8 +11,9 @@ from scipy import ndimage as ndi
 from skimage.morphology import skeletonize as sk_skeletonize
 from torch_reward_cases import CONFIGS, assert_identical, fundus, shape_masks, vessel_masks
 
+from envs.morphology_torch import label, skeletonize
 from envs.rewards import MultiObjectiveReward, RewardConfig, RewardWeights
-from envs.rewards_torch import TorchReward, label, skeletonize
+from envs.rewards_torch import TorchReward
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
