@@ -256,6 +256,44 @@ class TorchTargets:
     def __len__(self) -> int:
         return int(self.fov.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the pixel maps (GT, skeleton, FOV); the counts are small beside them."""
+        return sum(t.numel() * t.element_size() for t in (self.gt, self.skeleton, self.fov))
+
+    def select(self, rows: Sequence[int]) -> TorchTargets:
+        """Images ``rows`` of these targets, in that order, as copies (with every tile size prepared so far):
+        one image's targets can be kept without the others'."""
+        idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.fov.device)
+        return TorchTargets(
+            gt=self.gt[idx],
+            skeleton=self.skeleton[idx],
+            fov=self.fov[idx],
+            counts=_take(self.counts, idx),
+            tiles={t: _TileTarget(_take(tt.counts, idx), tt.valid[idx]) for t, tt in self.tiles.items()},
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[TorchTargets]) -> TorchTargets:
+        """The images of several targets of one size and device, in order (with the tile sizes all of them
+        hold), so that masks of all of them are scored in one call."""
+        if len(parts) == 1:
+            return parts[0]
+        sizes = set.intersection(*(set(p.tiles) for p in parts))
+        return TorchTargets(
+            gt=torch.cat([p.gt for p in parts]),
+            skeleton=torch.cat([p.skeleton for p in parts]),
+            fov=torch.cat([p.fov for p in parts]),
+            counts=_cat_counts([p.counts for p in parts]),
+            tiles={
+                t: _TileTarget(
+                    _cat_counts([p.tiles[t].counts for p in parts]),
+                    torch.cat([p.tiles[t].valid for p in parts]),
+                )
+                for t in sorted(sizes)
+            },
+        )
+
 
 # ------------------------------------------------------------------------------------------------ ops
 

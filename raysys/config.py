@@ -159,6 +159,10 @@ class RewardConfig(ObjectiveConfig):
     """Score each mask after the deployed post-processing (closing by ``eval.closing_radius``, components
     under ``eval.min_size`` pixels removed), as ``raysys eval`` with ``eval.postprocess`` shows it: speckle
     that post-processing removes costs no reward (the log-probabilities stay those of the raw sample)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the GT reward is scored: ``cpu``, by the reward actors (numpy); ``cuda``, by each rollout actor on its
+    GPU right after sampling (``envs.rewards_torch``, bit-identical; no reward actors); ``auto``, cuda when the
+    rollout actors get GPUs with CUDA. The learned reward and ``postprocess`` always use the reward actors."""
     num_actors: int = 1
     """Reward actors (CPU only; each scores on one core). With more of them than ``rollout.num_workers``, each
     rollout shard is scored in ``ceil(num_actors / rollout.num_workers)`` parts at once."""
@@ -599,6 +603,11 @@ class Config:
             self.rollout.max_staleness == 0 or self.learner.algorithm != "dpo",
             "rollout.max_staleness",
             "dpo learns from the starting policy's own masks, which are never stale; use 0",
+        )
+        check(
+            self.reward.device != "cuda" or self.rollout.gpus_per_worker > 0,
+            "reward.device",
+            "cuda scores in the rollout actors, which get no GPU (rollout.gpus_per_worker=0); give them GPUs or use auto",
         )
         check(
             len(self.reward.tile_sizes) == 1 or self.learner.algorithm != "ppo",

@@ -1,4 +1,5 @@
-"""RolloutWorker: holds a policy copy and samples K masks per image at the current policy version.
+"""RolloutWorker: holds a policy copy and samples K masks per image at the current policy version; with
+``reward.device: cuda`` it also scores them on its GPU (``sample_scored``, ``raysys.reward.TorchGTScorer``).
 
 A plain class; ``ray.remote(num_gpus=..., num_cpus=..., max_restarts=...)`` is applied where it is launched,
 so tests build it in-process.
@@ -16,7 +17,7 @@ import torch
 from envs.datasets import load_dataset
 from policies.distributions import pack_masks, sample_masks
 from policies.factory import build_policy
-from raysys.batches import RolloutBatch
+from raysys.batches import RolloutBatch, ScoredRollout
 from raysys.config import Config
 from raysys.data import dataset_for_split, train_view
 from raysys.features import feature_cache
@@ -45,11 +46,22 @@ class RolloutWorker:
         self.train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
         self.features = feature_cache(self.policy, self.train, cfg.rollout.images_per_iteration)
         self.version = 0
+        self.scorer = None  # scores the GT reward on this device with reward.device cuda (as resolved)
+        if cfg.reward.device == "cuda":
+            from raysys.reward import TorchGTScorer
+
+            if self.device.type != "cuda":
+                log.warning("reward.device=cuda but rollout actor %d has no CUDA device: it scores on its CPU "
+                            "(the same rewards, slower)", worker_index)  # fmt: skip
+            self.scorer = TorchGTScorer(cfg, self.train, self.device)
 
     def ready(self) -> dict[str, object]:
         from raysys.placement import placement
 
-        return {**placement(), "worker": self.index, "version": self.version, "device": str(self.device)}
+        out = {**placement(), "worker": self.index, "version": self.version, "device": str(self.device)}
+        if self.scorer is not None:
+            out["reward_device"] = str(self.scorer.reward.device)
+        return out
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Load only the trainable tensors (Ray resolves an ObjectRef argument to the dict)."""
@@ -57,10 +69,24 @@ class RolloutWorker:
         self.version = int(version)
         return self.version
 
-    @torch.no_grad()
     def sample(self, indices: Sequence[int], *, iteration: int) -> RolloutBatch:
         """K masks per image [B, K, H, W] (H x W: the training crop or the whole image), sampled from
         Bernoulli(sigmoid(z / T)) inside the FOV."""
+        return self._sample(indices, iteration=iteration)[0]
+
+    def sample_scored(self, indices: Sequence[int], *, iteration: int) -> ScoredRollout:
+        """``sample``, then the GT reward of the masks on this actor's device, from the tensors still there: the
+        ScoredRollout a reward actor would return. Its ``seconds`` is the scoring, the batch's the sampling."""
+        if self.scorer is None:
+            raise RuntimeError(f"rollout actor {self.index} scores only with reward.device=cuda")
+        return self.scorer.score(*self._sample(indices, iteration=iteration))
+
+    @torch.no_grad()
+    def _sample(
+        self, indices: Sequence[int], *, iteration: int
+    ) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor | None]:
+        """The RolloutBatch, with its masks bool [B, K, H, W] and greedy masks bool [B, H, W] (or None) still on
+        the device."""
         t0 = time.perf_counter()
         k, temperature = self.cfg.rollout.samples_per_image, self.cfg.rollout.temperature
         greedy = self.cfg.learner.advantage == "self_critical"
@@ -83,11 +109,12 @@ class RolloutWorker:
             )
             fov = torch.tensor(samples[b].fov, device=logits.device)
             masks[b] = sample_masks(logits[b : b + 1], k=k, temperature=temperature, generator=gen)[0] & fov
-        greedy_masks = None
+        greedy_masks = greedy_on_device = None
         if greedy:  # the deployed masks (thresholded as evaluation does), the self-critical baseline
             fovs = torch.from_numpy(np.stack([s.fov for s in samples])).to(logits.device)
-            greedy_masks = pack_masks(((torch.sigmoid(logits) >= self.cfg.eval.threshold) & fovs).cpu())
-        return RolloutBatch(
+            greedy_on_device = (torch.sigmoid(logits) >= self.cfg.eval.threshold) & fovs
+            greedy_masks = pack_masks(greedy_on_device.cpu())
+        batch = RolloutBatch(
             indices=indices,
             ids=[s.id for s in samples],
             masks=pack_masks(masks.cpu()),
@@ -102,3 +129,4 @@ class RolloutWorker:
             if self.cfg.rollout.max_staleness > 0
             else None,
         )
+        return batch, masks, greedy_on_device
