@@ -9,6 +9,22 @@ from typing import Any
 
 import numpy as np
 
+SCORING_CASES = {  # overrides of rl_small.SMALL_RL
+    "tiles": [],
+    "multi_scale_self_critical": ["reward.tile_sizes=[16,8,32]", "learner.advantage=self_critical"],
+    "crops_all_terms": [
+        "data.size=96",
+        "data.crop=64",
+        "reward.tile_sizes=[8,16]",
+        "reward.weights.cldice=0.3",
+        "reward.weights.betti=0.2",
+    ],
+}
+"""GT rewards with 16-px tiles; multi-scale tiles with greedy masks (self-critical); crops (new every iteration,
+their targets cached per box; tile validity differs between them at 8 px) with every term, holes included."""
+SCORING_CALLS = ((0, (0, 2, 3)), (1, (1, 2)), (5, (0, 2, 3)), (5, (2,)))
+"""(iteration, images) of the rollouts each case scores: the targets of repeated images or crops come from cache."""
+
 TIMINGS = frozenset({"seconds"})
 """Fields that time the work (ScoredRollout.seconds, RolloutBatch.seconds): the only ones that may differ."""
 

@@ -22,24 +22,10 @@ from raysys.runtime import (
     rollout_cuda,
 )
 from raysys.testing.rl_small import SMALL_RL as SMALL
-from raysys.testing.scored import differences
+from raysys.testing.scored import SCORING_CALLS, SCORING_CASES, differences
 from raysys.tune import sweep_reward_device
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-CASES = {
-    "tiles": [],
-    "multi_scale_self_critical": ["reward.tile_sizes=[16,8,32]", "learner.advantage=self_critical"],
-    "crops_all_terms": [
-        "data.size=96",
-        "data.crop=64",
-        "reward.tile_sizes=[8,16]",
-        "reward.weights.cldice=0.3",
-        "reward.weights.betti=0.2",
-    ],
-}
-"""GT rewards with 16-px tiles; multi-scale tiles with greedy masks (self-critical); crops (new every iteration,
-their targets cached per box; tile validity differs between them at 8 px) with every term, holes included."""
 
 
 def workers(overrides: list[str]) -> tuple[RolloutWorker, RewardWorker]:
@@ -51,22 +37,21 @@ def workers(overrides: list[str]) -> tuple[RolloutWorker, RewardWorker]:
     return rollout, RewardWorker(cfg)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(SCORING_CASES))
 def test_rollout_side_scoring_equals_the_reward_actor(case: str) -> None:
-    rollout, reward = workers(CASES[case])
-    calls = ((0, [0, 2, 3]), (1, [1, 2]), (5, [0, 2, 3]), (5, [2]))  # the targets are cached (crops: per box)
-    for iteration, indices in calls:
+    rollout, reward = workers(SCORING_CASES[case])
+    for iteration, indices in SCORING_CALLS:
         scored = rollout.sample_scored(indices, iteration=iteration)
         assert not differences(scored, reward.score(rollout.sample(indices, iteration=iteration)))
         assert scored.valid.all() and scored.seconds > 0 and scored.batch.seconds > 0
     if case == "multi_scale_self_critical":
         assert scored.greedy_rewards.shape == (1,) and sorted(scored.scales) == [8, 32]
-    keys = {rollout.train.get(i, it)[0] for it, indices in calls for i in indices}
+    keys = {rollout.train.get(i, it)[0] for it, indices in SCORING_CALLS for i in indices}
     assert len(rollout.scorer._targets) == len(keys) == (8 if case == "crops_all_terms" else 4)
 
 
 def test_an_invalid_image_is_reported_alike_and_the_others_scored() -> None:
-    rollout, reward = workers(CASES["multi_scale_self_critical"])
+    rollout, reward = workers(SCORING_CASES["multi_scale_self_critical"])
     batch, masks, greedy = rollout._sample([0, 2, 4], iteration=3)
     batch.ids[1] = "synthetic_999"  # a crop or image the reward side does not derive
     scored = rollout.scorer.score(batch, masks, greedy)
