@@ -160,9 +160,8 @@ class RewardConfig(ObjectiveConfig):
     under ``eval.min_size`` pixels removed), as ``raysys eval`` with ``eval.postprocess`` shows it: speckle
     that post-processing removes costs no reward (the log-probabilities stay those of the raw sample)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the GT reward is scored: ``cpu``, by the reward actors (numpy); ``cuda``, by each rollout actor on its
-    GPU right after sampling (``envs.rewards_torch``, bit-identical; no reward actors); ``auto``, cuda when the
-    rollout actors get GPUs with CUDA. The learned reward and ``postprocess`` always use the reward actors."""
+    """Where the GT reward is scored: ``cpu`` the reward actors (numpy), ``cuda`` each rollout actor on its GPU after
+    sampling (bit-identical, no reward actors), ``auto`` cuda if they get CUDA GPUs. Learned, postprocess: cpu."""
     num_actors: int = 1
     """Reward actors (CPU only; each scores on one core). With more of them than ``rollout.num_workers``, each
     rollout shard is scored in ``ceil(num_actors / rollout.num_workers)`` parts at once."""
@@ -604,11 +603,8 @@ class Config:
             "rollout.max_staleness",
             "dpo learns from the starting policy's own masks, which are never stale; use 0",
         )
-        check(
-            self.reward.device != "cuda" or self.rollout.gpus_per_worker > 0,
-            "reward.device",
-            "cuda scores in the rollout actors, which get no GPU (rollout.gpus_per_worker=0); give them GPUs or use auto",
-        )
+        no_gpu = self.reward.device == "cuda" and self.rollout.gpus_per_worker == 0
+        check(not no_gpu, "reward.device", "cuda needs rollout GPUs (rollout.gpus_per_worker=0); use auto")
         check(
             len(self.reward.tile_sizes) == 1 or self.learner.algorithm != "ppo",
             "reward.tile_sizes",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,10 +18,13 @@ import torch
 from envs.datasets import load_dataset
 from policies.distributions import pack_masks, sample_masks
 from policies.factory import build_policy
-from raysys.batches import RolloutBatch, ScoredRollout
+from raysys.batches import RolloutBatch
 from raysys.config import Config
 from raysys.data import dataset_for_split, train_view
 from raysys.features import feature_cache
+
+if TYPE_CHECKING:
+    from raysys.batches import ScoredRollout
 
 log = logging.getLogger(__name__)
 
