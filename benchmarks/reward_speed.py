@@ -26,33 +26,23 @@ CUDA the GPU keys are null. ``--max-seconds`` bounds the whole run: what does no
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import json
+import logging
 import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-# One core: set before numpy/scipy load their thread pools.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_var] = "1"
+import harness
 
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+if TYPE_CHECKING:  # numpy, scipy and torch load after the thread pools are set to one thread (main)
+    import numpy as np
 
-import numpy as np  # noqa: E402
-import scipy  # noqa: E402
-import skimage  # noqa: E402
-from scipy import ndimage as ndi  # noqa: E402
-from skimage.draw import disk, line  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from envs.rewards import MultiObjectiveReward, RewardConfig  # noqa: E402
+    from envs.rewards import RewardConfig
 
 log = logging.getLogger("reward_speed")
 
@@ -60,17 +50,12 @@ TARGET_SCORE_MS = 20.0
 TARGET_TILED_MS = 100.0
 
 
-def _pin_one_core() -> bool:
-    """Pin this process to one CPU where the OS allows it (Linux); returns whether it did."""
-    try:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    except (AttributeError, OSError):
-        return False
-    return True
-
-
 def line_mask(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Fallback GT: random polylines, a few thick (dilated) and many thin, inside a circular FOV."""
+    import numpy as np
+    from scipy import ndimage as ndi
+    from skimage.draw import disk, line
+
     m = np.zeros((size, size), dtype=bool)
     for n_lines, width in ((6, 3), (12, 1), (30, 0)):
         for _ in range(n_lines):
@@ -87,6 +72,8 @@ def line_mask(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
 
 def gt_mask(size: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(gt, fov, source): synthetic fundus masks when available, else random lines."""
+    import numpy as np
+
     try:
         from envs.synthetic import generate_fundus
 
@@ -99,6 +86,9 @@ def gt_mask(size: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
 
 def perturb(gt: np.ndarray, fov: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A plausible imperfect prediction: a few vessel breaks, false-positive blobs, boundary jitter."""
+    from scipy import ndimage as ndi
+    from skimage.draw import disk
+
     h, w = gt.shape
     p = gt.copy()
     for _ in range(max(2, h // 64)):  # cut vessels with small square holes
@@ -149,15 +139,26 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--max-pixels", type=int, default=2**28, help="TorchReward chunk size (pixels)")
     args = ap.parse_args(argv)
+    # Thread pools of one thread before numpy, scipy and torch load. The latency also runs on one CPU; the
+    # throughput run does not pin (its comparison with numpy uses worker processes on every core).
     if args.throughput:
+        for var in harness.ONE_CORE_VARIABLES:
+            os.environ[var] = "1"
         return throughput(args)
-    return latency(args)
+    return latency(args, pinned=harness.one_core())
 
 
-def latency(args: argparse.Namespace) -> dict:
+def latency(args: argparse.Namespace, *, pinned: bool) -> dict:
     """The one-core latency of the numpy path (what this benchmark measured first)."""
-    args.out = args.out or ROOT / "benchmarks/results/reward_speed.json"
-    pinned = _pin_one_core()
+    import platform
+
+    import numpy as np
+    import scipy
+    import skimage
+
+    from envs.rewards import MultiObjectiveReward, RewardConfig
+
+    args.out = args.out or harness.result_path("reward_speed")
     rng = np.random.default_rng(args.seed)
     reward = MultiObjectiveReward(RewardConfig())
 
@@ -205,8 +206,7 @@ def latency(args: argparse.Namespace) -> dict:
             "threads_env": {v: os.environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_result("reward_speed", report, args.out)
     print(json.dumps(report, indent=2))
     return report
 
@@ -226,13 +226,15 @@ COMPARE_SHARE = {"256": 0.45, "584x565": 0.45, "2048": 0.1}
 
 def throughput_config() -> RewardConfig:
     """The full reward: every term weighted (clDice and Betti too), 16-px tiles."""
-    from envs.rewards import RewardWeights
+    from envs.rewards import RewardConfig, RewardWeights
 
     return RewardConfig(weights=RewardWeights(cldice=0.3, betti=0.2), tile_sizes=(16,))
 
 
 def fundus_gts(size: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n synthetic (gt, fov) pairs [n, H, W]; 584x565 is a 584-px image cropped to 565 columns."""
+    import numpy as np
+
     from envs.synthetic import generate_fundus
 
     h, w = SIZES[size]
@@ -267,6 +269,8 @@ def sampled_masks(gt, fov, rows, gen):  # tensors in, a tensor out (torch is imp
 
 def _numpy_scores(config: RewardConfig, gt: np.ndarray, fov: np.ndarray, masks: np.ndarray, tile: int):
     """The numpy reward of K masks of one image: ([RewardResult], TiledRewards) (a worker process)."""
+    from envs.rewards import MultiObjectiveReward
+
     reward = MultiObjectiveReward(config)
     target = reward.prepare_target(gt, fov)
     return [reward.score(m, target) for m in masks], reward.score_tiles_multi(masks, target, tiles=(tile,))[
@@ -277,6 +281,8 @@ def _numpy_scores(config: RewardConfig, gt: np.ndarray, fov: np.ndarray, masks: 
 def _same_bits(torch_results, torch_tiles, want) -> bool:
     """Whether the torch path's results of K masks have exactly the bits of numpy's (totals, every component,
     every tile and the tile validity)."""
+    import numpy as np
+
     results, tiles = want
 
     def bits(x) -> bytes:
@@ -295,30 +301,35 @@ def _same_bits(torch_results, torch_tiles, want) -> bool:
 
 
 class Report:
-    """reward_gpu.json, rewritten (atomically) after every measurement."""
+    """reward_gpu.json, rewritten (atomically) after every measurement, through the harness's writer."""
 
     def __init__(self, path: Path, head: dict) -> None:
         self.path, self.data = path, head
+        self.machine = harness.machine()
 
     def row(self, **row) -> None:
         self.data["rows"].append(row)
         self.write()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp = harness.write_result(
+            "reward_gpu", self.data, self.path.with_suffix(".tmp"), machine_block=self.machine
+        )
         tmp.replace(self.path)
 
 
 def throughput(args: argparse.Namespace) -> dict:
     """Masks/s per path and size, then the bit-for-bit comparison; see the module doc string."""
     import dataclasses
+    import platform
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
+    import numpy as np
+    import skimage
     import torch
 
+    from envs.rewards import MultiObjectiveReward
     from envs.rewards_torch import TorchReward
 
     start = time.perf_counter()
@@ -329,7 +340,7 @@ def throughput(args: argparse.Namespace) -> dict:
     config = throughput_config()
     tile = config.tile_sizes[0]
     sizes = [s for s in SIZES if s in args.sizes]
-    out = args.out or ROOT / "benchmarks/results/reward_gpu.json"
+    out = args.out or harness.result_path("reward_gpu")
     report = Report(
         out,
         {

@@ -11,16 +11,22 @@ Measured (read from benchmarks/results/):
 - ``sa2va_gpu.json`` where a GPU was lent (``benchmarks/sa2va_gpu.py``): the same seconds on that GPU. They
   replace the modelled GPU seconds below (``gpu_seconds_source`` says which were used).
 - ``reward_speed.json``: CPU milliseconds to score one 512x512 mask (whole-image terms) and 8 masks in tiles.
+- ``reward_gpu.json`` (``reward_speed.py --throughput`` on a lent H200): milliseconds per TorchReward call on the
+  GPU by batch size at 584x565 and 2048x2048 (every term, 16-px tiles), for the GPU-reward case below.
 
 Modelled:
 - FLOPs of a rollout: the LLM forward over the image tokens and prompt (2 x params x tokens plus attention),
   the mask decoder, the projector. The learner step costs the measured CPU learner/rollout ratio of those
   FLOPs. GPU seconds = FLOPs / (peak x MFU). The CPU seconds, divided by the same FLOPs, give the rate the
   2-core CPU reached (``cpu_check``): if the FLOP model is right the 1- and 10-tile rates agree.
-- Reward seconds scale with pixels from the 512x512 measurement. As ``RayCoordinator`` assigns them, each
+- Two reward cases. CPU (``predicted``): the reward actors as configured; reward seconds scale with pixels
+  from the 512x512 measurement. As ``RayCoordinator`` assigns them, each
   rollout shard is scored in ``ceil(reward actors / rollout workers)`` parts, one reward actor per part, each
   on one core; ``reward_s_spread_over_all_reward_cpus`` is what scoring over every reserved reward CPU would
-  take.
+  take. GPU (``predicted_gpu_reward``, ``reward.device: cuda``): each rollout actor scores its own shard on its
+  GPU right after sampling, one call for the shard's K masks per image: the measured milliseconds at that batch
+  (linear between measured batches, the smallest batch's latency below them) at the nearest measured size,
+  scaled by pixels; no reward actors. That scoring is GPU work and counts as busy.
 - A weight sync: rank 0's ``ray.put`` read by every rollout node over the inter-node link; DDP all-reduce of
   the trainable gradients per minibatch step (ring, over the inter-node link when ranks span nodes).
 
@@ -33,6 +39,7 @@ the longer of collect and update + sync. GPU utilisation = busy GPU-seconds / (G
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -125,15 +132,45 @@ def reward_seconds_per_mask(reward: dict, pixels: int) -> float:
     return whole + tiles
 
 
+def gpu_reward_seconds(reward_gpu: dict, image_hw: tuple[int, int], masks: int) -> tuple[float, str]:
+    """Seconds of one TorchReward call on ``masks`` masks of ``image_hw`` on the measured GPU (reward_gpu.json
+    rows of the size nearest in pixels, scaled by pixels), and that size."""
+    sizes = {"256": 256 * 256, "584x565": 584 * 565, "2048": 2048 * 2048}
+    measured = {r["size"] for r in reward_gpu["rows"] if r["path"] == "cuda"}
+    pixels = image_hw[0] * image_hw[1]
+    size = min(measured, key=lambda s: abs(math.log(sizes[s] / pixels)))
+    rows = sorted(
+        (r["batch"], r["ms_per_call"] / 1e3)
+        for r in reward_gpu["rows"]
+        if r["path"] == "cuda" and r["size"] == size
+    )
+    if masks <= rows[0][0]:
+        sec = rows[0][1]  # a call's latency floor
+    elif masks >= rows[-1][0]:
+        sec = rows[-1][1] * masks / rows[-1][0]
+    else:
+        (b0, s0), (b1, s1) = next((a, b) for a, b in itertools.pairwise(rows) if a[0] <= masks <= b[0])
+        sec = s0 + (s1 - s0) * (masks - b0) / (b1 - b0)
+    return sec * pixels / sizes[size], size
+
+
 def predict(
-    name: str, cfg: dict, image_hw: tuple[int, int], times: dict, reward: dict, scale: dict, args
+    name: str,
+    cfg: dict,
+    image_hw: tuple[int, int],
+    times: dict,
+    reward: dict,
+    scale: dict,
+    args,
+    reward_gpu: dict | None = None,
 ) -> dict:
+    """One case's prediction; with ``reward_gpu`` (reward_gpu.json) the rollout actors score on their GPUs."""
     r, rw, lc = cfg["rollout"], cfg["reward"], cfg["learner"]
     shape = "4b" if "4B" in cfg["policy"]["checkpoint"] else "1b"
     tiles = tiles_for(*image_hw)
     t = times[(shape, min((1, 10), key=lambda n: abs(n - tiles)))]
     per_tile = tiles / (1 if tiles <= 1 else 10)  # measured at 1 and 10 tiles; scale linearly in between
-    n_roll, n_learn, n_rew = r["num_workers"], lc["num_workers"], rw["num_actors"]
+    n_roll, n_learn, n_rew = r["num_workers"], lc["num_workers"], 0 if reward_gpu else rw["num_actors"]
     images, k = r["images_per_iteration"], r["samples_per_image"]
     epochs, minibatch = lc.get("epochs", 2), lc.get("minibatch_size", 4)
     gpus = n_roll * r.get("gpus_per_worker", 1) + (n_learn if lc.get("use_gpu") else 0)
@@ -141,14 +178,18 @@ def predict(
 
     shard = math.ceil(images / n_roll)
     sample_s = shard * t["rollout_s"] * per_tile
-    parts = min(math.ceil(n_rew / n_roll), shard)  # each shard scored in parts by as many reward actors
-    parts_per_actor = math.ceil(n_roll * parts / n_rew)
-    reward_s = (
-        parts_per_actor
-        * math.ceil(shard / parts)
-        * k
-        * reward_seconds_per_mask(reward, image_hw[0] * image_hw[1])
-    )
+    if reward_gpu:  # on the rollout GPU, after sampling: one call for the shard
+        parts = 0
+        reward_s, reward_size = gpu_reward_seconds(reward_gpu, image_hw, shard * k)
+    else:
+        parts = min(math.ceil(n_rew / n_roll), shard)  # each shard scored in parts by as many reward actors
+        parts_per_actor = math.ceil(n_roll * parts / n_rew)
+        reward_s = (
+            parts_per_actor
+            * math.ceil(shard / parts)
+            * k
+            * reward_seconds_per_mask(reward, image_hw[0] * image_hw[1])
+        )
     collect_s = sample_s + reward_s
     images_per_rank = math.ceil(images / n_learn)
     steps = epochs * math.ceil(images_per_rank / minibatch)
@@ -165,22 +206,26 @@ def predict(
     sync_s = rollout_nodes * sync_bytes / link
     lockstep = collect_s + update_s + sync_s
     overlapped = max(collect_s, update_s + sync_s)
-    stages = {"rollout (sampling)": sample_s, "reward (CPU scoring)": reward_s, "learner update": update_s,
+    reward_stage = "reward (rollout GPU)" if reward_gpu else "reward (CPU scoring)"
+    stages = {"rollout (sampling)": sample_s, reward_stage: reward_s, "learner update": update_s,
               "weight sync": sync_s}  # fmt: skip
+    rollout_busy = sample_s + (reward_s if reward_gpu else 0.0)
 
     def util(iteration: float) -> float:
-        return (n_roll * sample_s + n_learn * update_s) / (gpus * iteration)
+        return (n_roll * rollout_busy + n_learn * update_s) / (gpus * iteration)
 
     # A reward actor scores on one core; spreading the masks over every reserved reward CPU is the floor the
     # reward stage could reach.
     masks = images * k
     reward_floor_s = (
-        masks
+        reward_s
+        if reward_gpu
+        else masks
         * reward_seconds_per_mask(reward, image_hw[0] * image_hw[1])
         / (n_rew * rw.get("cpus_per_actor", 1))
     )
     floor_iteration = max(sample_s + reward_floor_s, update_s + sync_s)
-    return {
+    out = {
         "gpus": gpus,
         "config": name,
         "nodes": nodes,
@@ -211,6 +256,13 @@ def predict(
         "iteration_s_async_reward_spread": floor_iteration,
         "gpu_utilisation_async_reward_spread": util(floor_iteration),
     }
+    out["reward_path"] = (
+        f"rollout GPU, one call of {shard * k} masks (measured at {reward_size})"
+        if reward_gpu
+        else f"{n_rew} CPU reward actors, {parts} part(s) per shard"
+    )
+    out["gpu_idle_s_per_gpu_async"] = overlapped - (n_roll * rollout_busy + n_learn * update_s) / gpus
+    return out
 
 
 def scaled(cfg: dict, factor: int) -> dict:
@@ -233,7 +285,9 @@ def main() -> int:
     parser.add_argument("--json", default=str(harness.result_path("scale_model")))
     args = parser.parse_args()
 
-    scale, reward, gpu = (harness.read_result(n) for n in ("sa2va_scale", "reward_speed", "sa2va_gpu"))
+    scale, reward, gpu, reward_gpu = (
+        harness.read_result(n) for n in ("sa2va_scale", "reward_speed", "sa2va_gpu", "reward_gpu")
+    )
     if scale is None or reward is None:
         print("needs benchmarks/results/sa2va_scale.json and reward_speed.json", file=sys.stderr)
         return 2
@@ -249,6 +303,9 @@ def main() -> int:
         ),
     ]
     rows = [predict(name, cfg, hw, times, reward, scale, args) for name, cfg, hw in cases]
+    gpu_rows = []
+    if reward_gpu and reward_gpu.get("rows"):
+        gpu_rows = [predict(name, cfg, hw, times, reward, scale, args, reward_gpu) for name, cfg, hw in cases]
     result = {
         "assumptions": {
             "peak_tflops": args.peak_tflops,
@@ -261,17 +318,21 @@ def main() -> int:
             "sa2va_scale": "benchmarks/results/sa2va_scale.json (CPU, 2 cores)",
             "reward_speed": "benchmarks/results/reward_speed.json (CPU, one core)",
             "sa2va_gpu": "benchmarks/results/sa2va_gpu.json" if gpu else None,
+            "reward_gpu": f"benchmarks/results/reward_gpu.json ({reward_gpu['environment']['cuda_device']})"
+            if gpu_rows
+            else None,
         },
         "cpu_check": check,
         "per_image_gpu_seconds": {f"{s}_tiles{t}": v for (s, t), v in times.items()},
         "predicted": rows,
+        "predicted_gpu_reward": gpu_rows,
     }
     harness.write_result("scale_model", result, args.json)
-    print(f"{'GPUs':>5} {'bottleneck':<22} {'lock-step s':>11} {'async s':>8} {'util lock':>9} {'util async':>10} "
+    print(f"{'GPUs':>5} {'reward on':<10} {'bottleneck':<22} {'lock-step s':>11} {'async s':>8} {'util lock':>9} {'util async':>10} "
           f"{'sample':>7} {'reward':>7} {'update':>7} {'sync':>6}")  # fmt: skip
-    for r in rows:
+    for r in rows + gpu_rows:
         s = r["seconds"]
-        print(f"{r['gpus']:>5} {r['bottleneck']:<22} {r['iteration_s_lockstep']:>11.2f} {r['iteration_s_async']:>8.2f} "
+        print(f"{r['gpus']:>5} {'GPU' if r in gpu_rows else 'CPU':<10} {r['bottleneck']:<22} {r['iteration_s_lockstep']:>11.2f} {r['iteration_s_async']:>8.2f} "
               f"{r['gpu_utilisation_lockstep']:>9.0%} {r['gpu_utilisation_async']:>10.0%} {s['sample']:>7.2f} "
               f"{s['reward']:>7.2f} {s['update_compute'] + s['allreduce']:>7.2f} {s['sync']:>6.3f}")  # fmt: skip
     return 0

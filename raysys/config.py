@@ -159,6 +159,9 @@ class RewardConfig(ObjectiveConfig):
     """Score each mask after the deployed post-processing (closing by ``eval.closing_radius``, components
     under ``eval.min_size`` pixels removed), as ``raysys eval`` with ``eval.postprocess`` shows it: speckle
     that post-processing removes costs no reward (the log-probabilities stay those of the raw sample)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the GT reward is scored: ``cpu`` the reward actors (numpy), ``cuda`` each rollout actor on its GPU after
+    sampling (bit-identical, no reward actors), ``auto`` cuda if they get CUDA GPUs. Learned, postprocess: cpu."""
     num_actors: int = 1
     """Reward actors (CPU only; each scores on one core). With more of them than ``rollout.num_workers``, each
     rollout shard is scored in ``ceil(num_actors / rollout.num_workers)`` parts at once."""
@@ -619,6 +622,8 @@ class Config:
             "rollout.max_staleness",
             "dpo learns from the starting policy's own masks, which are never stale; use 0",
         )
+        no_gpu = self.reward.device == "cuda" and self.rollout.gpus_per_worker == 0
+        check(not no_gpu, "reward.device", "cuda needs rollout GPUs (rollout.gpus_per_worker=0); use auto")
         check(
             len(self.reward.tile_sizes) == 1 or self.learner.algorithm != "ppo",
             "reward.tile_sizes",

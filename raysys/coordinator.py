@@ -1,5 +1,8 @@
 """Rollout -> reward collection and weight sync, over Ray actors or plain in-process objects.
 
+Without reward actors (``reward.device: cuda``) each rollout actor scores its own shard (``sample_scored``): one
+task per shard, and a failed one is a rollout actor failure.
+
 ``RayCoordinator`` is fault tolerant: a rollout (or reward) actor that dies mid-iteration is restarted by
 Ray (``max_restarts``), given the current weights again, and its shard is resubmitted. Samples are seeded
 by (seed, iteration, image), so the retried shard yields exactly the masks the dead actor would have
@@ -29,7 +32,7 @@ class CollectStats:
     sample_s: float = 0.0
     """Sum of rollout workers' sampling time."""
     reward_s: float = 0.0
-    """Sum of reward workers' scoring time."""
+    """Sum of the scoring time (reward actors', or the rollout actors' when they score their samples)."""
     retries: int = 0
     """Shards resubmitted after an actor failure."""
     wait_s: float = 0.0
@@ -56,7 +59,8 @@ def shards(indices: Sequence[int], n: int) -> list[list[int]]:
 
 
 class LocalCoordinator:
-    """Same interface without Ray: plain RolloutWorker/RewardWorker objects called in this process."""
+    """Same interface without Ray: plain RolloutWorker/RewardWorker objects called in this process (no reward
+    workers: the rollout workers score their samples)."""
 
     def __init__(self, rollout_workers: Sequence, reward_workers: Sequence) -> None:
         self.rollout, self.reward = list(rollout_workers), list(reward_workers)
@@ -71,6 +75,9 @@ class LocalCoordinator:
         t0 = time.perf_counter()
         out = []
         for j, shard in enumerate(shards(indices, len(self.rollout))):
+            if not self.reward:
+                out.append(self.rollout[j].sample_scored(shard, iteration=iteration))
+                continue
             batch = self.rollout[j].sample(shard, iteration=iteration)
             out.append(self.reward[j % len(self.reward)].score(batch))
         stats = CollectStats(rollout_s=time.perf_counter() - t0)
@@ -120,7 +127,8 @@ class RayCoordinator:
     (they were submitted before the last weight syncs: see ``dispatch``).
 
     With more reward actors than rollout actors, each rollout shard is scored in ``ceil(reward / rollout)``
-    parts by as many reward actors at once (the learner gets one ScoredRollout per part, in image order)."""
+    parts by as many reward actors at once (the learner gets one ScoredRollout per part, in image order). Without
+    reward actors the rollout actors score their own shards."""
 
     def __init__(
         self,
@@ -199,6 +207,9 @@ class RayCoordinator:
             self._get(handle.set_weights.remote(*weights), f"{name} (loading weights after a restart)")
 
     def _submit(self, j: int, shard: list[int], iteration: int) -> tuple:
+        if not self.reward:  # the rollout actor scores its samples: one ref, "scored" by no reward actor
+            ref = self.rollout[j].sample_scored.remote(shard, iteration=iteration)
+            return ref, [(None, ref)]
         sample_ref = self.rollout[j].sample.remote(shard, iteration=iteration)
         per_shard = -(-len(self.reward) // len(self.rollout))
         n = min(per_shard, len(shard))
@@ -243,11 +254,12 @@ class RayCoordinator:
                         try:
                             scored_parts.append(ray.get(score_ref, timeout=self.timeout_s))
                         except ray.exceptions.GetTimeoutError as exc:
-                            sampled = bool(ray.wait([sample_ref], timeout=0)[0])
+                            sampled = reward_j is not None and bool(ray.wait([sample_ref], timeout=0)[0])
                             what = (
                                 f"reward actor {reward_j} (scoring shard {j} of iteration {it})"
                                 if sampled
-                                else f"rollout actor {j} (sampling {len(parts[j])} images of iteration {it})"
+                                else f"rollout actor {j} (sampling {len(parts[j])} images of iteration {it}"
+                                + (" and scoring them)" if reward_j is None else ")")
                             )
                             raise ActorTimeoutError(
                                 f"{what} did not answer within rollout.timeout_s={self.timeout_s:g}s"
@@ -268,7 +280,7 @@ class RayCoordinator:
                             f"iteration {it}: shard {j} failed {attempts[j]} times; last error: {exc}"
                         ) from exc
                     stats.retries += 1
-                    rollout_failed = isinstance(exc, _StaleVersion) or _failed(sample_ref)
+                    rollout_failed = isinstance(exc, _StaleVersion) or reward_j is None or _failed(sample_ref)
                     log.warning(
                         "iteration %d: %s actor failed on shard %d (%s); retrying",
                         it,

@@ -1,4 +1,5 @@
-"""RolloutWorker: holds a policy copy and samples K masks per image at the current policy version.
+"""RolloutWorker: holds a policy copy and samples K masks per image at the current policy version; with
+``reward.device: cuda`` it also scores them on its GPU (``sample_scored``, ``raysys.reward.TorchGTScorer``).
 
 A plain class; ``ray.remote(num_gpus=..., num_cpus=..., max_restarts=...)`` is applied where it is launched,
 so tests build it in-process.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +23,9 @@ from raysys.batches import RolloutBatch
 from raysys.config import Config
 from raysys.data import dataset_for_split, train_view
 from raysys.features import feature_cache
+
+if TYPE_CHECKING:
+    from raysys.batches import ScoredRollout
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,14 @@ class RolloutWorker:
         self.train = train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset))
         self.features = feature_cache(self.policy, self.train, cfg.rollout.images_per_iteration)
         self.version = 0
+        self.scorer = None  # scores the GT reward on this device with reward.device cuda (as resolved)
+        if cfg.reward.device == "cuda":
+            from raysys.reward import TorchGTScorer
+
+            if self.device.type != "cuda":
+                log.warning("reward.device=cuda but rollout actor %d has no CUDA device: it scores on its CPU "
+                            "(the same rewards, slower)", worker_index)  # fmt: skip
+            self.scorer = TorchGTScorer(cfg, self.train, self.device)
 
     def _logits(self, keys: Sequence, samples: Sequence) -> torch.Tensor:
         """Mask logits [B,H,W] (float32) of the samples, ``rollout.batch_size`` images per policy call (each with
@@ -65,7 +78,10 @@ class RolloutWorker:
     def ready(self) -> dict[str, object]:
         from raysys.placement import placement
 
-        return {**placement(), "worker": self.index, "version": self.version, "device": str(self.device)}
+        out = {**placement(), "worker": self.index, "version": self.version, "device": str(self.device)}
+        if self.scorer is not None:
+            out["reward_device"] = str(self.scorer.reward.device)
+        return out
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Load only the trainable tensors (Ray resolves an ObjectRef argument to the dict)."""
@@ -73,10 +89,24 @@ class RolloutWorker:
         self.version = int(version)
         return self.version
 
-    @torch.no_grad()
     def sample(self, indices: Sequence[int], *, iteration: int) -> RolloutBatch:
         """K masks per image [B, K, H, W] (H x W: the training crop or the whole image), sampled from
         Bernoulli(sigmoid(z / T)) inside the FOV."""
+        return self._sample(indices, iteration=iteration)[0]
+
+    def sample_scored(self, indices: Sequence[int], *, iteration: int) -> ScoredRollout:
+        """``sample``, then the GT reward of the masks on this actor's device, from the tensors still there: the
+        ScoredRollout a reward actor would return. Its ``seconds`` is the scoring, the batch's the sampling."""
+        if self.scorer is None:
+            raise RuntimeError(f"rollout actor {self.index} scores only with reward.device=cuda")
+        return self.scorer.score(*self._sample(indices, iteration=iteration))
+
+    @torch.no_grad()
+    def _sample(
+        self, indices: Sequence[int], *, iteration: int
+    ) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor | None]:
+        """The RolloutBatch, with its masks bool [B, K, H, W] and greedy masks bool [B, H, W] (or None) still on
+        the device."""
         t0 = time.perf_counter()
         k, temperature = self.cfg.rollout.samples_per_image, self.cfg.rollout.temperature
         greedy = self.cfg.learner.advantage == "self_critical"
@@ -100,10 +130,11 @@ class RolloutWorker:
             ]
         )
         masks &= fovs[:, None]
-        greedy_masks = None
+        greedy_masks = greedy_on_device = None
         if greedy:  # the deployed masks (thresholded as evaluation does), the self-critical baseline
-            greedy_masks = pack_masks(((torch.sigmoid(logits) >= self.cfg.eval.threshold) & fovs).cpu())
-        return RolloutBatch(
+            greedy_on_device = (torch.sigmoid(logits) >= self.cfg.eval.threshold) & fovs
+            greedy_masks = pack_masks(greedy_on_device.cpu())
+        batch = RolloutBatch(
             indices=indices,
             ids=[s.id for s in samples],
             masks=pack_masks(masks.cpu()),
@@ -118,3 +149,4 @@ class RolloutWorker:
             if self.cfg.rollout.max_staleness > 0
             else None,
         )
+        return batch, masks, greedy_on_device

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 from collections.abc import Iterator
 from pathlib import Path
 
-from raysys.config import Config
+from raysys.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 RAY_STORAGE = "ray"
 TRAIN_POLL_S = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -42,8 +45,11 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
         # set-up hook too: several clusters on one machine, as in tests/cluster, share /tmp/ray).
         ray.init(address=address, runtime_env=None if _inside_job() else PRIVATE_RAY_ENV, log_to_driver=True)
         return False
-    needed = required_resources(cfg)
-    num_cpus = cfg.run.num_cpus or max(4.0, (needed["CPU"] + extra_cpus) * copies + 1)
+    # Room for the reward actors whether they run or not: that is decided on the running Ray (resolve_reward_device).
+    needed = required_resources(cfg)["CPU"] + (
+        0 if reward_actors(cfg) else cfg.reward.num_actors * cfg.reward.cpus_per_actor
+    )
+    num_cpus = cfg.run.num_cpus or max(4.0, (needed + extra_cpus) * copies + 1)
     ray.init(
         address="local",
         num_cpus=int(num_cpus),
@@ -68,12 +74,95 @@ def _inside_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
+def reward_device(cfg: Config, *, cuda: bool = True) -> tuple[str, str]:
+    """Where the GT reward is scored: ``"cuda"`` (each rollout actor on its GPU, no reward actors) or ``"cpu"``
+    (the reward actors), and why not on the rollout GPUs when ``reward.device`` is not ``cpu``. ``cuda``:
+    whether the rollout actors' GPUs are CUDA devices (not only logical Ray GPUs).
+
+    The rollout actors score the GT reward only: the learned reward net (its scores on a GPU would not equal the
+    CPU reward actors' bit for bit, and every rollout actor would load it) and ``reward.postprocess`` (scipy's
+    morphology) stay with the reward actors."""
+    rc = cfg.reward
+    if rc.device == "cpu":
+        return "cpu", ""
+    if rc.source != "gt":
+        return (
+            "cpu",
+            f"reward.source={rc.source} is scored by the reward actors (the learned reward net runs there)",
+        )
+    if rc.postprocess:
+        return "cpu", "reward.postprocess is scored by the reward actors (its morphology is numpy and scipy)"
+    if rc.device == "cuda":
+        return "cuda", ""
+    if cfg.rollout.gpus_per_worker <= 0:
+        return "cpu", "the rollout actors have no GPU (rollout.gpus_per_worker=0)"
+    if not cuda:
+        return "cpu", "their GPUs are not CUDA devices (declared with run.num_gpus or `ray start --num-gpus`)"
+    return "cuda", ""
+
+
+def reward_actors(cfg: Config) -> int:
+    """Reward actors to launch: none when the rollout actors score the reward (``reward_device``)."""
+    return 0 if reward_device(cfg)[0] == "cuda" else cfg.reward.num_actors
+
+
+def rollout_cuda(cfg: Config, *, private: bool) -> bool:
+    """Whether the rollout actors' GPUs are CUDA devices. On a private local Ray (this machine): whether torch sees
+    CUDA here. On a cluster: whether a node the rollout actors may use (``rollout.label_selector``) has GPUs of a
+    type Ray detected; GPUs that ``ray start --num-gpus`` or ``run.num_gpus`` declare on a CPU machine (to rehearse
+    placement) have none."""
+    if private:
+        import torch
+
+        return torch.cuda.is_available()
+    import ray
+
+    return any(
+        n.get("Alive")
+        and n.get("Resources", {}).get("GPU", 0) > 0
+        and labels_match(cfg.rollout.label_selector, n.get("Labels", {}))
+        and (
+            "ray.io/accelerator-type" in n.get("Labels", {})
+            or any(k.startswith("accelerator_type:") for k in n.get("Resources", {}))
+        )
+        for n in ray.nodes()
+    )
+
+
+def resolve_reward_device(cfg: Config, *, private: bool) -> Config:
+    """``cfg`` with ``reward.device`` decided (``cpu`` or ``cuda``, never ``auto``), once, by the driver on a
+    running Ray (``private``: one it started on this machine), so that the reserved resources, the launched
+    actors and every Tune trial agree; logs where the reward runs and why. ``reward.device=cuda`` without CUDA
+    devices for the rollout actors (``rollout_cuda``) is an error."""
+    from raysys.config_io import replace
+
+    cuda = cfg.rollout.gpus_per_worker > 0 and rollout_cuda(cfg, private=private)
+    device, why = reward_device(cfg, cuda=cuda)
+    if device == "cuda" and not cuda:  # reward.device=cuda (auto would be cpu)
+        raise ConfigError(
+            "invalid value for 'reward.device': cuda, but the rollout actors' GPUs are not CUDA devices (GPUs that "
+            "run.num_gpus or `ray start --num-gpus` declare on a CPU machine); use reward.device=auto or cpu"
+        )
+    if device == "cuda":
+        log.info(
+            "reward: the rollout actors score the GT reward on their GPUs (reward.device=%s)",
+            cfg.reward.device,
+        )
+    elif why and (cfg.reward.device == "cuda" or cfg.rollout.gpus_per_worker > 0):
+        (log.warning if cfg.reward.device == "cuda" else log.info)(
+            "reward: scored by %d CPU reward actor(s), not on the rollout GPUs: %s",
+            cfg.reward.num_actors,
+            why,
+        )
+    return cfg if cfg.reward.device == device else replace(cfg, [f"reward.device={device}"])
+
+
 def role_resources(cfg: Config) -> dict[str, tuple[dict[str, str], dict[str, float]]]:
     """Per role (rollout, reward, learner): its node-label selector and the logical CPUs and GPUs it reserves."""
     r, rw, lc = cfg.rollout, cfg.reward, cfg.learner
     return {
         "rollout": (r.label_selector, {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}),
-        "reward": (rw.label_selector, {"CPU": rw.num_actors * rw.cpus_per_actor, "GPU": 0.0}),
+        "reward": (rw.label_selector, {"CPU": reward_actors(cfg) * rw.cpus_per_actor, "GPU": 0.0}),
         "learner": (lc.label_selector, {"CPU": lc.num_workers * lc.cpus_per_worker, "GPU": lc.num_workers * lc.gpus_per_worker if lc.use_gpu else 0.0}),
     }  # fmt: skip
 

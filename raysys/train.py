@@ -31,6 +31,8 @@ from raysys.runtime import (
     holds_results,
     init_ray,
     latest_iteration,
+    resolve_reward_device,
+    reward_actors,
     run_lock,
     storage_exists,
     train_storage,
@@ -277,7 +279,8 @@ def _launch_actors(cfg: Config):
         **_node_options(rw.label_selector, rw.scheduling),
     )(RewardWorker)
     rollout = [rollout_cls.remote(cfg, i) for i in range(r.num_workers)]
-    reward = [reward_cls.remote(cfg) for _ in range(cfg.reward.num_actors)]
+    # none when the rollout actors score the reward themselves (reward.device: cuda)
+    reward = [reward_cls.remote(cfg) for _ in range(reward_actors(cfg))]
     return rollout, reward, ray.remote(num_cpus=0)(MetricsSink)
 
 
@@ -343,6 +346,7 @@ def run_training(
             save_config(cfg, run_dir / "config.yaml")
         started = init_ray(cfg)
         try:
+            cfg = resolve_reward_device(cfg, private=started)  # config.yaml keeps the user's value (auto)
             check_resources(cfg)
             rollout, reward, sink_cls = _launch_actors(cfg)
             start_iteration = latest_iteration(f"{storage}/{name}") + 1 if resume else 0
@@ -357,10 +361,9 @@ def run_training(
                 )
             ).remote(str(run_dir), start_iteration=start_iteration)
             # The actors load their models while Train starts its learners; see _fit_with_progress.
-            actors = {
-                "rollout": [h.ready.remote() for h in rollout],
-                "reward": [h.ready.remote() for h in reward],
-            }
+            actors = {"rollout": [h.ready.remote() for h in rollout]}
+            if reward:
+                actors["reward"] = [h.ready.remote() for h in reward]
             lc = cfg.learner
             resources = {"CPU": lc.cpus_per_worker, **({"GPU": lc.gpus_per_worker} if lc.use_gpu else {})}
             backend = None if lc.dist_backend == "auto" else TorchConfig(backend=lc.dist_backend)

@@ -29,7 +29,15 @@ from typing import Any
 from raysys import keys
 from raysys.config import Config, ConfigError, parse_objective
 from raysys.config_io import replace, save_config
-from raysys.runtime import ResourceError, init_ray, required_resources, storage_exists, train_storage
+from raysys.runtime import (
+    ResourceError,
+    init_ray,
+    required_resources,
+    resolve_reward_device,
+    reward_actors,
+    storage_exists,
+    train_storage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,10 @@ EXPERIMENT = "sweep"
 TRIAL_CPUS = 0.25
 """Logical CPUs of the Tune trial process itself (the Train driver; Tune refuses 0)."""
 WEIGHTS_PREFIX = "reward.weights."
+REWARD_DEVICE_KEYS = frozenset(
+    {"reward.device", "reward.source", "reward.postprocess", "rollout.gpus_per_worker"}
+)
+"""Keys that decide whether the reward actors run (``raysys.runtime.reward_device``)."""
 
 
 # ------------------------------------------------------------------------------------------- search space
@@ -235,6 +247,15 @@ def max_concurrent_trials(cfg: Config, have: dict[str, float]) -> int:
     return cfg.tune.max_concurrent_trials or n
 
 
+def sweep_reward_device(cfg: Config, *, private: bool) -> Config:
+    """``reward.device`` decided once for every trial (``raysys.runtime.resolve_reward_device``), so that each
+    trial's placement group holds the actors it launches; ``cpu`` when the search space sweeps a key that decides
+    it (REWARD_DEVICE_KEYS): the reward actors' bundles are then reserved for every trial."""
+    if REWARD_DEVICE_KEYS & set(cfg.tune.search_space):
+        cfg = replace(cfg, ["reward.device=cpu"])
+    return resolve_reward_device(cfg, private=private)
+
+
 def trial_resources(cfg: Config):
     """The trial's placement group: the driver, then one bundle per rollout and reward actor (created inside
     the trial, so Tune places them in these bundles), with the roles' node-label selectors and, when a role
@@ -243,10 +264,10 @@ def trial_resources(cfg: Config):
 
     r, rw = cfg.rollout, cfg.reward
     rollout = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
-    reward = {"CPU": rw.cpus_per_actor}
-    selectors = [{}] + [dict(r.label_selector)] * r.num_workers + [dict(rw.label_selector)] * rw.num_actors
+    reward, n_reward = {"CPU": rw.cpus_per_actor}, reward_actors(cfg)
+    selectors = [{}] + [dict(r.label_selector)] * r.num_workers + [dict(rw.label_selector)] * n_reward
     return tune.PlacementGroupFactory(
-        [{"CPU": TRIAL_CPUS}] + [rollout] * r.num_workers + [reward] * rw.num_actors,
+        [{"CPU": TRIAL_CPUS}] + [rollout] * r.num_workers + [reward] * n_reward,
         strategy="SPREAD" if "spread" in (r.scheduling, rw.scheduling) else "PACK",
         **({"bundle_label_selector": selectors} if any(selectors) else {}),
     )
@@ -327,6 +348,7 @@ def run_sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
     save_config(cfg, tune_dir / "config.yaml")
     started = init_ray(cfg, copies=cfg.tune.max_concurrent_trials or 1, extra_cpus=TRIAL_CPUS)
     try:
+        cfg = sweep_reward_device(cfg, private=started)
         concurrent = max_concurrent_trials(cfg, ray.cluster_resources())
         log.info("sweep %s: up to %d trial(s) at once", cfg.run.name, concurrent)
         trainable = tune.with_resources(

@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import skeletonize as sk_skeletonize
 from torch_reward_cases import CONFIGS, assert_identical, fundus, shape_masks, vessel_masks
 
-from envs.rewards_torch import label, skeletonize
+from envs.morphology_torch import label, skeletonize
 
 SHAPES = ((40, 40), (37, 61), (64, 45), (96, 96))
 

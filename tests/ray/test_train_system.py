@@ -92,9 +92,14 @@ def test_two_iteration_run_writes_metrics_checkpoints_and_events(ray_local, tmp_
 
 
 def test_weight_versions_reach_every_rollout_actor(ray_local) -> None:
+    from raysys.testing.scored import differences
+
     cfg = load_config(None, SMALL)
+    # Rollout actors that can also score their own samples (reward.device=cuda; without a GPU here they warn and
+    # score on their CPU): they sample what plain ones sample.
+    scoring = load_config(None, [*SMALL, "rollout.gpus_per_worker=0.25", "reward.device=cuda"])
     cls = ray_local.remote(num_cpus=0.25)(RolloutWorker)
-    workers = [cls.remote(cfg, i) for i in range(2)]
+    workers = [cls.remote(scoring, i) for i in range(2)]
     co = RayCoordinator(workers, [ray_local.remote(num_cpus=0.25)(RewardWorker).remote(cfg)])
     local = RolloutWorker(cfg, 9)
     sd = {k: v + 0.1 for k, v in local.policy.trainable_state_dict().items()}
@@ -107,6 +112,10 @@ def test_weight_versions_reach_every_rollout_actor(ray_local) -> None:
     np.testing.assert_array_equal(
         scored[0].batch.unpack(), local.sample(scored[0].batch.indices, iteration=0).unpack()
     )
+    # Without reward actors the rollout actors score their shards: the same ScoredRollouts, the scoring timed.
+    self_scored, stats = RayCoordinator(workers, []).collect([0, 1, 2, 3], iteration=0, version=3)
+    assert not differences(self_scored, scored) and stats.reward_s == sum(s.seconds for s in self_scored) > 0
+    assert [ray_local.get(w.ready.remote())["reward_device"] for w in workers] == ["cpu", "cpu"]
 
 
 def _biased(sd: dict[str, torch.Tensor], bias: float) -> dict[str, torch.Tensor]:

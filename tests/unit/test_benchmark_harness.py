@@ -13,8 +13,6 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
-NOT_YET_ON_HARNESS = {"reward_speed.py"}
-"""Scripts that still carry their own ROOT and one-core set-up (being extended elsewhere; issue 28 moves them)."""
 
 
 def _harness():
@@ -50,7 +48,7 @@ def test_root_is_defined_once_in_the_harness() -> None:
         for node in ast.parse(p.read_text()).body
         if any(isinstance(t, ast.Name) and t.id == "ROOT" for t in targets(node))
     ]
-    assert sorted(set(defining) - NOT_YET_ON_HARNESS) == ["harness.py"], defining
+    assert defining == ["harness.py"], defining
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
@@ -66,7 +64,7 @@ def test_no_script_imports_tests_or_another_scripts_private_names(path: Path) ->
             assert not private, (
                 f"{path.name} imports private {private} from {module}.py: make them public there"
             )
-    if path.name not in NOT_YET_ON_HARNESS and path.name != "harness.py":
+    if path.name != "harness.py":
         assert "sys.path.insert" not in path.read_text(), f"{path.name}: the harness sets sys.path"
 
 

@@ -11,8 +11,9 @@ from scipy import ndimage as ndi
 from skimage.morphology import skeletonize as sk_skeletonize
 from torch_reward_cases import CONFIGS, assert_identical, fundus, shape_masks, vessel_masks
 
+from envs.morphology_torch import label, skeletonize
 from envs.rewards import MultiObjectiveReward, RewardConfig, RewardWeights
-from envs.rewards_torch import TorchReward, label, skeletonize
+from envs.rewards_torch import TorchReward
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -181,3 +182,21 @@ def test_inputs_are_checked() -> None:
         TorchReward(RewardConfig(), thinning="fast")
     with pytest.raises(TypeError, match="RewardConfig"):
         TorchReward({"weights": None})  # type: ignore[arg-type]
+
+
+def test_targets_of_single_images_score_like_the_batch_they_came_from() -> None:
+    """select + cat (the rollout actors keep one image's or crop's targets at a time): the same scores."""
+    rng = np.random.default_rng(17)
+    pairs = [fundus(seed, 64) for seed in (0, 1, 2)]
+    gts, fovs = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    tr = TorchReward(CONFIGS["all_terms"])
+    targets = tr.prepare_targets(gts, fovs)
+    masks = torch.from_numpy(
+        np.stack(vessel_masks(gts[2], fovs[2], rng, 2) + vessel_masks(gts[0], fovs[0], rng, 2))
+    )
+    joined = type(targets).cat([targets.select([2]), targets.select([0])])
+    assert len(joined) == 2 and sorted(joined.tiles) == [8, 16] and joined.nbytes == 2 * targets.nbytes // 3
+    want = tr.score(masks, targets, image=[2, 2, 0, 0], tiles=(16, 8))
+    got = tr.score(masks, joined, image=[0, 0, 1, 1], tiles=(16, 8))
+    assert torch.equal(got.whole.total, want.whole.total)
+    assert all(torch.equal(got.tiles[t].total, want.tiles[t].total) for t in (16, 8))

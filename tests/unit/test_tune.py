@@ -99,10 +99,15 @@ def test_concurrency_from_resources_and_fail_fast() -> None:
 
     cfg = load_config()  # 2 rollout x 0.5 + 0.5 reward + 0.5 learner + 0.25 trial = 2.25 CPU
     assert tune_mod.max_concurrent_trials(cfg, {"CPU": 8.0}) == 3
-    gpu = load_config(None, ["rollout.gpus_per_worker=1", "learner.use_gpu=true", "learner.num_workers=2"])
-    assert tune_mod.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 2  # 4 GPUs a trial
+    gpu = ["rollout.gpus_per_worker=1", "learner.use_gpu=true", "learner.num_workers=2", "reward.device=cpu"]
+    assert (
+        tune_mod.max_concurrent_trials(load_config(None, gpu), {"CPU": 64.0, "GPU": 8.0}) == 2
+    )  # 4 GPUs a trial
     with pytest.raises(ResourceError, match=r"one trial needs 2\.75 CPU and 4 GPU"):
-        tune_mod.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 2.0})
+        tune_mod.max_concurrent_trials(load_config(None, gpu), {"CPU": 64.0, "GPU": 2.0})
+    # The rollout actors score the reward on their GPUs (reward.device auto or cuda): no reward actor's CPU.
+    with pytest.raises(ResourceError, match=r"one trial needs 2\.25 CPU and 4 GPU"):
+        tune_mod.max_concurrent_trials(load_config(None, gpu[:-1]), {"CPU": 64.0, "GPU": 2.0})
     assert (
         tune_mod.max_concurrent_trials(load_config(None, ["tune.max_concurrent_trials=5"]), {"CPU": 64.0})
         == 5
@@ -110,11 +115,14 @@ def test_concurrency_from_resources_and_fail_fast() -> None:
 
 
 def test_trial_placement_group_holds_the_trials_actors() -> None:
-    cfg = load_config(None, ["rollout.num_workers=3", "rollout.gpus_per_worker=0.5", "reward.num_actors=2"])
+    overrides = ["rollout.num_workers=3", "rollout.gpus_per_worker=0.5", "reward.num_actors=2"]
+    cfg = load_config(None, [*overrides, "reward.device=cpu"])
     bundles = tune_mod.trial_resources(cfg).bundles
     assert bundles[0] == {"CPU": tune_mod.TRIAL_CPUS}
     assert bundles[1:4] == [{"CPU": 0.5, "GPU": 0.5}] * 3 and bundles[4:] == [{"CPU": 0.5}] * 2
     assert tune_mod.trial_resources(cfg).strategy == "PACK"
+    on_rollout = tune_mod.trial_resources(load_config(None, [*overrides, "reward.device=cuda"])).bundles
+    assert on_rollout == bundles[:4]  # no idle reward actors
     placed = load_config(
         None,
         ["rollout.num_workers=2", "rollout.label_selector.role=rollout", "rollout.scheduling=spread"],
