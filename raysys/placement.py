@@ -19,9 +19,14 @@ def placement() -> dict[str, Any]:
     info.update(
         node_id=ctx.get_node_id(),
         node_ip=ray.util.get_node_ip_address(),
+        labels=user_labels(ctx.get_node_labels()),
+    )
+    if ctx.get_actor_id() is None:
+        # The driver (an actor class built in-process, as tests do) has no reservation; Ray asserts if asked.
+        return info
+    info.update(
         resources={k: float(v) for k, v in ctx.get_assigned_resources().items()},
         gpu_ids=[str(g) for g in ray.get_gpu_ids()],
-        labels=user_labels(ctx.get_node_labels()),
     )
     return info
 

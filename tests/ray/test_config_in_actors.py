@@ -50,3 +50,20 @@ def test_workers_of_a_private_ray_name_their_own_cluster(ray_local) -> None:
         return os.environ.get("RAY_ADDRESS")
 
     assert ray_local.get(address.remote()) == ray_local.get_runtime_context().gcs_address
+
+
+def test_placement_in_an_actor_names_its_reservation_and_in_the_driver_its_node(ray_local) -> None:
+    """An actor class built in the driver (tests, local debugging) reports where it is, not a Ray assertion."""
+    from raysys.placement import placement
+
+    driver = placement()
+    assert driver["node_id"] and "resources" not in driver
+    remote = ray_local.get(ray_local.remote(num_cpus=0.5)(_Placed).remote().where.remote())
+    assert remote["node_id"] == driver["node_id"] and remote["resources"] == {"CPU": 0.5}
+
+
+class _Placed:
+    def where(self) -> dict:
+        from raysys.placement import placement
+
+        return placement()
