@@ -4,15 +4,17 @@
    classified: ``clear`` (expected exit code and message), ``silent`` (exit 0 where an error was due, or an
    unclear message) or ``data_loss`` (a file that existed before the command changed or vanished).
 2. Faults during ``raysys train`` (a small run in its own process): a rollout actor, the reward actor and the
-   learner (Ray Train worker) are SIGKILLed mid-run, the driver is SIGKILLed, and the driver gets Ctrl-C
-   (SIGINT). A run that stops is continued with the same command plus ``--resume``. On a simulated multi-node
+   learner (Ray Train worker) are SIGKILLed mid-run, the driver is SIGKILLed, gets Ctrl-C (SIGINT) or SIGTERM
+   (what `ray job stop` and schedulers send), the driver dies leaving half a metrics row behind, the run's disk
+   fills up (a 64 MiB tmpfs), ``run.storage_path`` cannot be created, and a standalone ``raysys sft`` races a
+   running pipeline of the same name. A run that stops is continued with the same command plus ``--resume``. On a simulated multi-node
    cluster (a head and four labelled worker nodes on this machine) the node hosting a rollout actor, then in a
    second run the node hosting a learner rank, is removed mid-run. A fault is survived when
    the run then completes and ``metrics.jsonl`` holds every iteration exactly once, in order. Two
    uninterrupted runs check that one config and seed give the same weights, and each fault run is compared
    with them.
 
-    python benchmarks/reliability.py            # writes benchmarks/results/reliability.json (~6 min, 2 CPUs)
+    python benchmarks/reliability.py            # writes benchmarks/results/reliability.json (~15 min, 2 CPUs)
     python benchmarks/reliability.py --no-runs  # the matrix only (~15 s)
 """
 
@@ -113,7 +115,25 @@ FAULTS = {
     "learner_sigkill": ("ray::RayTrainWorker", signal.SIGKILL),
     "driver_sigkill": ("driver", signal.SIGKILL),
     "driver_ctrl_c": ("driver", signal.SIGINT),
+    "driver_sigterm": ("driver", signal.SIGTERM),
+    "torn_metrics_row": ("driver", signal.SIGKILL),
 }
+
+
+def _tear_metrics(run: Path) -> None:
+    """What a crash in the middle of writing a row leaves behind: the first bytes of the next row."""
+    metrics = run / "metrics.jsonl"
+    intact = []
+    for line in metrics.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            intact.append(json.loads(line)["iteration"])
+    last = max(intact)
+    with metrics.open("a") as f:
+        f.write(json.dumps({"iteration": last + 1, keys.REWARD_MEAN: 0.5})[:24])
+
+
+AFTER_STOP = {"torn_metrics_row": _tear_metrics}
+"""Damage done to a run's folder after its process died, before ``--resume``."""
 
 
 def _train_args(out: Path, name: str, base: Path, *extra: str) -> list[str]:
@@ -189,6 +209,8 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
         orphans = len(_pids(proc.pid))
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of this run's Ray
+    if injected and name in AFTER_STOP:
+        AFTER_STOP[name](out / name)
     resumed_rc = None
     if first_rc != 0:
         again = harness.run_cli(*args, "--resume", log=log, check=False, cwd=harness.ROOT, timeout=900)
@@ -222,6 +244,140 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
         "log_tail": None if survived and first_rc == 0 else _tail(out / f"{name}.log"),
     }
 
+
+def _outcome(name: str, t0: float, log: Path, **fields) -> dict:
+    row = {"fault": name, **fields, "seconds": round(time.perf_counter() - t0, 1)}
+    row["log_tail"] = None if fields.get("survived") else _tail(log)
+    return row
+
+
+def run_disk_full(out: Path, base: Path) -> dict:
+    """The run folder on a 64 MiB tmpfs that fills up after 2 iterations (a filler file takes every free
+    byte): the run must stop naming the full disk and advising --resume; with the space back, ``--resume``
+    finishes it. Needs root for ``mount`` (else recorded as not injected)."""
+    name, t0 = "disk_full_train", time.perf_counter()
+    disk = out / "disk"
+    disk.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True
+    )
+    log_path = out / f"{name}.log"
+    if mounted.returncode != 0:
+        log_path.write_text(mounted.stderr.decode())
+        return _outcome(name, t0, log_path, injected=False, survived=False)
+    try:
+        args = _train_args(disk, name, base)
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(harness.cli_argv(*args), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=harness.ROOT)  # fmt: skip
+            injected = _wait_for_rows(disk / name / "metrics.jsonl", 2, proc)
+            filler = disk / "filler.bin"
+            if injected:
+                with filler.open("wb") as f, contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+            first_rc = proc.wait(timeout=600)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            filler.unlink(missing_ok=True)
+            said = log_path.read_text()
+            named = "the disk is full" in said and "--resume" in said
+            again = harness.run_cli(*args, "--resume", log=log, check=False, cwd=harness.ROOT, timeout=900)
+        iterations = [r["iteration"] for r in metric_rows(disk / name / "metrics.jsonl")]
+        survived = (
+            injected
+            and first_rc == 1
+            and named
+            and again.returncode == 0
+            and iterations == list(range(ITERATIONS))
+        )
+        diff = _diff_vs_reference(out, disk / name) if survived else None
+        return _outcome(name, t0, log_path, injected=injected, first_exit=first_rc, cause_named=named,
+                        resumed=True, resume_exit=again.returncode, iterations_logged=iterations,
+                        survived=survived, max_abs_weight_diff_vs_uninterrupted=diff)  # fmt: skip
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def run_unreachable_storage(out: Path, base: Path) -> dict:
+    """``run.storage_path`` under /proc (cannot be created): the run must stop before Ray, naming the key, in
+    seconds; the same run with a reachable path then finishes."""
+    name, t0 = "unreachable_storage", time.perf_counter()
+    out.mkdir(parents=True)
+    log_path = out / f"{name}.log"
+    with log_path.open("w") as log:
+        bad = harness.run_cli(*_train_args(out, name, base, "run.storage_path=/proc/raysys-ckpts"), log=log,
+                              check=False, cwd=harness.ROOT, timeout=300)  # fmt: skip
+        said = log_path.read_text()
+        named = "run.storage_path=/proc/raysys-ckpts" in said and "Traceback" not in said
+        good = harness.run_cli(
+            *_train_args(out, name, base), log=log, check=False, cwd=harness.ROOT, timeout=900
+        )
+    iterations = [r["iteration"] for r in metric_rows(out / name / "metrics.jsonl")]
+    survived = (
+        bad.returncode == 2 and named and good.returncode == 0 and iterations == list(range(ITERATIONS))
+    )
+    return _outcome(name, t0, log_path, injected=True, first_exit=bad.returncode, refused_in_s=round(bad.wall_s, 1),
+                    cause_named=named, resumed=False, resume_exit=good.returncode, iterations_logged=iterations,
+                    survived=survived,
+                    max_abs_weight_diff_vs_uninterrupted=_diff_vs_reference(out, out / name) if survived else None)  # fmt: skip
+
+
+PIPELINE = [*SMALL_RL, f"learner.iterations={ITERATIONS}", "learner.checkpoint_every=4", "eval.every=4",
+            "run.num_cpus=4", "sft.steps=20", "sft.eval_every=10", "reward_net.epochs=1", "reward_net.n_train=8",
+            "reward_net.n_val=4"]  # fmt: skip
+
+
+def run_stage_racing_pipeline(out: Path, base: Path) -> dict:
+    """A standalone ``raysys sft`` (plain and with --overwrite) under the name of a pipeline whose rl stage is
+    running: both must be refused without touching the pipeline's SFT model; the pipeline finishes, and a
+    rerun skips every stage (its recorded digests still match the files)."""
+    name, t0 = "stage_racing_pipeline", time.perf_counter()
+    out.mkdir(parents=True)
+    log_path = out / f"{name}.log"
+    common = [f"run.output_dir={out}", f"run.name={name}", *PIPELINE]
+    run = out / name
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(harness.cli_argv("pipeline", *common), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=harness.ROOT)  # fmt: skip
+        deadline, injected = time.time() + 600, False
+        while proc.poll() is None and time.time() < deadline and not injected:
+            injected = (run / "rl.tmp").is_dir()
+            time.sleep(0.2)
+        refusals, untouched = [], False
+        if injected:
+            model = run / "sft" / "model" / "model.safetensors"
+            before = model.read_bytes()
+            for extra in ([], ["--overwrite"]):
+                r = harness.run_cli("sft", *common, *extra, check=False, cwd=harness.ROOT, timeout=300)
+                log.write(r.stdout + r.stderr)
+                refusals.append(r.returncode == 2 and "in use by another raysys process" in r.stderr)
+            untouched = model.read_bytes() == before
+        first_rc = proc.wait(timeout=900)
+        again = harness.run_cli("pipeline", *common, check=False, cwd=harness.ROOT, timeout=900)
+        log.write(again.stdout + again.stderr)
+    skipped = again.returncode == 0 and again.stdout.count("skipped (up to date)") == 7
+    survived = injected and all(refusals) and len(refusals) == 2 and untouched and first_rc == 0 and skipped
+    return _outcome(name, t0, log_path, injected=injected, first_exit=first_rc, standalone_refused=refusals,
+                    sft_model_untouched=injected and untouched, rerun_all_skipped=skipped, resumed=False,
+                    resume_exit=None, survived=survived)  # fmt: skip
+
+
+def _diff_vs_reference(out: Path, run: Path) -> float | None:
+    reference = out.parent / "reference"
+    return (
+        max_abs_diff(_weights(run), _weights(reference))
+        if (reference / "checkpoints" / "latest").is_dir()
+        else None
+    )
+
+
+SCENARIOS = {
+    "disk_full_train": run_disk_full,
+    "unreachable_storage": run_unreachable_storage,
+    "stage_racing_pipeline": run_stage_racing_pipeline,
+}
+"""Faults that need their own set-up (a small disk, a bad key, a pipeline), one function each."""
 
 NODE_FAULTS = ("rollout_node_loss", "learner_node_loss")
 
@@ -303,7 +459,8 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-runs", action="store_true", help="the fault matrix only")
-    ap.add_argument("--faults", nargs="+", choices=[*FAULTS, *NODE_FAULTS], default=[*FAULTS, *NODE_FAULTS])
+    every = [*FAULTS, *SCENARIOS, *NODE_FAULTS]
+    ap.add_argument("--faults", nargs="+", choices=every, default=every)
     ap.add_argument("--no-reference", action="store_true", help="skip the two uninterrupted runs")
     ap.add_argument("--out", default=str(harness.result_path("reliability")))
     args = ap.parse_args()
@@ -321,6 +478,10 @@ def main() -> None:
                 res = run_fault(name, Path(tmp) / f"try{i}", base)
                 print(f"{name}: survived={res['survived']} first exit {res['first_exit']} "
                       f"resume exit {res['resume_exit']} iterations {res['iterations_logged']} ({res['seconds']} s)")  # fmt: skip
+                faults.append(res)
+            for name in (n for n in args.faults if n in SCENARIOS):
+                res = SCENARIOS[name](Path(tmp) / name, base)
+                print(f"{name}: survived={res['survived']} ({res['seconds']} s)")
                 faults.append(res)
             node_faults = [n for n in args.faults if n in NODE_FAULTS]
             if node_faults:

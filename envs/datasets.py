@@ -144,11 +144,30 @@ def _check_size(arr: np.ndarray, what: str, src: _Src, image: np.ndarray, image_
         )
 
 
+MIN_SIDE = 32
+"""Smallest image side raysys trains or scores on: below it the model's stride-16 features hold one cell."""
+
+
 def _load_entry(e: _Entry) -> VesselSample:
     image = read_rgb(_read(e.image), name=_label(e.image))
     h, w = image.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise DatasetError(
+            f"image {_label(e.image)} is {w}x{h} pixels; raysys needs at least {MIN_SIDE}x{MIN_SIDE} (a thumbnail "
+            "or a broken export?)"
+        )
     has_mask = True
     if e.polygons is not None:
+        inside = [
+            p
+            for p in e.polygons
+            if p[:, 0].max() >= 0 and p[:, 0].min() < w and p[:, 1].max() >= 0 and p[:, 1].min() < h
+        ]
+        if e.polygons and not inside:
+            raise DatasetError(
+                f"the polygons of image {_label(e.image)} lie entirely outside its {w}x{h} pixels (x, y "
+                "coordinates in pixels, origin top left); check the annotation's image or coordinate scale"
+            )
         mask = rasterise_polygons(list(e.polygons), h, w)
     elif e.mask is not None:
         mask = read_mask(_read(e.mask), name=_label(e.mask))
@@ -661,6 +680,11 @@ def _list_parquet(root: Path, parts: Sequence[str], *, allow_outside_root: bool 
             if required:
                 raise DatasetError(f"{path}: row {i} has neither image_path nor image_bytes")
             return None
+        if not isinstance(paths[i], str):
+            raise DatasetError(
+                f"{path}: row {i} {kind}_path must be a file path (text), got {paths[i]!r} "
+                f"({type(paths[i]).__name__})"
+            )
         p = Path(paths[i]) if Path(paths[i]).is_absolute() else base / paths[i]
         if not p.is_file():
             raise DatasetError(f"{path}: row {i} {kind}_path {paths[i]!r} does not exist (looked for {p})")
@@ -674,6 +698,10 @@ def _list_parquet(root: Path, parts: Sequence[str], *, allow_outside_root: bool 
         where = f"{path}: row {i}"
         image = source("image", i, paths["image"], blobs["image"], required=True)
         assert image is not None
+        if isinstance(ids[i], float) and not math.isfinite(ids[i]):
+            raise DatasetError(
+                f"{where}: id is {ids[i]} (an empty cell?); give every row an id, or drop the column"
+            )
         stem = (
             ids[i]
             if ids[i] is not None

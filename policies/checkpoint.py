@@ -35,13 +35,53 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
+def _what_folder(missing: Path) -> str | None:
+    """Why ``missing`` (a base model's config.json or an RL checkpoint's meta.json) is not there: its folder is
+    the other kind of checkpoint, or does not exist."""
+    directory = missing.parent
+    if missing.name == BASE_CONFIG and (directory / TRAINABLE_WEIGHTS).is_file():
+        return (
+            f"{directory} is an RL checkpoint ({TRAINABLE_WEIGHTS} + {TRAINABLE_META}), not a base model folder "
+            f"({BASE_CONFIG} + {BASE_WEIGHTS}, what `raysys sft` writes); `raysys eval` and `export` take it "
+            "as --checkpoint"
+        )
+    if missing.name == TRAINABLE_META and (directory / BASE_WEIGHTS).is_file():
+        return (
+            f"{directory} is a base model folder ({BASE_CONFIG} + {BASE_WEIGHTS}, what `raysys sft` writes), not "
+            f"an RL checkpoint ({TRAINABLE_WEIGHTS} + {TRAINABLE_META}, under runs/<name>/checkpoints/): use it "
+            f"as policy.checkpoint={directory}"
+        )
+    if not directory.exists():
+        return f"checkpoint folder {directory} does not exist"
+    return None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint metadata {path} does not exist")
+        raise CheckpointError(_what_folder(path) or f"checkpoint metadata {path} does not exist")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint metadata {path} is not valid JSON: {exc}") from exc
+
+
+def load_torch_file(path: str | Path, *, what: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` in raysys's words: torch's own refusal advises retrying with
+    ``weights_only=False``, which would run whatever code a pickle carries."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{what} {path} cannot be loaded as plain tensors: it is corrupt, or it holds pickled Python objects, "
+            "which raysys never unpickles (they can run code). Use a file raysys wrote, or re-save it from "
+            "trusted code as a plain state dict"
+        ) from None
+    except Exception as exc:  # truncated or foreign files raise several types
+        raise CheckpointError(
+            f"{what} {path} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
 
 
 def save_base_model(model: TinySa2VA, directory: str | Path) -> Path:

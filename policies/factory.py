@@ -87,12 +87,18 @@ def _as_trained(cfg: PolicyConfig, meta: dict[str, Any], where: Path) -> PolicyC
     changes: dict[str, Any] = {}
     base = meta.get("base") or {}
     if cfg.checkpoint is None and base.get("checkpoint"):
+        recorded = base["checkpoint"]
+        if Path(recorded).is_absolute() and not Path(recorded).exists():
+            from policies.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"{where} was trained on the base model {recorded} (recorded in its meta.json), which no longer "
+                "exists; restore that folder, or set policy.checkpoint to a copy of it"
+            )
         log.warning(
-            "policy.checkpoint is not set: using %s, the base model %s was trained on",
-            base["checkpoint"],
-            where,
+            "policy.checkpoint is not set: using %s, the base model that %s was trained on", recorded, where
         )
-        changes["checkpoint"] = base["checkpoint"]
+        changes["checkpoint"] = recorded
     lora = meta.get("lora") or {}
     for key, field in _LORA_KEYS.items():
         if key in lora and lora[key] != getattr(cfg, field):

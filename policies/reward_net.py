@@ -158,10 +158,9 @@ def load_reward_net(
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"reward net checkpoint {p} does not exist")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"reward net checkpoint {p} could not be read ({type(e).__name__}: {e})") from e
+    from policies.checkpoint import load_torch_file
+
+    ckpt = load_torch_file(p, what="reward net checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         found = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from raysys import keys
 from raysys.config import Config, ConfigError
 from raysys.config_io import load_config, to_dict
 from raysys.pipeline import PipelineError
+from raysys.runtime import Terminated, command_output, stop_on_sigterm
 
 log = logging.getLogger("raysys")
 
@@ -41,7 +43,21 @@ def _config(args: argparse.Namespace) -> Config:
         from raysys.runtime import absolute_paths
 
         cfg = absolute_paths(cfg, base)
+    if args.command != "config":  # every other command writes under run.output_dir
+        _make_output_dir(cfg.run.output_dir)
     return cfg
+
+
+def _make_output_dir(output_dir: str) -> None:
+    path = Path(output_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"run.output_dir={output_dir} is a file; choose a folder") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"run.output_dir={output_dir} cannot be created ({exc.strerror}); choose a writable folder"
+        ) from None
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -121,8 +137,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if cfg.policy.kind != "tiny":
         raise ConfigError("raysys sft trains the tiny policy; a Sa2VA checkpoint is already supervised")
     out = Path(args.out) if args.out else cfg.run_dir / "sft"
-    save_config(cfg, out / "config.yaml")
-    res = run_sft(cfg, out)
+    with command_output(out, cfg.run_dir, overwrite=args.overwrite, what="SFT") as out:
+        save_config(cfg, out / "config.yaml")
+        res = run_sft(cfg, out)
     _print_metrics("SFT validation", res.val)
     print(
         f"best step {res.best_step}/{res.steps} in {res.seconds:.0f}s; best val threshold "
@@ -137,8 +154,9 @@ def cmd_reward_net(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = Path(args.out) if args.out else cfg.run_dir / "reward_net"
-    save_config(cfg, out / "config.yaml")
-    report = run_reward_net(cfg, out, policy_checkpoint=args.policy_checkpoint)
+    with command_output(out, cfg.run_dir, overwrite=args.overwrite, what="reward-net") as out:
+        save_config(cfg, out / "config.yaml")
+        report = run_reward_net(cfg, out, policy_checkpoint=args.policy_checkpoint)
     names = ("val_mse", "val_mae", "val_pearson", "val_spearman", "val_mse_baseline", "final_val_mse")
     _print_metrics("reward net, held-out", {k: getattr(report, k) for k in names})
     print(f"outputs in {out}")
@@ -154,17 +172,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError):
         raise  # bad config, data or checkpoint, found before training started: main() names it (exit 2)
     except Exception as exc:
-        from raysys.runtime import storage_exists, train_storage
+        from raysys.runtime import explain_failure, storage_exists, train_storage
 
         log.exception("training failed")
-        resumable = storage_exists(f"{train_storage(cfg)}/{cfg.run.name}")
-        hint = (
-            f"checkpoints so far are in {cfg.run_dir}; after fixing the cause, continue with: raysys train ... --resume"
-            if resumable
-            else "no checkpoint was written; after fixing the cause, run the same command again"
+        storage = train_storage(cfg)
+        known = explain_failure(
+            exc, f"{cfg.run_dir} and {storage}" if cfg.run.storage_path else str(cfg.run_dir)
         )
+        if not storage_exists(f"{storage}/{cfg.run.name}"):
+            hint = "no checkpoint was written; after fixing the cause, run the same command again"
+        elif known is None or known[2]:
+            hint = f"checkpoints so far are in {cfg.run_dir}; after fixing the cause, continue with: raysys train ... --resume"
+        else:
+            hint = "--resume would load the same refused file; replace it first"
+        what = f"{type(exc).__name__}: {_first_lines(str(exc))}"
+        if known:
+            what = f"{known[0]}; {known[1]}\n  ({what})"
         print(
-            f"raysys: error: training of run '{cfg.run.name}' failed: {type(exc).__name__}: {exc}\n  {hint}",
+            f"raysys: error: training of run '{cfg.run.name}' failed: {what}\n  {hint}",
             file=sys.stderr,
         )
         return 1
@@ -174,6 +199,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"run directory: {res.run_dir}\ncheckpoint: {res.checkpoint}")
     return 0
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+    """The head of an error whose text may carry a whole remote traceback (the full one is in the log)."""
+    lines = text.strip().splitlines()
+    return "\n".join(lines[:n]) + (
+        f"\n  ... ({len(lines) - n} more lines in the log above)" if len(lines) > n else ""
+    )
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -220,7 +253,8 @@ def cmd_prompt_rl(args: argparse.Namespace) -> int:
         if args.out
         else cfg.run_dir / ("prompt_rl" if cfg.rllib.reward == "gt" else "prompt_rl_learned")
     )
-    res = run_prompt_rl(cfg, _seeds(args, cfg), out)
+    with command_output(out, cfg.run_dir, overwrite=args.overwrite, what="prompt-rl") as out:
+        res = run_prompt_rl(cfg, _seeds(args, cfg), out)
     base = res["baselines"]["test"]
     s = res["summary"]
     print(
@@ -247,7 +281,8 @@ def cmd_postproc_rl(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = Path(args.out) if args.out else cfg.run_dir / "postproc_rl"
-    res = run_postproc_rl(cfg, _seeds(args, cfg), out)
+    with command_output(out, cfg.run_dir, overwrite=args.overwrite, what="postproc-rl") as out:
+        res = run_postproc_rl(cfg, _seeds(args, cfg), out)
     base, s = res["baselines"], res["summary"]
     g = base["best_global_setting"]
     print(f"\npostproc-rl, held-out test, {len(res['seeds'])} seed(s), {res['seconds']:.0f}s")
@@ -266,7 +301,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = Path(args.out) if args.out else cfg.run_dir / "eval" / args.split
-    summary = evaluate_checkpoint(cfg, args.checkpoint, out, split=args.split)
+    with command_output(out, cfg.run_dir, overwrite=args.overwrite, what="evaluation") as out:
+        summary = evaluate_checkpoint(cfg, args.checkpoint, out, split=args.split)
     _print_metrics(
         f"{summary['n_images']} {args.split} images at threshold {cfg.eval.threshold}", summary["mean"]
     )
@@ -281,7 +317,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = Path(args.out) if args.out else cfg.run_dir / "export"
-    res = export_checkpoint(cfg, args.checkpoint, out)
+    with command_output(out, cfg.run_dir, overwrite=args.overwrite, what="export") as out:
+        res = export_checkpoint(cfg, args.checkpoint, out)
     print(f"adapter: {res['adapter']}")
     if res["merged"]:
         print(f"merged: {res['merged']} (max logit difference {res['max_logit_diff']:.1e})")
@@ -339,6 +376,9 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
         print(f"  {k:<14} {v:10.4f}")
 
 
+OVERWRITE_HELP = "replace a result already in the output folder (kept if this command fails)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysys",
@@ -386,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised baseline of the tiny policy (Sa2VA loss)")
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--out", help="output folder (default runs/<name>/sft)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("train", help="RL fine-tuning on Ray (rollout + reward actors, Ray Train learner)")
@@ -409,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="*", help=config_help)
         p.add_argument("--seeds", type=int, nargs="+", help="RL seeds (default run.seed)")
         p.add_argument("--out", help="output folder (default runs/<name>/<experiment>)")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         p.set_defaults(func=fn)
 
     p = sub.add_parser("eval", help="score a checkpoint on a dataset split (per-image parquet + summary)")
@@ -416,12 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="folder with trainable.safetensors (default: the base policy)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", help="output folder (default runs/<name>/eval/<split>)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export trainable weights as a PEFT adapter and a merged model")
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--checkpoint", required=True, help="folder with trainable.safetensors")
     p.add_argument("--out", help="output folder (default runs/<name>/export)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_export)
 
     for name, fn, text in (
@@ -441,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reward-net", help="train the learned (GT-free) reward network")
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--out", help="output folder (default runs/<name>/reward_net)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--policy-checkpoint", help="tiny SFT checkpoint whose masks are mixed into the data")
     p.set_defaults(func=cmd_reward_net)
     return parser
@@ -454,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)  # Tune's logger renames "@" in metric keys
+    previous = stop_on_sigterm()
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PipelineError) as exc:
@@ -475,13 +521,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("raysys failed", exc_info=True)
         print(f"raysys: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(
-            "raysys: interrupted; finished outputs and checkpoints are kept. Continue with the same command "
+            f"raysys: {what}; finished outputs and checkpoints are kept. Continue with the same command "
             "(raysys pipeline skips finished stages; raysys train and tune take --resume)",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:  # main() called in-process (tests, notebooks): leave the caller's handler
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ from policies.config import PolicyConfig, RewardNetConfig, SFTConfig
 from raysys import keys
 
 FOLDER_CROP = 128
+MAX_NAME_BYTES = 128
+"""A run name is a folder name; with the suffixes raysys adds it stays far below the filesystems' 255 bytes."""
+MAX_IMAGES = 1_000_000
+"""Images per synthetic split (the splits' seed ranges are this far apart)."""
 """Training crop of folder datasets when ``data.crop`` is null (see benchmarks/crop_quality.py)."""
 
 
@@ -74,6 +78,12 @@ class RunConfig:
             f"{self.name!r} is not a plain name: use letters, digits, '.', '_' and '-', starting with a letter "
             "or digit (a run lives in run.output_dir/<name>, never outside it)",
         )
+        check(
+            len(self.name.encode()) <= MAX_NAME_BYTES,
+            "run.name",
+            f"is longer than {MAX_NAME_BYTES} bytes; choose a shorter name",
+        )
+        check(self.seed >= 0, "run.seed", f"{self.seed} is negative; seeds are integers >= 0")
         check(self.num_cpus is None or self.num_cpus > 0, "run.num_cpus", "must be > 0 or null")
         check(self.num_gpus is None or self.num_gpus >= 0, "run.num_gpus", "must be >= 0 or null")
 
@@ -126,8 +136,11 @@ class DataConfig:
         )
         check(0.0 <= self.crop_min_fov <= 1.0, "data.crop_min_fov", "must be in [0, 1]")
         check(0.0 < self.scale <= 4.0 and math.isfinite(self.scale), "data.scale", "must be in (0, 4]")
+        least = 1 if self.kind == "synthetic" else 0  # folder datasets take their images from the folder
         for key in ("n_train", "n_val", "n_test"):
-            check(getattr(self, key) >= 0, f"data.{key}", "must be >= 0")
+            n = getattr(self, key)
+            check(least <= n <= MAX_IMAGES, f"data.{key}", f"{n} is not in {least}..{MAX_IMAGES:,} (images)")
+        check(self.seed >= 0, "data.seed", f"{self.seed} is negative; seeds are integers >= 0")
         check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
         check(
             self.kind != "synthetic" or self.root is None,
@@ -230,6 +243,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        check(self.torch_threads >= 1, "rollout.torch_threads", f"{self.torch_threads} must be >= 1")
         _check_label_selector(self.label_selector, "rollout.label_selector")
         check(0 <= self.max_staleness <= 8, "rollout.max_staleness", "must be in 0..8")
         check(self.timeout_s > 0 and math.isfinite(self.timeout_s), "rollout.timeout_s", "must be > 0")
@@ -326,6 +340,7 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         check(self.iterations >= 1, "learner.iterations", "must be >= 1")
+        check(self.torch_threads >= 0, "learner.torch_threads", "must be >= 0 (0: torch's default)")
         check(self.lr > 0, "learner.lr", "must be > 0")
         check(self.grpo_lr is None or self.grpo_lr > 0, "learner.grpo_lr", "must be > 0 or null")
         check(self.epochs >= 1, "learner.epochs", "must be >= 1")

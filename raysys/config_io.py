@@ -50,21 +50,29 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _shown(value: Any, limit: int = 120) -> str:
+    """A value as an error message quotes it: at most ``limit`` characters (a YAML alias bomb expands to MBs)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to ``tp`` or raise ConfigError naming ``key`` and what is allowed."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"invalid value for '{key}': {value!r}; expected {_describe(tp)}")
+    bad = ConfigError(f"invalid value for '{key}': {_shown(value)}; expected {_describe(tp)}")
     if tp is Any:
         return value
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"invalid value for '{key}': expected a mapping of its fields, got {value!r}")
+            raise ConfigError(
+                f"invalid value for '{key}': expected a mapping of its fields, got {_shown(value)}"
+            )
         return _build(tp, value, key)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
             raise ConfigError(
-                f"invalid value for '{key}': {value!r}; allowed: {', '.join(repr(a) for a in allowed)}"
+                f"invalid value for '{key}': {_shown(value)}; allowed: {', '.join(repr(a) for a in allowed)}"
             )
         return value
     if origin in (typing.Union, types.UnionType):
@@ -105,6 +113,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e7 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad from None
+            if number.is_integer():
+                return int(number)
         raise bad
     if tp is float:
         if isinstance(value, bool):
@@ -119,7 +134,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         else:
             raise bad
         if not math.isfinite(number):  # inf learning rates save NaN models; inf KL skips every update
-            raise ConfigError(f"invalid value for '{key}': {value!r}; must be a finite number")
+            raise ConfigError(f"invalid value for '{key}': {_shown(value)}; must be a finite number")
         return number
     if tp is str:
         if isinstance(value, str):
@@ -246,6 +261,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     merged = to_dict(Config())
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; give the path of a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -502,11 +502,13 @@ class Learner:
 
     def load(self, directory: str | Path) -> int:
         """Restore from :meth:`save`; returns the next iteration to run."""
-        from policies.checkpoint import load_trainable
+        from policies.checkpoint import load_torch_file, load_trainable
 
         directory = Path(directory)
         load_trainable(self.policy, directory)
-        state = torch.load(directory / "learner_state.pt", weights_only=True, map_location=self.device)
+        state = load_torch_file(
+            directory / "learner_state.pt", what="learner state", map_location=self.device
+        )
         if "optimizer" in state and self.engine is None:
             self.optimizer.load_state_dict(state["optimizer"])
         elif self.engine is not None:

@@ -2,8 +2,9 @@
 
 Each stage writes ``runs/<name>/<stage>/`` with a ``manifest.json``: the hash of the config keys that define
 the stage, the output digests of its inputs, its own output digests, timings and a summary. A stage is
-skipped only when that manifest matches (a changed config key or a changed upstream output reruns it, and
-therefore everything downstream whose inputs changed). Stages write into ``<stage>.tmp`` and are renamed
+skipped only when that manifest matches and its recorded outputs still have their digests (a changed config
+key, a changed upstream output or an edited or deleted output file reruns it, and therefore everything
+downstream whose inputs changed). Stages write into ``<stage>.tmp`` and are renamed
 into place when finished, so an interrupted stage leaves nothing half-written behind. An interrupted rl
 stage continues from its last checkpoint when the same command runs again (same config keys and inputs);
 other stages start over.
@@ -92,6 +93,15 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _altered_outputs(stage_dir: Path, recorded: dict[str, str]) -> list[str]:
+    """The recorded outputs of a finished stage whose file is gone or whose bytes differ from its digest."""
+    return [
+        rel
+        for rel, digest in recorded.items()
+        if not (stage_dir / rel).is_file() or _file_digest(stage_dir / rel) != digest
+    ]
+
+
 def _read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     return _read_json(stage_dir / MANIFEST)
 
@@ -124,7 +134,16 @@ class Pipeline:
     def up_to_date(self, name: str) -> bool:
         m = _read_manifest(self.root / name)
         exp = self.expected(name)
-        return m is not None and m["config_hash"] == exp["config_hash"] and m["inputs"] == exp["inputs"]
+        if m is None or m["config_hash"] != exp["config_hash"] or m["inputs"] != exp["inputs"]:
+            return False
+        altered = _altered_outputs(self.root / name, m.get("outputs", {}))
+        if altered:
+            log.warning(
+                "stage %s: %s changed or vanished since the stage finished; running it again",
+                name, ", ".join(str(self.root / name / rel) for rel in altered),
+            )  # fmt: skip
+            return False
+        return True
 
     def run(
         self, *, force: tuple[str, ...] = (), start: str | None = None, until: str | None = None

@@ -32,6 +32,25 @@ class ResourceError(RuntimeError):
     """The cluster cannot host what the config asks for."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`ray job stop`, a scheduler's pre-emption, `kill`): the same orderly stop as Ctrl-C."""
+
+
+def stop_on_sigterm():
+    """Turn SIGTERM into ``Terminated`` in this (main) thread; returns the handler it replaced (None off the
+    main thread). ``ray.init`` installs its own handler (a bare ``sys.exit``), so this runs again after it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
     """Attach to ``run.ray_address`` / RAY_ADDRESS, or start a private local Ray sized for ``copies`` runs
     of ``cfg`` (Tune trials) plus ``extra_cpus`` each. Returns True if it started one."""
@@ -44,7 +63,10 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
         # Inside a job the job's runtime env applies; a driver attaching from a shell brings its own (the
         # set-up hook too: several clusters on one machine, as in tests/cluster, share /tmp/ray).
         ray.init(address=address, runtime_env=None if _inside_job() else PRIVATE_RAY_ENV, log_to_driver=True)
+        stop_on_sigterm()
         return False
+    if not cfg.run.num_cpus:
+        check_oversubscription(cfg, copies)
     # Room for the reward actors whether they run or not: that is decided on the running Ray (resolve_reward_device).
     needed = required_resources(cfg)["CPU"] + (
         0 if reward_actors(cfg) else cfg.reward.num_actors * cfg.reward.cpus_per_actor
@@ -57,6 +79,7 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
         runtime_env=PRIVATE_RAY_ENV,
         log_to_driver=True,
     )
+    stop_on_sigterm()
     return True
 
 
@@ -68,6 +91,30 @@ def know_own_cluster() -> None:
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+PROCESSES_PER_CORE = 4
+"""Ray processes (actors, Train workers) per CPU core a private local Ray starts unasked: past it each gets a
+sliver of a core, start-up alone takes minutes and the actors' time-outs fire with no progress made."""
+
+
+def check_oversubscription(cfg: Config, copies: int = 1) -> None:
+    """Refuse, before Ray starts, a private local Ray whose actors would swamp this machine."""
+    cores = os.cpu_count() or 1
+    counts = {
+        "rollout.num_workers": cfg.rollout.num_workers,
+        "reward.num_actors": cfg.reward.num_actors,
+        "learner.num_workers": cfg.learner.num_workers,
+    }
+    processes = sum(counts.values()) * copies
+    if processes > max(16, PROCESSES_PER_CORE * cores):
+        shown = ", ".join(f"{k}={v}" for k, v in counts.items())
+        per_trial = f" x {copies} concurrent trials" if copies > 1 else ""
+        raise ConfigError(
+            f"the config starts {processes} Ray actors and workers ({shown}{per_trial}) on this machine's {cores} "
+            "CPU cores: each would get a sliver of a core and the run would stall. Lower those settings, attach to "
+            "a cluster with run.ray_address, or set run.num_cpus to start this local Ray anyway"
+        )
 
 
 def _inside_job() -> bool:
@@ -245,7 +292,7 @@ def absolute_paths(cfg: Config, base: str | os.PathLike[str] | None = None) -> C
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path, *, hint: str = "wait for it, or choose another run.name") -> Iterator[None]:
     """Hold ``<run dir>/.lock`` (an OS file lock, released if the process dies) for as long as a run writes
     there; a second run of the same name fails at once instead of interleaving with the first."""
     import fcntl
@@ -257,8 +304,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             raise FileExistsError(
-                f"run directory {run_dir} is in use by another raysys process ({handle.read().strip()}); "
-                "wait for it, or choose another run.name"
+                f"run directory {run_dir} is in use by another raysys process ({handle.read().strip()}); {hint}"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -268,6 +314,58 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def command_output(out: Path, run_dir: Path, *, overwrite: bool, what: str) -> Iterator[Path]:
+    """The output folder of a standalone command (`raysys sft`, `reward-net`, `eval`, `export`, ...).
+
+    A folder that already holds files is refused unless ``overwrite``; then it is moved aside and put back
+    if the command fails, so an earlier result is lost only to a finished replacement. A failed command
+    removes what it wrote (no empty or half-written folder a later stage could take for a result). When
+    ``out`` lies inside ``run_dir`` the run's lock is held throughout, so nothing writes under a running
+    pipeline or training run."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{what} output {out} is a file, not a folder; choose another --out")
+    holds = out.is_dir() and any(out.iterdir())
+    if holds and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a {what} result; pass --overwrite to replace it, or choose another "
+            "--out or run.name (nothing there is changed)"
+        )
+    inside = out.is_relative_to(run_dir.absolute())
+    lock = (
+        run_lock(run_dir, hint="wait for it, or write elsewhere with --out")
+        if inside
+        else contextlib.nullcontext()
+    )
+    with lock:
+        aside = out.with_name(f".{out.name}.replaced")
+        if holds:
+            if aside.exists():  # a replacement interrupted by a crash: that folder is the result to keep
+                raise FileExistsError(
+                    f"{aside} holds the result an interrupted --overwrite moved aside; move it back to {out} "
+                    "or delete it, then run the command again"
+                )
+            out.rename(aside)
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            yield out
+        except BaseException:
+            if created or holds:
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
+            if holds:
+                aside.rename(out)
+                log.warning("%s failed: the earlier result in %s is kept", what, out)
+            raise
+        if holds:
+            import shutil
+
+            shutil.rmtree(aside)
 
 
 def holds_results(run_dir: Path) -> bool:
@@ -286,6 +384,80 @@ def train_storage(cfg: Config) -> str:
             base = str(Path(base).resolve())
         return f"{base}/{cfg.run.name}"
     return str(cfg.run_dir.resolve() / RAY_STORAGE)
+
+
+ROOT_CAUSES: tuple[tuple[tuple[str, ...], str, str, bool], ...] = (
+    (
+        ("No space left on device", "[Errno 28]"),
+        "the disk is full",
+        "free space where the run writes ({where})",
+        True,
+    ),
+    (
+        ("OutOfMemoryError", "CUDA out of memory", "out of memory", "MemoryError"),
+        "a process ran out of memory",
+        "lower rollout.images_per_iteration, rollout.batch_size or learner.micro_batch_size, or use bigger nodes",
+        True,
+    ),
+    (
+        ("cannot be loaded as plain tensors",),
+        "a checkpoint file was refused (raysys never unpickles)",
+        "replace the file named above with one raysys wrote",
+        False,
+    ),
+    (
+        ("Permission denied", "[Errno 13]"),
+        "a file could not be written (permission denied)",
+        "make {where} writable, or choose another run.output_dir / run.storage_path",
+        True,
+    ),
+)
+"""(texts that identify a root cause in a failure raised inside Ray, the cause in plain words, the next step,
+whether --resume can then continue)."""
+
+
+def explain_failure(exc: BaseException, where: str) -> tuple[str, str, bool] | None:
+    """The root cause of a failure inside Ray Train or an actor (Ray wraps it as WorkerGroupError,
+    ActorDiedError, RayTaskError, whose text carries the original traceback): (cause, next step, whether
+    ``--resume`` can help), or None when it is none of the known causes."""
+    texts = []
+    seen: BaseException | None = exc
+    while seen is not None and len(texts) < 10:
+        texts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(texts)
+    for needles, cause, step, resumable in ROOT_CAUSES:
+        if any(n in text for n in needles):
+            return cause, step.format(where=where), resumable
+    return None
+
+
+def check_storage(cfg: Config) -> None:
+    """Create Train's storage folder now, on the driver: one that cannot be created or written (a file in the
+    way, no permission, an unreachable URI) otherwise surfaces ~40 s later as Ray Train's controller dying."""
+    storage = train_storage(cfg)
+    key = (
+        f"run.storage_path={cfg.run.storage_path}"
+        if cfg.run.storage_path
+        else f"run.output_dir={cfg.run.output_dir}"
+    )
+    try:
+        if "://" in storage:
+            fs, path = _filesystem(storage)
+            fs.create_dir(path, recursive=True)
+        else:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+            if not os.access(storage, os.W_OK):
+                raise PermissionError(f"no permission to write {storage}")
+    except FileExistsError:
+        raise ConfigError(
+            f"{key}: Ray Train's checkpoints go to {storage}, where a file is; choose another path"
+        ) from None
+    except Exception as exc:  # OSError, pyarrow's errors for URIs
+        raise ConfigError(
+            f"{key}: Ray Train's checkpoint storage {storage} cannot be created or written "
+            f"({type(exc).__name__}: {str(exc)[:300]}); choose a path or URI every node can write"
+        ) from None
 
 
 def _filesystem(path: str):

@@ -33,9 +33,12 @@ def policy_mask_fn(checkpoint: str | Path):
     import numpy as np
     import torch
 
-    from policies.checkpoint import load_base_model
+    from policies.checkpoint import CheckpointError, load_base_model
 
-    model = load_base_model(checkpoint).eval()
+    try:
+        model = load_base_model(checkpoint).eval()
+    except CheckpointError as exc:
+        raise CheckpointError(f"--policy-checkpoint: {exc}") from exc
 
     def masks(sample, rng: np.random.Generator) -> np.ndarray:
         with torch.no_grad():

@@ -9,6 +9,7 @@ the actor handles through ``train_loop_config``. Each iteration reads as timed s
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -26,8 +27,10 @@ from raysys import keys
 from raysys.config import Config, ConfigError
 from raysys.config_io import save_config
 from raysys.runtime import (
+    Terminated,
     absolute_paths,
     check_resources,
+    check_storage,
     holds_results,
     init_ray,
     latest_iteration,
@@ -324,6 +327,7 @@ def run_training(
     storage = train_storage(cfg)
     name = train_name or cfg.run.name
     with run_lock(run_dir):  # a second process on the same run stops here, before touching anything
+        check_storage(cfg)
         # A PBT clone starts a new Train run in its trial directory, next to the earlier segments.
         fresh_segment = initial_checkpoint is not None or train_name is not None
         if (
@@ -342,6 +346,8 @@ def run_training(
         preflight(cfg)
         if resume:
             check_resumable_config(cfg, run_dir / "config.yaml")
+            if not fresh_segment:
+                check_metrics_rows(run_dir / "metrics.jsonl", latest_iteration(f"{storage}/{name}") + 1)
         else:
             save_config(cfg, run_dir / "config.yaml")
         started = init_ray(cfg)
@@ -459,10 +465,41 @@ def check_resumable_config(cfg: Config, saved: Path) -> None:
         )
 
 
-def _checkpoint_iteration(directory: Path) -> int:
-    import torch
+def check_metrics_rows(path: Path, start: int) -> None:
+    """Before a resume at iteration ``start``: every earlier iteration has an intact row in ``metrics.jsonl``.
+    A row torn by a crash belongs to an iteration the checkpoint does not hold (rank 0 logs before it
+    checkpoints), and is redone; a row missing before the checkpoint could never be redone, so the resume
+    stops with nothing changed instead of dropping it for good."""
+    if start <= 0:
+        return
+    have: set[int] = set()
+    torn: list[int] = []
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            have.add(int(row["iteration"]))
+        except (ValueError, TypeError, KeyError):
+            torn.append(number)
+    missing = sorted(set(range(start)) - have)
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        lines_note = f"; line(s) {', '.join(map(str, torn[:5]))} are not intact JSON rows" if torn else ""
+        raise RunStateError(
+            f"{path} has no intact row for iteration(s) {shown}{lines_note}, but the checkpoint this run resumes "
+            f"from is past them (next iteration {start}): resuming would lose their metrics for good, so "
+            "nothing was changed. Restore the file (e.g. from a backup), or start a new run.name"
+        )
 
-    state = torch.load(directory / "learner_state.pt", weights_only=True, map_location="cpu")
+
+class RunStateError(ValueError):
+    """A run's own records disagree with its checkpoints (a torn or edited file)."""
+
+
+def _checkpoint_iteration(directory: Path) -> int:
+    from policies.checkpoint import load_torch_file
+
+    state = load_torch_file(directory / "learner_state.pt", what="learner state")
     return int(state["iteration"])
 
 
@@ -534,12 +571,13 @@ def _fit_with_progress(trainer, sink, cfg: Config, start: int, progress: bool, a
                         if k in last
                     }
                     bar.set_postfix(post)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Let the learner finish its iteration and Train end before Ray shuts down: shutting Ray down under a
-        # running fit() can crash the process. A second Ctrl-C stops at once.
+        # running fit() can crash the process. A second Ctrl-C (or SIGTERM) stops at once.
         stop_at = ray.get(sink.request_stop.remote())
         log.warning(
-            "Ctrl-C: stopping before iteration %d; checkpoints are kept (Ctrl-C again to stop at once)",
+            "%s: stopping before iteration %d; checkpoints are kept (Ctrl-C again to stop at once)",
+            "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C",
             stop_at,
         )
         thread.join()

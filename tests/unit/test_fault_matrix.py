@@ -14,9 +14,9 @@ def assets(tmp_path_factory):
     return tmp_path_factory.mktemp("fault_assets")
 
 
-def test_the_matrix_has_at_least_100_cases_with_unique_ids() -> None:
+def test_the_matrix_has_at_least_200_cases_with_unique_ids() -> None:
     ids = [c.id for c in CASES]
-    assert len(ids) >= 100 and len(set(ids)) == len(ids)
+    assert len(ids) >= 200 and len(set(ids)) == len(ids)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -188,12 +188,110 @@ def test_a_malicious_or_missing_checkpoint_stops_before_ray_naming_the_key(tmp_p
     evil.write_bytes(pickle.dumps({"model_state_dict": Boom()}))
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=a", f"reward.reward_net={evil}"])
     with pytest.raises(
-        ValueError, match=r"reward\.reward_net: reward net checkpoint .*evil\.pth could not be read"
+        ValueError, match=r"reward\.reward_net: reward net checkpoint .*evil\.pth cannot be loaded as plain"
     ):
         run_training(cfg, progress=False)
     missing = load_config(
         None, [f"run.output_dir={tmp_path}", "run.name=b", f"policy.checkpoint={tmp_path}/no"]
     )
-    with pytest.raises(ValueError, match=r"policy\.checkpoint: .*config\.json does not exist"):
+    with pytest.raises(ValueError, match=r"policy\.checkpoint: checkpoint folder .*/no does not exist"):
         run_training(missing, progress=False)
     assert not (tmp_path / "a" / "config.yaml").exists()  # nothing written for a run that cannot start
+
+
+def test_a_command_output_is_replaced_only_when_asked_and_only_by_a_finished_result(tmp_path) -> None:
+    from raysys.runtime import command_output
+
+    run = tmp_path / "run"
+    out = run / "sft"
+    with pytest.raises(OSError), command_output(out, run, overwrite=False, what="SFT") as o:
+        (o / "model").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+    assert not out.exists()  # nothing half-written for a later stage to take for a result
+
+    with command_output(out, run, overwrite=False, what="SFT") as o:
+        (o / "v1.txt").write_text("first")
+    refused = pytest.raises(FileExistsError, match=r"already holds a SFT result.*--overwrite")
+    with refused, command_output(out, run, overwrite=False, what="SFT"):
+        pass
+    with pytest.raises(KeyboardInterrupt), command_output(out, run, overwrite=True, what="SFT") as o:
+        (o / "v2.txt").write_text("partial")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in out.iterdir()) == ["v1.txt"]  # the earlier result is back, untouched
+    with command_output(out, run, overwrite=True, what="SFT") as o:
+        (o / "v2.txt").write_text("second")
+    assert sorted(p.name for p in out.iterdir()) == ["v2.txt"] and not (run / ".sft.replaced").exists()
+
+    (run / ".sft.replaced").mkdir()  # what a crash in the middle of a replacement leaves
+    refused = pytest.raises(FileExistsError, match=r"\.sft\.replaced.*interrupted --overwrite")
+    with refused, command_output(out, run, overwrite=True, what="SFT"):
+        pass
+    assert (out / "v2.txt").read_text() == "second"
+
+
+def test_a_command_writing_into_a_run_holds_its_lock(tmp_path) -> None:
+    from raysys.runtime import command_output, run_lock
+
+    run = tmp_path / "run"
+    busy = pytest.raises(FileExistsError, match="in use by another raysys process")
+    with command_output(run / "eval", run, overwrite=False, what="evaluation"), busy, run_lock(run):
+        pass
+    with command_output(tmp_path / "elsewhere", run, overwrite=False, what="evaluation"), run_lock(run):
+        pass  # an output outside the run does not hold the run
+
+
+def test_a_finished_stage_whose_outputs_changed_or_vanished_runs_again(tmp_path, monkeypatch, caplog) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline_mod, "_stages", lambda: _fake_stages(calls, {}))
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=p"])
+    Pipeline(cfg, progress=False).run()
+    assert calls == list(STAGES)
+    (tmp_path / "p" / "sft" / "result.txt").write_text("swapped by another process")
+    (tmp_path / "p" / "export" / "result.txt").unlink()
+    calls.clear()
+    with caplog.at_level("WARNING", logger="raysys.pipeline"):
+        rows = Pipeline(cfg, progress=False).run()
+    assert "sft/result.txt changed or vanished" in caplog.text and "export/result.txt" in caplog.text
+    # sft reruns; the stages fed by it rerun only if its new output differs (the stand-in writes the same)
+    assert calls == ["sft", "export"]
+    assert [r["status"] for r in rows if r["stage"] == "data"] == ["skipped (up to date)"]
+    assert (tmp_path / "p" / "sft" / "result.txt").read_text() == "x"
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_leaves_no_half_written_output(tmp_path) -> None:
+    """`ray job stop`, a scheduler or `kill` send SIGTERM: exit 143 with the resume advice, not a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "raysys", "sft", f"run.output_dir={tmp_path}", "run.name=t", "data.size=64",
+           "data.n_train=4", "data.n_val=2", "sft.steps=100000", "sft.eval_every=100000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "t" / "sft" / "config.yaml").is_file():  # training has started
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    assert "raysys: terminated (SIGTERM); finished outputs and checkpoints are kept" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "t" / "sft").exists()  # the unfinished SFT folder is not left for a later stage
+
+
+def test_resume_checks_that_no_iteration_before_the_checkpoint_lost_its_metrics_row(tmp_path) -> None:
+    from raysys.train import RunStateError, check_metrics_rows
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [f'{{"iteration": {i}}}' for i in range(5)]
+    metrics.write_text("\n".join([*rows, '{"iteration": 5, "x"']) + "\n")  # a crash tore the row of 5
+    check_metrics_rows(metrics, 5)  # 5 is redone from the checkpoint of 4: nothing is lost
+    before = metrics.read_text()
+    with pytest.raises(RunStateError, match=r"iteration\(s\) 5; line\(s\) 6 .*nothing was changed"):
+        check_metrics_rows(metrics, 6)  # the checkpoint holds 5: its row could never be written again
+    assert metrics.read_text() == before
+    with pytest.raises(RunStateError, match=r"iteration\(s\) 0, 1, 2"):
+        check_metrics_rows(tmp_path / "gone.jsonl", 3)
+    check_metrics_rows(tmp_path / "gone.jsonl", 0)

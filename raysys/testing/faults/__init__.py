@@ -13,7 +13,8 @@ Layout: ``harness.py`` (Case, Outcome, World, snapshot, run_case, classify), ``b
 that several classes of fault share), then one module of cases per class of fault, each with its own builders
 and a ``CASES`` list: ``config_cases`` (config values, config files, the command line), ``data_cases``
 (dataset folders and manifests), ``checkpoint_cases``, ``run_cases`` (run folders, resume, locks, pipeline
-and tune arguments, interrupts) and ``security_cases``. A case goes in the module of the class of fault it
+and tune arguments, interrupts), ``output_cases`` (a standalone command's output folder: results never
+replaced unasked, the run lock, failures midway) and ``security_cases``. A case goes in the module of the class of fault it
 exercises (its ``category`` may differ: a path escaping a dataset folder is a data case of category
 ``security``). ``CASES`` below joins the modules in a fixed order, so case ids and their order (the test ids,
 the benchmark's rows) stay stable.
@@ -21,7 +22,14 @@ the benchmark's rows) stay stable.
 
 from __future__ import annotations
 
-from raysys.testing.faults import checkpoint_cases, config_cases, data_cases, run_cases, security_cases
+from raysys.testing.faults import (
+    checkpoint_cases,
+    config_cases,
+    data_cases,
+    output_cases,
+    run_cases,
+    security_cases,
+)
 from raysys.testing.faults.harness import FAST, Case, Outcome, World, classify, run_case, snapshot
 
 CASES: list[Case] = [
@@ -29,8 +37,9 @@ CASES: list[Case] = [
     *data_cases.CASES,
     *checkpoint_cases.CASES,
     *run_cases.CASES,
+    *output_cases.CASES,
     *security_cases.CASES,
 ]
-"""Every case, in a fixed order: config, data, checkpoints, runs, security."""
+"""Every case, in a fixed order: config, data, checkpoints, runs, outputs, security."""
 
 __all__ = ["CASES", "FAST", "Case", "Outcome", "World", "classify", "run_case", "snapshot"]

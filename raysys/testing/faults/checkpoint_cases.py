@@ -212,3 +212,79 @@ CASES: list[Case] = [
         r"reward\.reward_net.*rn\.safetensors",
     ),
 ]
+
+
+def _rl_checkpoint_as(flag: str, cmd: str) -> Callable:
+    def argv(w: World) -> list[str]:
+        if flag == "--policy-checkpoint":
+            return [cmd, flag, str(w.ckpt()), *w.run("reward_net.epochs=1")]
+        return [cmd, *w.run(f"policy.checkpoint={w.ckpt()}")]
+
+    return argv
+
+
+# the other kind of checkpoint where one is expected; files only torch's pickle reader would take
+CASES += [
+    Case(
+        "ckpt-base-folder-as-rl-eval",
+        "checkpoint",
+        lambda w: ["eval", "--checkpoint", str(w.base()), *w.run()],
+        2,
+        r"base is a base model folder .* not an RL checkpoint.*policy\.checkpoint=",
+    ),
+    Case(
+        "ckpt-base-folder-as-rl-export",
+        "checkpoint",
+        lambda w: ["export", "--checkpoint", str(w.base()), *w.run()],
+        2,
+        r"base is a base model folder",
+    ),
+    Case(
+        "ckpt-rl-as-policy-checkpoint",
+        "checkpoint",
+        _rl_checkpoint_as("policy.checkpoint", "eval"),
+        2,
+        r"ckpt is an RL checkpoint .* not a base model folder.*--checkpoint",
+    ),
+    Case(
+        "ckpt-rl-as-policy-checkpoint-train",
+        "checkpoint",
+        _rl_checkpoint_as("policy.checkpoint", "train"),
+        2,
+        r"policy\.checkpoint: .*ckpt is an RL checkpoint",
+    ),
+    Case(
+        "ckpt-rl-as-reward-net-policy",
+        "checkpoint",
+        _rl_checkpoint_as("--policy-checkpoint", "reward-net"),
+        2,
+        r"--policy-checkpoint: .*ckpt is an RL checkpoint",
+    ),
+    Case(
+        "ckpt-recorded-base-deleted",
+        "checkpoint",
+        _ckpt(lambda w, c: shutil.rmtree(w.root / "base")),
+        2,
+        r"was trained on the base model .*base \(recorded in its meta\.json\), which no longer exists",
+    ),
+    Case(
+        "ckpt-reward-net-pickle-message",
+        "security",
+        lambda w: [
+            "train",
+            *w.run("reward.source=learned", f"reward.reward_net={w.file('rn.pt', pickle_bomb())}"),
+        ],
+        2,
+        r"^(?!.*weights_only=False).*rn\.pt cannot be loaded as plain tensors.*never unpickles",
+    ),
+    Case(
+        "ckpt-reward-net-truncated",
+        "checkpoint",
+        lambda w: [
+            "train",
+            *w.run("reward.source=learned", f"reward.reward_net={w.file('rn.pt', b'PK' + bytes(40))}"),
+        ],
+        2,
+        r"reward\.reward_net: reward net checkpoint .*rn\.pt",
+    ),
+]

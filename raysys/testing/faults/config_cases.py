@@ -133,3 +133,83 @@ CASES: list[Case] = [
     Case("config-sft-steps-negative", "config", cfg("sft.steps=-1"), 2, r"sft\.steps"),
     Case("config-valid-prints", "config", cfg("learner.lr=1e-3"), 0, r"lr: 0\.001"),
 ]
+
+_ALIAS_BOMB = (
+    "["
+    + ", ".join(
+        ["&a [x, x, x, x, x, x, x, x, x]"]
+        + [f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcd", "bcde", strict=True)]
+        + [f"[{', '.join(['*e'] * 9)}]"]
+    )
+    + "]"
+)
+"""A YAML list of 9**6 strings written in a few hundred bytes: a message quoting it whole would be MBs."""
+
+# values whose error named a cause but not the key, or quoted too much; machines a config would swamp
+CASES += [
+    Case(
+        "config-run-name-too-long", "config", cfg(f"run.name={'a' * 300}", cmd="sft"), 2, r"run\.name.*longer"
+    ),
+    Case("config-run-seed-negative", "config", cfg("run.seed=-1", cmd="sft"), 2, r"run\.seed.*>= 0"),
+    Case("config-data-seed-negative", "config", cfg("data.seed=-3", cmd="sft"), 2, r"data\.seed.*>= 0"),
+    Case("config-n-train-1e7", "config", cfg("data.n_train=1e7", cmd="sft"), 2, r"data\.n_train.*10000000"),
+    Case("config-n-train-zero", "config", cfg("data.n_train=0", cmd="sft"), 2, r"data\.n_train.*1\.\."),
+    Case("config-n-val-zero", "config", cfg("data.n_val=0", cmd="sft"), 2, r"data\.n_val"),
+    Case("config-n-test-fraction", "config", cfg("data.n_test=2.5"), 2, r"data\.n_test.*expected int"),
+    Case("config-rollout-threads", "config", cfg("rollout.torch_threads=-1"), 2, r"rollout\.torch_threads"),
+    Case("config-learner-threads", "config", cfg("learner.torch_threads=-2"), 2, r"learner\.torch_threads"),
+    Case(
+        "config-file-is-a-folder",
+        "config",
+        lambda w: ["config", str((w.root / "cfg.yaml").mkdir() or w.root / "cfg.yaml")],
+        2,
+        r"cfg\.yaml is a folder",
+    ),
+    Case(
+        "config-alias-bomb-in-run-name",
+        "security",
+        yaml_cfg(f"run:\n  name: {_ALIAS_BOMB}\n"),
+        2,
+        r"run\.name.*\.\.\. \([\d,]+ characters\); expected str",
+    ),
+    Case(
+        "config-output-dir-under-proc",
+        "config",
+        lambda w: ["sft", *w.run(), "run.output_dir=/proc/raysys-runs"],
+        2,
+        r"run\.output_dir=/proc/raysys-runs cannot be created",
+    ),
+    Case(
+        "config-output-dir-under-a-file",
+        "config",
+        lambda w: ["eval", *w.run(f"run.output_dir={w.file('f.txt', 'x')}/runs")],
+        2,
+        r"run\.output_dir=.*f\.txt/runs cannot be created",
+    ),
+    Case(
+        "config-swamps-the-machine-rollout",
+        "config",
+        cfg("rollout.num_workers=64", cmd="train"),
+        2,
+        r"rollout\.num_workers=64.*run\.num_cpus",
+    ),
+    Case(
+        "config-swamps-the-machine-reward",
+        "config",
+        cfg("reward.num_actors=48", cmd="train"),
+        2,
+        r"reward\.num_actors=48.*run\.ray_address",
+    ),
+    Case(
+        "config-swamps-the-machine-tune",
+        "config",
+        cfg(
+            "rollout.num_workers=4",
+            "tune.max_concurrent_trials=8",
+            "tune.search_space={learner.lr: {grid: [1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4, 7e-4, 8e-4]}}",
+            cmd="tune",
+        ),
+        2,
+        r"x 8 concurrent trials",
+    ),
+]

@@ -306,3 +306,78 @@ CASES: list[Case] = [
         r"n.train",
     ),
 ]
+
+
+def _parquet_rows(columns: dict[str, list]) -> Callable:
+    """A parquet manifest with the given columns next to a 64x64 image ``a.png`` and its mask ``m.png``."""
+
+    def argv(w: World) -> list[str]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        root = w.root / "pq"
+        root.mkdir()
+        Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(root / "a.png")
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "m.png")
+        pq.write_table(pa.table(columns), root / "manifest.parquet")
+        return ["data", "preview", *w.run("data.kind=parquet", f"data.root={root}")]
+
+    return argv
+
+
+def _small_image(h: int, w_: int, polygon: list[float]) -> Callable:
+    def argv(w: World) -> list[str]:
+        root = w.root / "poly"
+        (root / "images").mkdir(parents=True)
+        Image.fromarray(np.full((h, w_, 3), 90, np.uint8)).save(root / "images" / "a.png")
+        (root / "annotations.json").write_text(json.dumps([{"image": "images/a.png", "mask": [polygon]}]))
+        return ["data", "preview", *w.run("data.kind=polygon_json", f"data.root={root}")]
+
+    return argv
+
+
+def _drive_tiny_image(root: Path) -> None:
+    Image.fromarray(np.full((20, 24, 3), 90, np.uint8)).save(_train_img(root))
+
+
+# values that decoded to something else than the user meant (silent before), and cells of the wrong type
+CASES += [
+    Case(
+        "data-parquet-int-image-path",
+        "data",
+        _parquet_rows({"id": ["a"], "image_path": [3], "mask_path": ["m.png"]}),
+        2,
+        r"manifest\.parquet: row 0 image_path must be a file path \(text\), got 3",
+    ),
+    Case(
+        "data-parquet-float-mask-path",
+        "data",
+        _parquet_rows({"id": ["a"], "image_path": ["a.png"], "mask_path": [1.5]}),
+        2,
+        r"row 0 mask_path must be a file path",
+    ),
+    Case(
+        "data-parquet-nan-ids",
+        "data",
+        _parquet_rows({"id": [float("nan")] * 2, "image_path": ["a.png"] * 2, "mask_path": ["m.png"] * 2}),
+        2,
+        r"manifest\.parquet: row 0: id is nan",
+    ),
+    Case("data-image-1x1", "data", _small_image(1, 1, [0, 0, 1, 0, 1, 1]), 2, r"a\.png is 1x1 pixels"),
+    Case("data-image-thin-strip", "data", _small_image(8, 200, [0, 0, 9, 0, 9, 5]), 2, r"a\.png is 200x8"),
+    Case("data-drive-thumbnail", "data", _drive(_drive_tiny_image), 2, r"21_training\.tif is 24x20 pixels"),
+    Case(
+        "data-polygon-right-of-image",
+        "data",
+        _small_image(64, 64, [100, 10, 200, 10, 200, 40]),
+        2,
+        r"lie entirely outside its 64x64",
+    ),
+    Case(
+        "data-polygon-negative-coordinates",
+        "data",
+        _small_image(64, 64, [-50, -50, -10, -50, -10, -10]),
+        2,
+        r"lie entirely outside",
+    ),
+]

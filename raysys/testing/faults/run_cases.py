@@ -148,3 +148,124 @@ CASES: list[Case] = [
         r"raysys pipeline skips finished stages",
     ),
 ]
+
+
+def _resume_with_metrics(edit: Callable[[list[str]], list[str]]) -> Callable:
+    """A finished 6-iteration run whose Train snapshot registers iteration 5, its metrics.jsonl edited."""
+
+    def argv(w: World) -> list[str]:
+        import json
+
+        run = w.finished_run()
+        storage = run / "ray" / "done"
+        storage.mkdir(parents=True)
+        snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "iter_000005"}]}
+        (storage / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+        metrics = run / "metrics.jsonl"
+        metrics.write_text("".join(f"{line}\n" for line in edit(metrics.read_text().splitlines())))
+        return ["train", "--resume", *w.run("run.name=done")]
+
+    return argv
+
+
+# a run's records that disagree with its checkpoints
+CASES += [
+    Case(
+        "run-resume-torn-metrics-row",
+        "run",
+        _resume_with_metrics(lambda rows: [*rows[:3], rows[3][: len(rows[3]) // 2], *rows[4:]]),
+        2,
+        r"metrics\.jsonl has no intact row for iteration\(s\) 3; line\(s\) 4 are not intact.*nothing was changed",
+    ),
+    Case(
+        "run-resume-deleted-metrics-rows",
+        "run",
+        _resume_with_metrics(lambda rows: rows[:2]),
+        2,
+        r"no intact row for iteration\(s\) 2, 3, 4, 5",
+    ),
+]
+
+# Train's checkpoint storage that cannot hold checkpoints: stopped on the driver, before Ray
+CASES += [
+    Case(
+        "run-storage-path-is-a-file",
+        "run",
+        lambda w: ["train", *w.run(f"run.storage_path={w.file('store.txt', 'x')}")],
+        2,
+        r"run\.storage_path=.*store\.txt: Ray Train's checkpoint storage .*cannot be created",
+    ),
+    Case(
+        "run-storage-path-under-proc",
+        "run",
+        lambda w: ["train", *w.run("run.storage_path=/proc/raysys-ckpts")],
+        2,
+        r"run\.storage_path=/proc/raysys-ckpts: .*cannot be created or written",
+    ),
+    Case(
+        "run-storage-uri-unknown-scheme",
+        "run",
+        lambda w: ["train", *w.run("run.storage_path=nosuchfs://bucket/raysys")],
+        2,
+        r"run\.storage_path=nosuchfs://bucket/raysys: .*cannot be created",
+    ),
+]
+
+
+def _worker_failure(text: str, *, with_checkpoints: bool) -> Callable:
+    """Ray Train ends the run with a worker's error wrapped in its own (the root cause only in the text)."""
+
+    class WorkerGroupError(RuntimeError):
+        pass
+
+    def argv(w: World) -> list[str]:
+        args = patched(
+            "raysys.train.run_training",
+            WorkerGroupError(f"Training failed due to worker errors:\n{text}"),
+            ["train"],
+        )(w)
+        if with_checkpoints:
+            (w.out / "tiny" / "ray" / "tiny").mkdir(parents=True)
+        return args
+
+    return argv
+
+
+_TRACE = 'Traceback (most recent call last):\n  File "learner.py", line 1, in save\n'
+
+# failures raised inside Ray, named by their root cause; --resume advised only when it can work
+CASES += [
+    Case(
+        "run-worker-disk-full",
+        "run",
+        _worker_failure(_TRACE + "OSError: [Errno 28] No space left on device", with_checkpoints=True),
+        1,
+        r"failed: the disk is full; free space where the run writes .*tiny.*--resume",
+    ),
+    Case(
+        "run-worker-out-of-memory",
+        "run",
+        _worker_failure(_TRACE + "torch.OutOfMemoryError: CUDA out of memory.", with_checkpoints=True),
+        1,
+        r"ran out of memory; lower rollout\.images_per_iteration.*--resume",
+    ),
+    Case(
+        "run-worker-refused-pickle",
+        "security",
+        _worker_failure(
+            _TRACE + "CheckpointError: learner state x/learner_state.pt cannot be loaded as plain tensors",
+            with_checkpoints=True,
+        ),
+        1,
+        r"^(?!.*raysys train \.\.\. --resume).*checkpoint file was refused.*--resume would load the same refused file",
+    ),
+    Case(
+        "run-worker-permission",
+        "run",
+        _worker_failure(
+            _TRACE + "PermissionError: [Errno 13] Permission denied: 'x'", with_checkpoints=False
+        ),
+        1,
+        r"permission denied\); make .*tiny writable.*no checkpoint was written",
+    ),
+]
