@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -355,16 +356,12 @@ def command_output(out: Path, run_dir: Path, *, overwrite: bool, what: str) -> I
             yield out
         except BaseException:
             if created or holds:
-                import shutil
-
                 shutil.rmtree(out, ignore_errors=True)
             if holds:
                 aside.rename(out)
                 log.warning("%s failed: the earlier result in %s is kept", what, out)
             raise
         if holds:
-            import shutil
-
             shutil.rmtree(aside)
 
 
