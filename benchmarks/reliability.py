@@ -94,7 +94,7 @@ def _wait_for_rows(metrics: Path, n: int, proc: subprocess.Popen, timeout: float
     while time.time() < deadline:
         if proc.poll() is not None:
             return False
-        if len(metric_rows(metrics)) >= n:
+        if len(_iterations(metrics)) >= n:
             return True
         time.sleep(0.2)
     return False
@@ -216,8 +216,8 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
         again = harness.run_cli(*args, "--resume", log=log, check=False, cwd=harness.ROOT, timeout=900)
         resumed_rc = again.returncode
     log.close()
-    iterations = [r["iteration"] for r in metric_rows(metrics)]
-    retries = sum(r.get("fault/retries", 0) for r in metric_rows(metrics))
+    iterations = _iterations(metrics)
+    retries = sum(r.get("fault/retries", 0) for r in metric_rows(metrics)) if None not in iterations else None
     final_rc = resumed_rc if resumed_rc is not None else first_rc
     survived = (
         injected
@@ -243,6 +243,19 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
         # Why the run stopped (or failed to come back): the log's last lines.
         "log_tail": None if survived and first_rc == 0 else _tail(out / f"{name}.log"),
     }
+
+
+def _iterations(metrics: Path) -> list[int | None]:
+    """The iteration of each row of a run's metrics.jsonl; None for a row that is not JSON (torn by a crash or
+    a full disk), so a run left with one does not count as survived."""
+    out: list[int | None] = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        if line.strip():
+            try:
+                out.append(json.loads(line)["iteration"])
+            except (json.JSONDecodeError, KeyError):
+                out.append(None)
+    return out
 
 
 def _outcome(name: str, t0: float, log: Path, **fields) -> dict:
@@ -283,7 +296,7 @@ def run_disk_full(out: Path, base: Path) -> dict:
             said = log_path.read_text()
             named = "the disk is full" in said and "--resume" in said
             again = harness.run_cli(*args, "--resume", log=log, check=False, cwd=harness.ROOT, timeout=900)
-        iterations = [r["iteration"] for r in metric_rows(disk / name / "metrics.jsonl")]
+        iterations = _iterations(disk / name / "metrics.jsonl")
         survived = (
             injected
             and first_rc == 1
@@ -313,7 +326,7 @@ def run_unreachable_storage(out: Path, base: Path) -> dict:
         good = harness.run_cli(
             *_train_args(out, name, base), log=log, check=False, cwd=harness.ROOT, timeout=900
         )
-    iterations = [r["iteration"] for r in metric_rows(out / name / "metrics.jsonl")]
+    iterations = _iterations(out / name / "metrics.jsonl")
     survived = (
         bad.returncode == 2 and named and good.returncode == 0 and iterations == list(range(ITERATIONS))
     )
@@ -389,7 +402,8 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
     iteration logged once; its weights are compared with the uninterrupted run's."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    # With its dashboard: Ray Train's placement-group cleaner asks the state API (tests/ray/conftest.py).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
     nodes = {cluster.add_node(num_cpus=2, num_gpus=2, labels={"role": r}): r for r in NODE_ROLES}
     results = []
     try:
@@ -423,8 +437,7 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
             if injected:  # the cluster back to full strength for the next fault
                 label = nodes.pop(victim)
                 nodes[cluster.add_node(num_cpus=2, num_gpus=2, labels={"role": label})] = label
-            rows = metric_rows(metrics)
-            iterations = [r["iteration"] for r in rows]
+            iterations = _iterations(metrics)
             survived = injected and rc == 0 and iterations == list(range(ITERATIONS))
             placement = out / name / "placement.json"
             placed = json.loads(placement.read_text()) if placement.is_file() else {}
@@ -436,7 +449,11 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
                     "resumed": False,
                     "resume_exit": None,
                     "iterations_logged": iterations,
-                    "shard_retries": sum(r.get("fault/retries", 0) for r in rows),
+                    "shard_retries": (
+                        sum(r.get("fault/retries", 0) for r in metric_rows(metrics))
+                        if None not in iterations
+                        else None
+                    ),
                     "actor_restarts": placed.get("restarts", []),
                     "survived": survived,
                     "max_abs_weight_diff_vs_uninterrupted": max_abs_diff(
@@ -456,6 +473,11 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
     return results
 
 
+def _new_folder(path: Path) -> str:
+    path.mkdir(parents=True)  # a folder that exists already is refused: never mixed with older runs
+    return str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-runs", action="store_true", help="the fault matrix only")
@@ -463,13 +485,20 @@ def main() -> None:
     ap.add_argument("--faults", nargs="+", choices=every, default=every)
     ap.add_argument("--no-reference", action="store_true", help="skip the two uninterrupted runs")
     ap.add_argument("--out", default=str(harness.result_path("reliability")))
+    ap.add_argument(
+        "--keep", type=Path, help="run the faults in this (new) folder and keep it, for post-mortems"
+    )
     args = ap.parse_args()
     matrix = run_matrix()
     print(f"matrix: {matrix['cases']} cases, {matrix['clear']} clear, {matrix['silent']} silent, "
           f"{matrix['data_loss']} data loss ({matrix['seconds']} s)")  # fmt: skip
     faults, reference = [], None
     if not args.no_runs:
-        with tempfile.TemporaryDirectory() as tmp:
+        with (
+            contextlib.nullcontext(_new_folder(args.keep))
+            if args.keep
+            else tempfile.TemporaryDirectory() as tmp
+        ):
             base = _base_model(Path(tmp) / "base")
             if not args.no_reference:
                 reference = run_reference(Path(tmp), base)

@@ -137,6 +137,11 @@ def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str
         out[f"{label}_best_val_threshold"] = best_t
         out[f"{label}_test_at_best_threshold"] = scores(test_p, test, best_t)
         out[f"{label}_val_at_best_threshold"] = scores(val_p, val, best_t)
+        # The threshold the test labels would pick: no user has it; it separates what RL learns from what a
+        # better threshold alone would give.
+        oracle_t = best_threshold(test_p, test, th)
+        out[f"{label}_oracle_threshold"] = oracle_t
+        out[f"{label}_test_at_oracle_threshold"] = scores(test_p, test, oracle_t)
     out["val_curve"] = [
         {k: r[k] for k in ("iteration", keys.VAL_DICE, keys.VAL_RECALL, keys.VAL_CLDICE) if k in r}
         for r in val_rows

@@ -16,7 +16,7 @@ case-insensitively, and a root whose single subfolder holds the layout is accept
   (FR-UNet, SA-UNet, IterNet: ``int(name[6:8]) <= 10``).
 * ``hrf``: ``images/01_h.jpg`` (``_h``/``_dr``/``_g``, .jpg or .JPG), ``manual1/01_h.tif``,
   ``mask/01_h_mask.tif``. 15/30 split by this project's rule: images 01-05 of each category train,
-  06-15 test.
+  06-15 test. Images without a ``manual1`` mask are refused, all named, unless ``skip_unlabelled=True``.
 * ``fives``: ``{train,test}/Original/1_A.png`` + ``{train,test}/Ground truth/1_A.png`` (the
   misspelling ``Groud truth`` is accepted). Official 600/200. Ids are ``train_1_A`` / ``test_1_A``
   because both folders may reuse the same file names.
@@ -477,7 +477,7 @@ _HRF_LAYOUT = """HRF/
 _HRF_LAST_TRAIN_NUMBER = 5
 
 
-def _list_hrf(root: Path, parts: Sequence[str]) -> list[_Entry]:
+def _list_hrf(root: Path, parts: Sequence[str], *, skip_unlabelled: bool = False) -> list[_Entry]:
     base = _locate(
         root,
         lambda d: _child(d, "images") is not None and _child(d, "manual1") is not None,
@@ -486,21 +486,27 @@ def _list_hrf(root: Path, parts: Sequence[str]) -> list[_Entry]:
     )
     manual_dir = _child(base, "manual1") or base / "manual1"
     masks, fovs = _stem_index(manual_dir), _stem_index(_child(base, "mask"))
-    entries, no_fov = [], []
+    entries, no_fov, unlabelled = [], [], []
     images = _list_images(_child(base, "images"), base / "images", r"(\d+)_(h|dr|g)", _HRF_LAYOUT)
     for m, img in images:
         stem = m.group(0)
         mask = masks.get(stem.lower())
         if mask is None:
-            raise DatasetError(
-                f"missing vessel mask for image {img}: expected {manual_dir / (stem + '.tif')}"
-            )
+            unlabelled.append(manual_dir / f"{stem}.tif")
+            continue
         fov = fovs.get(f"{stem}_mask".lower())
         if fov is None:
             no_fov.append(base / "mask" / f"{stem}_mask.tif")
         split = "train" if int(m.group(1)) <= _HRF_LAST_TRAIN_NUMBER else "test"
         if split in parts:
             entries.append(_Entry(id=stem, split=split, image=img, mask=mask, fov=fov, estimate_fov=True))
+    if unlabelled and not skip_unlabelled:
+        shown = ", ".join(str(p) for p in unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else "")
+        raise DatasetError(
+            f"HRF: {len(unlabelled)} of {len(images)} images have no vessel mask (missing {shown}); add the "
+            "labels, or set data.skip_unlabelled=true to leave those images out"
+        )
+    _warn_missing("HRF", "vessel mask", unlabelled, len(images), "those images are left out")
     _warn_missing("HRF", "FOV mask", no_fov, len(images), "their FOV is estimated")
     return entries
 
@@ -799,7 +805,8 @@ def load_dataset(
         cache_size: decoded samples kept in the LRU cache (file-based kinds; default 8, 0 disables).
         prompts: prompts for samples whose source has none (default ``(DEFAULT_PROMPT,)``).
         **kwargs: kind-specific options: ``annotator`` for stare ("ah" | "vk") and chase_db1
-            ("1stHO" | "2ndHO"); ``n``, ``size``, ``seed``, ``domain`` for synthetic; ``allow_outside_root`` for
+            ("1stHO" | "2ndHO"); ``skip_unlabelled`` for hrf (leave out images without a vessel mask instead of
+            refusing the set); ``n``, ``size``, ``seed``, ``domain`` for synthetic; ``allow_outside_root`` for
             polygon_json and parquet (manifest paths may then leave the dataset folder).
 
     Raises:

@@ -116,6 +116,9 @@ class DataConfig:
     """Prompt used when a dataset carries none."""
     allow_outside_root: bool = False
     """polygon_json / parquet: let manifest paths point outside the dataset folder (absolute or ``../``)."""
+    skip_unlabelled: bool = False
+    """hrf: leave out images without a vessel mask (with a warning) instead of refusing the set; the public
+    HRF copies in circulation lack 3 of the 45 labels."""
     crop: int | None = None
     """Side of the random square crops that SFT, reward-net data and RL rollouts train on (seeded per image
     and iteration). null: whole images for synthetic data, 128 for folder datasets (the best Dice per
@@ -135,6 +138,11 @@ class DataConfig:
             "must be null, 0 or >= 64 (the learned reward net needs 64 px)",
         )
         check(0.0 <= self.crop_min_fov <= 1.0, "data.crop_min_fov", "must be in [0, 1]")
+        check(
+            not self.skip_unlabelled or self.kind == "hrf",
+            "data.skip_unlabelled",
+            f"only applies to data.kind=hrf (got {self.kind!r}); the other kinds refuse an image without a mask",
+        )
         check(0.0 < self.scale <= 4.0 and math.isfinite(self.scale), "data.scale", "must be in (0, 4]")
         least = 1 if self.kind == "synthetic" else 0  # folder datasets take their images from the folder
         for key in ("n_train", "n_val", "n_test"):

@@ -47,6 +47,8 @@ def dataset_for_split(
         kwargs = {"val_fraction": cfg.val_fraction} if cfg.val_fraction > 0 else {}
         if cfg.kind in ("polygon_json", "parquet") and cfg.allow_outside_root:
             kwargs["allow_outside_root"] = True
+        if cfg.skip_unlabelled:
+            kwargs["skip_unlabelled"] = True
     samples = load(cfg.kind, cfg.root, split=split, **kwargs)
     return samples if cfg.prompt == DEFAULT_PROMPT else _WithPrompt(samples, cfg.prompt)
 

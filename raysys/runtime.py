@@ -24,9 +24,10 @@ for the next poll, and the end of training is noticed only over several: with 2 
 time instead of 32.2 s."""
 PRIVATE_RAY_ENV = {
     "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S},
-    "worker_process_setup_hook": "raysys.runtime.know_own_cluster",
+    "worker_process_setup_hook": "raysys.runtime.private_worker_setup",
 }
-"""Runtime environment of a private local Ray (see know_own_cluster), and of a driver attaching from a shell."""
+"""Runtime environment of a private local Ray (see private_worker_setup), and of a driver attaching from a
+shell. Jobs get theirs from cluster/runtime_env.yaml (its hook: atomic_train_snapshots)."""
 
 
 class ResourceError(RuntimeError):
@@ -82,6 +83,40 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
     )
     stop_on_sigterm()
     return True
+
+
+def private_worker_setup() -> None:
+    """Worker set-up hook of a private local Ray (and of a driver attaching from a shell)."""
+    know_own_cluster()
+    atomic_train_snapshots()
+
+
+def atomic_train_snapshots() -> None:
+    """Worker set-up hook: Ray Train writes its record of checkpoints (``checkpoint_manager_snapshot.json``,
+    what a resume starts from) in place, so a full disk tears it and no resume can read it again. Written to
+    a temporary file and moved over the old one, a failed write leaves the previous record, which names only
+    checkpoints that still exist (Train deletes old checkpoints after writing the record)."""
+    from ray.train.v2._internal.execution.checkpoint import checkpoint_manager
+
+    manager = checkpoint_manager.CheckpointManager
+    if getattr(manager._write_state_to_storage, "atomic", False):
+        return
+
+    def write_state_to_storage(self) -> None:
+        storage = self._storage_context
+        fs, path = storage.storage_filesystem, storage.checkpoint_manager_snapshot_path
+        tmp = f"{path}.tmp"
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(self._save_state().encode("utf-8"))
+            fs.move(tmp, path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.delete_file(tmp)
+            raise
+
+    write_state_to_storage.atomic = True  # type: ignore[attr-defined]
+    manager._write_state_to_storage = write_state_to_storage
 
 
 def know_own_cluster() -> None:
@@ -327,21 +362,22 @@ def command_output(out: Path, run_dir: Path, *, overwrite: bool, what: str) -> I
     ``out`` lies inside ``run_dir`` the run's lock is held throughout, so nothing writes under a running
     pipeline or training run."""
     out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{what} output {out} is a file, not a folder; choose another --out")
-    holds = out.is_dir() and any(out.iterdir())
-    if holds and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a {what} result; pass --overwrite to replace it, or choose another "
-            "--out or run.name (nothing there is changed)"
-        )
     inside = out.is_relative_to(run_dir.absolute())
     lock = (
         run_lock(run_dir, hint="wait for it, or write elsewhere with --out")
         if inside
         else contextlib.nullcontext()
     )
+    # The lock first: under a running pipeline "in use" is the answer, not advice to --overwrite.
     with lock:
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{what} output {out} is a file, not a folder; choose another --out")
+        holds = out.is_dir() and any(out.iterdir())
+        if holds and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a {what} result; pass --overwrite to replace it, or choose another "
+                "--out or run.name (nothing there is changed)"
+            )
         aside = out.with_name(f".{out.name}.replaced")
         if holds:
             if aside.exists():  # a replacement interrupted by a crash: that folder is the result to keep
@@ -481,7 +517,15 @@ def latest_iteration(experiment: str | Path) -> int:
         return -1
     fs, p = _filesystem(snapshot)
     with fs.open_input_stream(p) as f:
-        data = json.loads(f.read().decode())
+        raw = f.read().decode(errors="replace")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{snapshot}, Ray Train's record of this run's checkpoints, is not intact ({e}; a full disk or a "
+            "crash while Ray wrote it, before this version wrote it atomically): the run cannot resume from it. "
+            "Start a new run.name (the last checkpoint's weights are in the run's checkpoints/latest for raysys eval)"
+        ) from None
     names = [r.get("checkpoint_dir_name", "") for r in data.get("checkpoint_results", [])]
     its = [int(n.split("_")[1]) for n in names if n.startswith("iter_") and n.split("_")[1].isdigit()]
     return max(its) if its else -1

@@ -68,7 +68,8 @@ def cluster(s3):
     from ray.cluster_utils import Cluster
 
     assert not ray.is_initialized()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    # With its dashboard: Ray Train's placement-group cleaner asks the state API (tests/ray/conftest.py).
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
     nodes = [c.add_node(num_cpus=2, num_gpus=2, labels={"role": role}) for role in ROLES]
     ray.init(address=c.address, runtime_env=PRIVATE_RAY_ENV, log_to_driver=False)
     yield c, nodes

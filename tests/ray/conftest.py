@@ -23,7 +23,9 @@ def ray_local():
         address="local",
         num_cpus=8,
         object_store_memory=200 * 1024 * 1024,
-        include_dashboard=False,
+        # The dashboard stays on, as in a user's private Ray: without it Ray still records 127.0.0.1:8265 as
+        # the state API's address, so Ray Train's placement-group cleaner asks whichever other cluster owns
+        # that port (a parallel test's) whether this run's controller is alive: waits of ~12 s per run.
         log_to_driver=False,
         runtime_env=PRIVATE_RAY_ENV,
     )

@@ -204,6 +204,14 @@ def test_only_synthetic_data_has_domains() -> None:
         load_config(None, ["data.kind=drive", "data.root=/data/DRIVE", "data.domain=shifted"])
 
 
+def test_skipping_unlabelled_images_is_an_hrf_option() -> None:
+    assert load_config(
+        None, ["data.kind=hrf", "data.root=/data/HRF", "data.skip_unlabelled=true"]
+    ).data.skip_unlabelled
+    with pytest.raises(ConfigError, match=r"data\.skip_unlabelled.*only applies to data\.kind=hrf"):
+        load_config(None, ["data.kind=stare", "data.root=/data/STARE", "data.skip_unlabelled=true"])
+
+
 def test_node_label_selectors_round_trip_and_bad_ones_name_the_key(tmp_path) -> None:
     cfg = load_config(
         None,

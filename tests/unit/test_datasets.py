@@ -314,6 +314,24 @@ def test_hrf_split_mixed_case_extensions_and_fov_files(tmp_path: Path) -> None:
     np.testing.assert_array_equal(s.fov, _disk())
 
 
+def test_hrf_without_some_labels_is_refused_naming_them_unless_skipping_is_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_hrf(tmp_path)
+    for stem in ("11_h", "12_h", "13_h"):  # as in the public HRF copies
+        (root / "manual1" / f"{stem}.tif").unlink()
+    with pytest.raises(
+        DatasetError,
+        match=r"3 of 45 images have no vessel mask.*11_h\.tif.*12_h\.tif.*13_h\.tif.*skip_unlabelled",
+    ):
+        load_dataset("hrf", root, "test")
+    with caplog.at_level("WARNING"):
+        test = load_dataset("hrf", root, "test", skip_unlabelled=True)
+    assert len(test) == 27 and not {"11_h", "12_h", "13_h"} & set(_ids(test))
+    assert "3 of 45 images have no vessel mask" in caplog.text
+    assert len(load_dataset("hrf", root, "train", skip_unlabelled=True)) == 15
+
+
 def test_fives_official_folders_misspelt_gt_and_rgb_masks(tmp_path: Path) -> None:
     root = make_fives(tmp_path)
     train, test = load_dataset("fives", root, "train"), load_dataset("fives", root, "test")

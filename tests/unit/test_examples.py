@@ -48,3 +48,15 @@ def test_jobs_poll_train_workers_as_often_as_a_private_ray() -> None:
     job_env = yaml.safe_load((EXAMPLES[0].parents[1] / "cluster/runtime_env.yaml").read_text())["env_vars"]
     key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
     assert job_env[key] == PRIVATE_RAY_ENV["env_vars"][key] == "0.5"
+
+
+def test_jobs_and_private_rays_write_trains_checkpoint_record_atomically() -> None:
+    import importlib
+
+    import yaml
+
+    job = yaml.safe_load((EXAMPLES[0].parents[1] / "cluster/runtime_env.yaml").read_text())
+    for hook in (job["worker_process_setup_hook"], PRIVATE_RAY_ENV["worker_process_setup_hook"]):
+        module, name = hook.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), name)), hook
+    assert job["worker_process_setup_hook"] == "raysys.runtime.atomic_train_snapshots"

@@ -295,3 +295,68 @@ def test_resume_checks_that_no_iteration_before_the_checkpoint_lost_its_metrics_
     with pytest.raises(RunStateError, match=r"iteration\(s\) 0, 1, 2"):
         check_metrics_rows(tmp_path / "gone.jsonl", 3)
     check_metrics_rows(tmp_path / "gone.jsonl", 0)
+
+
+def test_trains_record_of_checkpoints_survives_a_full_disk_and_a_torn_one_is_named(
+    tmp_path, monkeypatch
+) -> None:
+    import errno
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    import pyarrow.fs as pafs
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+
+    from raysys.runtime import atomic_train_snapshots, latest_iteration
+
+    monkeypatch.setattr(
+        CheckpointManager, "_write_state_to_storage", CheckpointManager._write_state_to_storage
+    )
+    atomic_train_snapshots()
+    atomic_train_snapshots()  # a second worker set-up in the same process wraps nothing twice
+    write = CheckpointManager._write_state_to_storage
+    assert write.atomic
+
+    class HalfWritten:
+        """An output stream on a disk that fills up halfway through the write."""
+
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, data):
+            self.stream.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+    class FullDisk(pafs.LocalFileSystem):
+        def open_output_stream(self, path, *a, **k):
+            return HalfWritten(super().open_output_stream(path, *a, **k))
+
+    snapshot = tmp_path / "exp" / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir()
+    state = {"checkpoint_results": [{"checkpoint_dir_name": "iter_000003"}]}
+    manager = SimpleNamespace(
+        _storage_context=SimpleNamespace(
+            storage_filesystem=pafs.LocalFileSystem(), checkpoint_manager_snapshot_path=str(snapshot)
+        ),
+        _save_state=lambda: json.dumps(state),
+    )
+    write(manager)
+    assert latest_iteration(snapshot.parent) == 3
+    state["checkpoint_results"].append({"checkpoint_dir_name": "iter_000007"})
+    manager._storage_context.storage_filesystem = FullDisk()
+    with pytest.raises(OSError, match="No space left"):
+        write(manager)
+    assert latest_iteration(snapshot.parent) == 3  # the previous record, whole
+    assert sorted(p.name for p in snapshot.parent.iterdir()) == [snapshot.name]
+
+    snapshot.write_text(json.dumps(state)[:40])  # as Ray's in-place write leaves it on a full disk
+    with pytest.raises(
+        ValueError, match=r"checkpoint_manager_snapshot\.json, Ray Train's record.*not intact.*new run\.name"
+    ):
+        latest_iteration(snapshot.parent)
