@@ -40,8 +40,8 @@ from pathlib import Path
 import harness
 import numpy as np
 import torch
-from rl_common import markdown, scores, summary, train_and_score
-from rl_vs_baselines import RECIPES, postprocessed_sft
+from rl_common import markdown, scores, summary
+from rl_vs_baselines import RECIPES, postprocessed_sft, run_recipes, val_select
 
 SETS = {
     "chase_db1": {"config": "examples/chase_db1.yaml", "second_observer": {"annotator": "2ndHO"}},
@@ -96,14 +96,6 @@ def _gains(runs: list[dict], at: str, metric: str) -> list[float]:
     return [r[f"rl_test_at_{at}"][metric] - r[f"sft_test_at_{at}"][metric] for r in runs]
 
 
-def _val_select(runs: list[dict]) -> float:
-    return float(
-        np.mean(
-            [r["rl_val_at_best_threshold"]["dice"] + r["rl_val_at_best_threshold"]["cldice"] for r in runs]
-        )
-    )
-
-
 def one_set(root: Path, out: Path, recipes: list[str], seeds: list[int]) -> dict:
     from raysys.config_io import load_config
 
@@ -111,31 +103,15 @@ def one_set(root: Path, out: Path, recipes: list[str], seeds: list[int]) -> dict
     config = str(harness.ROOT / SETS[kind]["config"])
     data = [f"data.root={root}"]
     sft = sft_model(kind, config, root, out)
-    rl_dir = out / kind / "rl"
-    rl_dir.mkdir(parents=True, exist_ok=True)
-    for recipe in recipes:
-        for seed in seeds:
-            cached = rl_dir / f"{recipe}_s{seed}.json"
-            if not cached.is_file():
-                result = train_and_score(
-                    config, str(sft), seed, f"{recipe}_s{seed}", str(rl_dir), [*data, *RECIPES[recipe]]
-                )
-                result["overrides"] = RECIPES[recipe]
-                cached.write_text(json.dumps(result, indent=1))
-    found: dict[str, dict[int, dict]] = {}
-    for cached in rl_dir.glob("*_s*.json"):
-        recipe, seed = cached.stem.rsplit("_s", 1)
-        if recipe in RECIPES and seed.isdigit():
-            found.setdefault(recipe, {})[int(seed)] = json.loads(cached.read_text())
-    runs = {r: [found[r][s] for s in sorted(found[r])] for r in RECIPES if r in found}
+    runs = run_recipes(config, str(sft), out / kind / "rl", recipes, seeds, data)
     rl = [r for r in runs if not r.startswith("dpo")]
     dpo = [r for r in runs if r.startswith("dpo")]
     if not rl:
         raise SystemExit(f"{kind}: no RL run yet; give --recipes with at least one non-DPO recipe")
     # Among the recipes run on the most seeds (a recipe screened on one seed may just be lucky).
     most = max(len(runs[r]) for r in rl)
-    best = max((r for r in rl if len(runs[r]) == most), key=lambda r: _val_select(runs[r]))
-    best_dpo = max(dpo, key=lambda r: _val_select(runs[r])) if dpo else None
+    best = max((r for r in rl if len(runs[r]) == most), key=lambda r: val_select(runs[r]))
+    best_dpo = max(dpo, key=lambda r: val_select(runs[r])) if dpo else None
 
     cfg = load_config(config, data)
     first = runs[best]
@@ -186,7 +162,7 @@ def one_set(root: Path, out: Path, recipes: list[str], seeds: list[int]) -> dict
             r: {
                 "overrides": RECIPES[r],
                 "seeds": [x["seed"] for x in rs],
-                "val_select": _val_select(rs),
+                "val_select": val_select(rs),
                 "test_at_val_best": summary([x["rl_test_at_best_threshold"] for x in rs]),
                 "best_val_threshold": [x["rl_best_val_threshold"] for x in rs],
                 "train_wall_s_mean": float(np.mean([x["train_wall_s"] for x in rs])),

@@ -217,7 +217,7 @@ def run_fault(name: str, out: Path, base: Path) -> dict:
         resumed_rc = again.returncode
     log.close()
     iterations = _iterations(metrics)
-    retries = sum(r.get("fault/retries", 0) for r in metric_rows(metrics)) if None not in iterations else None
+    retries = _retries(metrics, iterations)
     final_rc = resumed_rc if resumed_rc is not None else first_rc
     survived = (
         injected
@@ -256,6 +256,11 @@ def _iterations(metrics: Path) -> list[int | None]:
             except (json.JSONDecodeError, KeyError):
                 out.append(None)
     return out
+
+
+def _retries(metrics: Path, iterations: list[int | None]) -> int | None:
+    """Shard retries the run logged; None when a row is torn (``_iterations``), as then no total is known."""
+    return sum(r.get("fault/retries", 0) for r in metric_rows(metrics)) if None not in iterations else None
 
 
 def _outcome(name: str, t0: float, log: Path, **fields) -> dict:
@@ -449,11 +454,7 @@ def run_node_faults(out: Path, base: Path, names: list[str]) -> list[dict]:
                     "resumed": False,
                     "resume_exit": None,
                     "iterations_logged": iterations,
-                    "shard_retries": (
-                        sum(r.get("fault/retries", 0) for r in metric_rows(metrics))
-                        if None not in iterations
-                        else None
-                    ),
+                    "shard_retries": _retries(metrics, iterations),
                     "actor_restarts": placed.get("restarts", []),
                     "survived": survived,
                     "max_abs_weight_diff_vs_uninterrupted": max_abs_diff(

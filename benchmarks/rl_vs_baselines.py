@@ -88,6 +88,34 @@ def _select(scored: dict[str, float]) -> float:
     return scored["dice"] + scored["cldice"]
 
 
+def val_select(runs: list[dict]) -> float:
+    """A recipe's validation score over its seeds: ``_select`` at each run's own best validation threshold."""
+    return float(np.mean([_select(r["rl_val_at_best_threshold"]) for r in runs]))
+
+
+def run_recipes(
+    config: str, sft: str, out_dir: Path, recipes, seeds, overrides: list[str]
+) -> dict[str, list[dict]]:
+    """Every (recipe, seed) not yet cached in ``out_dir/<recipe>_s<seed>.json``: one ``raysys train`` from the
+    SFT checkpoint with ``overrides`` then the recipe's own, scored (``train_and_score``). Returns every cached
+    run in the folder by recipe, seeds in order: also those of earlier calls (e.g. a screening of every recipe
+    on one seed, then more seeds for some)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for recipe, seed in itertools.product(recipes, seeds):
+        cached = out_dir / f"{recipe}_s{seed}.json"
+        if not cached.is_file():
+            name = f"{recipe}_s{seed}"
+            result = train_and_score(config, sft, seed, name, str(out_dir), [*overrides, *RECIPES[recipe]])
+            result["overrides"] = RECIPES[recipe]
+            cached.write_text(json.dumps(result, indent=1))
+    found: dict[str, dict[int, dict]] = {}
+    for cached in out_dir.glob("*_s*.json"):
+        recipe, seed = cached.stem.rsplit("_s", 1)
+        if recipe in RECIPES and seed.isdigit():
+            found.setdefault(recipe, {})[int(seed)] = json.loads(cached.read_text())
+    return {r: [found[r][s] for s in sorted(found[r])] for r in RECIPES if r in found}
+
+
 def fragments(probs, samples, threshold: float, small: int = FRAGMENT_PIXELS) -> dict[str, float]:
     """Where the Betti-0 error comes from, per image at ``threshold`` (FOV only): components of the mask and
     of the ground truth, components under ``small`` pixels, the share of those lying mostly on a vessel, and
@@ -169,29 +197,9 @@ def main() -> int:
     args = parser.parse_args()
 
     torch.set_num_threads(2)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for recipe, seed in itertools.product(args.recipes, args.seeds):
-        cached = out_dir / f"{recipe}_s{seed}.json"
-        if not cached.is_file():
-            result = train_and_score(
-                args.config,
-                args.sft,
-                seed,
-                f"{recipe}_s{seed}",
-                str(out_dir),
-                [*BASE, *args.overrides, *RECIPES[recipe]],
-            )
-            result["overrides"] = RECIPES[recipe]
-            cached.write_text(json.dumps(result, indent=1))
-    # The tables hold every (recipe, seed) run in the output folder, also those of earlier calls (e.g. a
-    # screening of every recipe on one seed, then more seeds for some).
-    found: dict[str, dict[int, dict]] = {}
-    for cached in out_dir.glob("*_s*.json"):
-        recipe, seed = cached.stem.rsplit("_s", 1)
-        if recipe in RECIPES and seed.isdigit():
-            found.setdefault(recipe, {})[int(seed)] = json.loads(cached.read_text())
-    runs = {r: [found[r][s] for s in sorted(found[r])] for r in RECIPES if r in found}
+    runs = run_recipes(
+        args.config, args.sft, Path(args.output_dir), args.recipes, args.seeds, [*BASE, *args.overrides]
+    )
 
     first = next(iter(runs.values()))
     table = {
@@ -206,7 +214,7 @@ def main() -> int:
         table[f"{recipe}@val-best"] = summary([r["rl_test_at_best_threshold"] for r in rs])
         ablation[recipe] = {
             "overrides": RECIPES[recipe],
-            "val_select": float(np.mean([_select(r["rl_val_at_best_threshold"]) for r in rs])),
+            "val_select": val_select(rs),
             "dice_vs_sft_best": float(
                 np.mean(
                     [
