@@ -14,17 +14,15 @@ what is allowed. Reading YAML files and ``key.sub=value`` overrides into this tr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from envs.config_checks import ConfigError as ConfigError  # the tree's error, raised by raysys too
-from envs.config_checks import check
+from envs.config_checks import as_number, check, check_label_selector, field_type
 from envs.metrics import SWEEP_THRESHOLDS
 from envs.rewards import RewardConfig as ObjectiveConfig
 from envs.types import DEFAULT_PROMPT
@@ -32,22 +30,11 @@ from policies.config import PolicyConfig, RewardNetConfig, SFTConfig
 from raysys import keys
 
 FOLDER_CROP = 128
+"""Training crop of folder datasets when ``data.crop`` is null (see benchmarks/crop_quality.py)."""
 MAX_NAME_BYTES = 128
 """A run name is a folder name; with the suffixes raysys adds it stays far below the filesystems' 255 bytes."""
 MAX_IMAGES = 1_000_000
 """Images per synthetic split (the splits' seed ranges are this far apart)."""
-"""Training crop of folder datasets when ``data.crop`` is null (see benchmarks/crop_quality.py)."""
-
-
-def _check_label_selector(selector: dict[str, str], key: str) -> None:
-    """Ray's own syntax check of a node-label selector (keys like ``role`` or ``example.com/role``; values
-    ``v``, ``!v``, ``in(a,b)``, ``!in(a,b)``), so a typo stops here and not as an actor that never starts."""
-    try:
-        from ray._private.label_utils import validate_label_selector
-    except ImportError:  # config without Ray (e.g. reading a run's config.yaml): Ray checks it at launch
-        return
-    error = validate_label_selector(selector)
-    check(error is None, key, f"{selector!r}: {error}")
 
 
 @dataclass(frozen=True)
@@ -210,7 +197,7 @@ class RewardConfig(ObjectiveConfig):
         )
         check(self.num_actors >= 1, "reward.num_actors", "must be >= 1")
         check(self.cpus_per_actor > 0, "reward.cpus_per_actor", "must be > 0")
-        _check_label_selector(self.label_selector, "reward.label_selector")
+        check_label_selector(self.label_selector, "reward.label_selector")
 
 
 @dataclass(frozen=True)
@@ -252,7 +239,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
         check(self.torch_threads >= 1, "rollout.torch_threads", f"{self.torch_threads} must be >= 1")
-        _check_label_selector(self.label_selector, "rollout.label_selector")
+        check_label_selector(self.label_selector, "rollout.label_selector")
         check(0 <= self.max_staleness <= 8, "rollout.max_staleness", "must be in 0..8")
         check(self.timeout_s > 0 and math.isfinite(self.timeout_s), "rollout.timeout_s", "must be > 0")
         check(self.gpus_per_worker >= 0, "rollout.gpus_per_worker", "must be >= 0")
@@ -388,7 +375,7 @@ class LearnerConfig:
             "is a fraction with several GPU ranks: Ray may put two ranks on one GPU, which NCCL refuses; "
             "use 1, one rank, or learner.dist_backend=gloo",
         )
-        _check_label_selector(self.label_selector, "learner.label_selector")
+        check_label_selector(self.label_selector, "learner.label_selector")
         check(self.zero_stage in (1, 2, 3), "learner.zero_stage", "allowed: 1, 2, 3")
         check(
             not (self.strategy == "deepspeed" and self.algorithm == "ppo"),
@@ -405,15 +392,6 @@ class LearnerConfig:
 
 
 SEARCH_SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
-
-
-def _as_number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def parse_objective(metric: str) -> dict[str, float]:
@@ -433,19 +411,6 @@ def parse_objective(metric: str) -> dict[str, float]:
         )
         terms[name] = w
     return terms
-
-
-def _field_type(cls: type, path: list[str]) -> Any | None:
-    """Type of the field at ``path`` under dataclass ``cls``, or None if there is no such field."""
-    tp: Any = cls
-    for part in path:
-        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
-            return None
-        hints = typing.get_type_hints(tp)
-        if part not in hints or part not in {f.name for f in dataclasses.fields(tp)}:
-            return None
-        tp = hints[part]
-    return tp
 
 
 @dataclass(frozen=True)
@@ -485,7 +450,7 @@ class TuneConfig:
             )
             path = key.split(".")
             check(
-                _field_type(Config, path) is not None,
+                field_type(Config, path) is not None,
                 where,
                 f"'{key}' is not a config key",
             )
@@ -496,7 +461,7 @@ class TuneConfig:
                 f"{kind} takes a list of values, got {values!r}",
             )
             if kind in ("uniform", "loguniform"):
-                values = [_as_number(v) for v in values]  # YAML reads 1e-4 (no dot) as a string
+                values = [as_number(v) for v in values]  # YAML reads 1e-4 (no dot) as a string
                 self.search_space[key] = {kind: values}
                 lo_hi = len(values) == 2 and all(
                     isinstance(v, int | float) and not isinstance(v, bool) for v in values
