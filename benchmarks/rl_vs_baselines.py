@@ -66,6 +66,9 @@ RECIPES: dict[str, list[str]] = {
     "select_at_best_threshold": ["eval.select_metric=val/best_threshold_dice"],
     "self_critical_postproc": ["learner.advantage=self_critical", "reward.postprocess=true"],
     "postproc_cldice_select": COMBINED,
+    # Breaks in vessels: a Betti-0 error over the predicted components touching the GT only.
+    "connectivity": ["reward.weights.connectivity=0.3"],
+    "postproc_cldice_select_connectivity": [*COMBINED, "reward.weights.connectivity=0.3"],
     # The combined recipe at the sampling temperature that won examples/tune_rl_recipe.yaml's sweep.
     "postproc_cldice_select_t0.7": [*COMBINED, "rollout.temperature=0.7"],
     # The combined recipe at twice the budget: its best checkpoint was the last one at 150 iterations.

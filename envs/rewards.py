@@ -54,7 +54,7 @@ __all__ = [
 RewardSource = Literal["gt", "learned"]
 """Where a reward value came from: the GT objective here, or the learned reward net (GT-free)."""
 
-TERMS = ("dice", "recall", "topology", "length", "cldice", "betti")
+TERMS = ("dice", "recall", "topology", "length", "cldice", "betti", "connectivity")
 """Weighted terms, in the order of :class:`RewardWeights`."""
 
 
@@ -77,6 +77,10 @@ class RewardWeights:
     """Weight of the clDice term (clDice x cldice_scale); 0 leaves it out of the total."""
     betti: float = 0.0
     """Weight of the Betti-error term (-(b0 err + b1 err) x betti_scale, clipped); 0 skips hole labelling."""
+    connectivity: float = 0.0
+    """Weight of the connectivity term: a Betti-0 error that counts only the predicted components touching the
+    GT vessels (-|b0(P touching G) - b0(G)| x connectivity_scale, clipped at betti_clip). A vessel broken into
+    pieces costs one per extra piece; a stray blob away from the vessels costs nothing here (Dice charges it)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -113,7 +117,9 @@ class RewardConfig:
     betti_scale: float = 1.0
     """Betti term = -min(b0 err + b1 err, betti_clip) x betti_scale."""
     betti_clip: float = 10.0
-    """Betti errors beyond this many count as this many, so the Betti term is bounded."""
+    """Betti (and connectivity) errors beyond this many count as this many, so those terms are bounded."""
+    connectivity_scale: float = 1.0
+    """Connectivity term = -min(|b0(P touching G) - b0(G)|, betti_clip) x connectivity_scale."""
     component_penalty: float = 0.1
     """Topology penalty per component of difference |b0(pred) - b0(gt)|."""
     tile_sizes: tuple[int, ...] = (16,)
@@ -139,6 +145,7 @@ class RewardConfig:
             "cldice_scale",
             "betti_scale",
             "betti_clip",
+            "connectivity_scale",
         ):
             v = getattr(self, name)
             check(
@@ -171,9 +178,10 @@ class RewardResult:
 
     Attributes:
         total: sum of weight x term.
-        components: the terms (dice, recall, topology, length; cldice and betti when weighted > 0) and the raw
-            metrics behind them (``*_raw``: dice_raw, recall_raw, precision_raw, cldice_raw,
-            junction_score_raw, length_ratio_raw, betti0_err_raw, and betti1_err_raw when betti is weighted).
+        components: the terms (dice, recall, topology, length; cldice, betti and connectivity when weighted
+            > 0) and the raw metrics behind them (``*_raw``: dice_raw, recall_raw, precision_raw, cldice_raw,
+            junction_score_raw, length_ratio_raw, betti0_err_raw; betti1_err_raw when betti is weighted,
+            connectivity_err_raw when connectivity is).
         source: "gt" for this objective; the learned reward net produces "learned".
     """
 
@@ -217,6 +225,9 @@ class RewardCounts:
     """8-connected foreground components (b0)."""
     holes: np.ndarray | None
     """Holes (b1); None when the Betti term is not weighted (saves a labelling pass)."""
+    touching: np.ndarray | None = None
+    """Components with a pixel on the GT (a GT's own count is its ``components``); None when the connectivity
+    term is not weighted."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -311,6 +322,12 @@ def _distinct_per_tile(labels: np.ndarray, tile: int) -> np.ndarray:
     return np.bincount(pairs // span, minlength=n_tiles).reshape(k, h // tile, w // tile)
 
 
+def _touching(labels: np.ndarray, gt: np.ndarray) -> np.int64:
+    """Number of distinct non-zero labels with a pixel on ``gt``."""
+    on = labels[gt]
+    return np.int64(np.unique(on[on > 0]).size)
+
+
 def _first_pixels(labels: np.ndarray) -> np.ndarray:
     """Flat index of the first pixel (raster order) of every non-zero label, int64 [n]."""
     idx = np.flatnonzero(labels)
@@ -360,7 +377,7 @@ def reward_terms(
         ops: the array operations (numpy by default).
     Returns:
         total (float64, pc's shape) and {name: float64 array}: the weighted terms (dice, recall, topology,
-        length; cldice, betti when weighted > 0) then the raw metrics (``*_raw``).
+        length; cldice, betti, connectivity when weighted > 0) then the raw metrics (``*_raw``).
     """
     c, w = config, config.weights.as_dict()
     f64 = ops.f64
@@ -403,6 +420,12 @@ def reward_terms(
         b1_err = ops.abs(f64(pc.holes) - f64(gc.holes))
         terms["betti"] = -ops.minimum(b0_err + b1_err, c.betti_clip) * c.betti_scale
         raw["betti1_err_raw"] = b1_err
+    if w["connectivity"] > 0:
+        if pc.touching is None:
+            raise ValueError("the connectivity term is weighted but the counts have no touching components")
+        conn_err = ops.abs(f64(pc.touching) - f64(gc.components))
+        terms["connectivity"] = -ops.minimum(conn_err, c.betti_clip) * c.connectivity_scale
+        raw["connectivity_err_raw"] = conn_err
     total = sum(w[k] * v for k, v in terms.items())
     return f64(total), {**terms, **raw}
 
@@ -431,10 +454,12 @@ class MultiObjectiveReward:
     cldice        clDice(P, G) x cldice_scale (both skeletons empty: 1,    [0, cldice_scale]
                   one empty: 0)
     betti         -min(|b0 err| + |b1 err|, betti_clip) x betti_scale      [-betti_clip x betti_scale, 0]
+    connectivity  -min(|b0(P touching G) - b0(G)|, betti_clip)             [-betti_clip x
+                  x connectivity_scale (P's components with a pixel on G)   connectivity_scale, 0]
     ============  =======================================================  ===========================
 
-    Total = sum of weight x term over the six terms; :meth:`bounds` gives its range. cldice and betti are
-    only computed into the total and components when their weight is > 0 (cldice_raw is always reported:
+    Total = sum of weight x term over the seven terms; :meth:`bounds` gives its range. cldice, betti and
+    connectivity are only computed into the total and components when their weight is > 0 (cldice_raw is always reported:
     it costs a few counts). Junctions are 8-connected clusters of skeleton pixels with >= 3 skeleton
     neighbours (see :func:`envs.metrics.junction_count`).
 
@@ -453,6 +478,7 @@ class MultiObjectiveReward:
         self.config = config
         self.weights = config.weights.as_dict()
         self._need_holes = self.weights["betti"] > 0
+        self._need_touching = self.weights["connectivity"] > 0
 
     # ---------------------------------------------------------------------------------------- bounds
 
@@ -466,6 +492,7 @@ class MultiObjectiveReward:
             "length": (-c.length_scale, 0.0),
             "cldice": (0.0, c.cldice_scale),
             "betti": (-c.betti_clip * c.betti_scale, 0.0),
+            "connectivity": (-c.betti_clip * c.connectivity_scale, 0.0),
         }
 
     def bounds(self) -> tuple[float, float]:
@@ -561,7 +588,7 @@ class MultiObjectiveReward:
             p = p & target.fov
         g, sg = target.gt, target.skeleton
         sp = skeleton(p)  # the only skeletonisation per prediction
-        _, n_comp = ndi.label(p, structure=EIGHT)
+        labels, n_comp = ndi.label(p, structure=EIGHT)
         _, n_junc = _junction_clusters(sp)
         holes = None
         if self._need_holes:
@@ -573,6 +600,7 @@ class MultiObjectiveReward:
             junctions=np.int64(n_junc),
             components=np.int64(n_comp),
             holes=holes,
+            touching=_touching(labels, g) if self._need_touching else None,
         )
         total, comps = reward_terms(
             self.config,
@@ -663,6 +691,7 @@ class MultiObjectiveReward:
                 junctions=junctions.reshape(k, ty, tx).astype(np.int64),
                 components=_distinct_per_tile(lt, tile),
                 holes=None if ht is None else _distinct_per_tile(ht, tile),
+                touching=_distinct_per_tile(np.where(tt.gt, lt, 0), tile) if self._need_touching else None,
             )
             # 2. Cross counts against the (padded) GT, broadcast over K.
             tp = _tile_sum(pt & tt.gt, tile)

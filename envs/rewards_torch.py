@@ -31,6 +31,7 @@ torch only: no Ray, and no CUDA needed (``device="cpu"`` works everywhere).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -140,9 +141,9 @@ class _Grid:
         return x.view(n, self.ty, self.tile, self.tx, self.tile).sum((2, 4), dtype=torch.int64)
 
 
-def _tile_counts(an: Analysis, grid: _Grid) -> RewardCounts:
-    """Components, holes and junctions per tile of an analysed stack (the pixel sums are done by the
-    caller)."""
+def _tile_counts(an: Analysis, grid: _Grid, touch: Tensor | None) -> RewardCounts:
+    """Components, holes, junctions and (given ``touch``, the padded foreground on the GT) components
+    touching the GT per tile of an analysed stack (the pixel sums are done by the caller)."""
     n = an.fg.shape[0]
     holes = None
     if an.holes is not None:
@@ -154,6 +155,7 @@ def _tile_counts(an: Analysis, grid: _Grid) -> RewardCounts:
         junctions=grid.count(an.junction_first, n),
         components=grid.distinct(an.components, an.fg, n),
         holes=holes,
+        touching=None if touch is None else grid.distinct(an.components, touch, n),
     )
 
 
@@ -370,6 +372,7 @@ class TorchReward:
         self.max_pixels = max_pixels
         self.thinning = thinning_backend(thinning, self.device)
         self._need_holes = config.weights.betti > 0
+        self._need_touching = config.weights.connectivity > 0
 
     # --------------------------------------------------------------------------------------- inputs
 
@@ -462,7 +465,7 @@ class TorchReward:
             grid = _Grid(t, h, w)
             per_part = []
             for a in parts:
-                c = _tile_counts(a, grid)
+                c = _tile_counts(a, grid, None)
                 inner = a.fg[:, 1:-1, 1:-1]
                 per_part.append(
                     RewardCounts(
@@ -544,6 +547,7 @@ class TorchReward:
             # Pixel maps [area, length, |P & G|, |S_P & G|, |S_G & P|], zero-padded to whole tiles of every
             # size: tile sums are then reshapes and reductions (no atomics).
             g, gs = targets.gt.index_select(0, r), targets.skeleton.index_select(0, r)
+            touch = g & fg if self._need_touching else None
             maps = torch.zeros((5, k, hp, wp), dtype=torch.bool, device=self.device)
             inside = (slice(None), slice(1, h + 1), slice(1, w + 1))
             for i, (a, b) in enumerate(
@@ -552,9 +556,9 @@ class TorchReward:
                 torch.logical_and(a[inside], b[inside], out=maps[i, :, :h, :w])
             sums = maps.view(torch.uint8)
             cross.append(sums[2:].view(3, k, -1).sum(2, dtype=torch.int64).T)
-            whole.append(an.counts)
+            whole.append(_with_touching(an, touch))
             for grid in grids:
-                tc = _tile_counts(an, grid)
+                tc = _tile_counts(an, grid, touch)
                 t = grid.tile
                 px = sums[:, :, : grid.ty * t, : grid.tx * t].reshape(5, k, grid.ty, t, grid.tx, t)
                 px = px.sum((3, 5), dtype=torch.int64)
@@ -564,6 +568,7 @@ class TorchReward:
                     junctions=tc.junctions,
                     components=tc.components,
                     holes=tc.holes,
+                    touching=tc.touching,
                 )
                 tiled[t][0].append(tc)
                 tiled[t][1].append(px[2:].permute(1, 2, 3, 0))
@@ -617,13 +622,17 @@ class TorchReward:
 
 
 def _cat_counts(parts: Sequence[RewardCounts]) -> RewardCounts:
-    holes = [p.holes for p in parts]
+    def cat(name: str) -> Tensor | None:
+        xs = [getattr(p, name) for p in parts]
+        return None if any(x is None for x in xs) else torch.cat(xs)
+
     return RewardCounts(
         area=torch.cat([p.area for p in parts]),
         length=torch.cat([p.length for p in parts]),
         junctions=torch.cat([p.junctions for p in parts]),
         components=torch.cat([p.components for p in parts]),
-        holes=None if any(h is None for h in holes) else torch.cat(holes),
+        holes=cat("holes"),
+        touching=cat("touching"),
     )
 
 
@@ -636,6 +645,21 @@ def _take(c: RewardCounts, rows: Tensor) -> RewardCounts:
         components=c.components[rows],
         holes=None if c.holes is None else c.holes[rows],
     )
+
+
+def _with_touching(an: Analysis, touch: Tensor | None) -> RewardCounts:
+    """The whole-mask counts, with the components touching the GT when ``touch`` (the padded foreground on
+    the GT) is given: distinct roots of the run starts of ``touch`` (each such component has one, and a
+    ``touch`` run lies inside one component)."""
+    if touch is None:
+        return an.counts
+    starts = run_starts(touch).reshape(-1).nonzero().squeeze(1)
+    roots = torch.unique(an.components.root_of(starts))
+    per_mask = torch.zeros_like(an.counts.components)
+    per_mask.index_add_(
+        0, an.components.runs.index_select(0, roots) // touch[0].numel(), torch.ones_like(roots)
+    )
+    return dataclasses.replace(an.counts, touching=per_mask)
 
 
 def _check_finite(total: Tensor, comps: dict[str, Tensor]) -> None:

@@ -18,11 +18,14 @@ from envs.synthetic import generate_fundus
 CONFIGS = {
     "default": RewardConfig(),
     "all_terms": RewardConfig(
-        weights=RewardWeights(dice=0.5, recall=0.2, topology=0.2, length=0.1, cldice=0.3, betti=0.2),
+        weights=RewardWeights(
+            dice=0.5, recall=0.2, topology=0.2, length=0.1, cldice=0.3, betti=0.2, connectivity=0.2
+        ),
         tile_sizes=(16, 8),
     ),
 }
-"""Betti not weighted (no hole labelling) and every term weighted (holes per image and per tile)."""
+"""Betti not weighted (no hole labelling) and every term weighted (holes and components touching the GT per
+image and per tile)."""
 
 TILES = (16, 8, 12, 5, 7, 50)
 """Tile sizes scored per tile: dividing the test sizes or not, and one larger than an image side."""

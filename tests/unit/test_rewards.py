@@ -194,6 +194,45 @@ def test_weights_are_configurable() -> None:
     assert r.components["dice"] == pytest.approx(8 / 9)
 
 
+def test_connectivity_counts_only_pieces_on_the_vessels() -> None:
+    # GT: one 100-px vessel. Prediction: that vessel broken into 3 pieces, plus 2 stray blobs off it.
+    gt = hline(100, shape=(16, 120), row=4, start=10)
+    pred = gt.copy()
+    pred[4, [40, 70]] = False
+    pred[12, 20:23] = pred[12, 60:63] = True
+    conn = MultiObjectiveReward(
+        RewardConfig(weights=RewardWeights(dice=0, recall=0, topology=0, length=0, connectivity=1))
+    )
+    r = conn(pred, gt)
+    # 5 components against 1 (Betti-0 error 4), of which 3 touch the vessel: connectivity error 2.
+    assert r.components["betti0_err_raw"] == 4.0
+    assert r.components["connectivity_err_raw"] == 2.0
+    assert r.total == pytest.approx(-2.0)
+    # Stray blobs alone cost nothing here; the bridged vessel is perfect.
+    whole = gt.copy()
+    whole[12, 20:23] = True
+    assert conn(whole, gt).total == 0.0
+    # Clipped at betti_clip, scaled by connectivity_scale; a vessel missed entirely is an error too.
+    dashed = gt.copy()
+    dashed[4, 10:110:4] = False
+    scaled = MultiObjectiveReward(
+        RewardConfig(
+            weights=RewardWeights(dice=0, recall=0, topology=0, length=0, connectivity=1),
+            betti_clip=3.0,
+            connectivity_scale=2.0,
+        )
+    )
+    assert scaled(dashed, gt).total == pytest.approx(-6.0)
+    assert conn(np.zeros_like(gt), gt).components["connectivity_err_raw"] == 1.0
+    assert conn.term_bounds()["connectivity"] == (-10.0, 0.0)
+    # Per tile (16 px): the breaks at columns 40 and 70 split the vessel inside tiles 2 and 4.
+    tiled = conn.score_tiles(pred[None], conn.prepare_target(gt), tile=16)
+    err = tiled.components["connectivity_err_raw"][0, 0]
+    assert err.tolist() == [0, 0, 1, 0, 1, 0, 0, 0]
+    # Not weighted: no term and no raw count.
+    assert "connectivity_err_raw" not in MultiObjectiveReward(RewardConfig())(pred, gt).components
+
+
 def test_prepared_target_matches_call_and_fov_is_respected() -> None:
     rng = np.random.default_rng(0)
     gt = ndi.gaussian_filter(rng.random((48, 48)), 2) > 0.52
