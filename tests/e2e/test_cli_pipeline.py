@@ -43,7 +43,8 @@ def test_an_interrupted_rl_stage_continues_from_its_checkpoints(tmp_path) -> Non
     args = [sys.executable, "-m", "raysys", "pipeline", f"run.output_dir={tmp_path}", "run.name=i", *SMALL_RL,
             "data.n_test=2", "sft.steps=2", "sft.eval_every=2", "sft.batch_size=2", "reward_net.epochs=1",
             "reward_net.n_train=2", "reward_net.n_val=2", "reward_net.masks_per_image=2",
-            "learner.iterations=12", "learner.checkpoint_every=1", "eval.every=4", "--until", "rl"]  # fmt: skip
+            "learner.iterations=12", "learner.checkpoint_every=1", "eval.every=4", "rollout.num_workers=1",
+            "--until", "rl"]  # fmt: skip
     proc = popen_interruptible(args)
     ckpt = tmp_path / "i" / "rl.tmp" / "ray" / "rl.tmp" / "iter_000002"
     deadline = time.time() + 400

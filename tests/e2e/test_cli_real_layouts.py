@@ -19,9 +19,9 @@ from raysys.testing.rl_small import metric_rows
 FAST = [
     "data.crop=128", "rollout.samples_per_image=4", "rollout.images_per_iteration=2",
     "learner.minibatch_size=2", "learner.epochs=1", "rollout.cpus_per_worker=0.25",
-    "reward.cpus_per_actor=0.25", "learner.cpus_per_worker=0.25", "eval.thresholds=[0.3,0.5]",
+    "reward.cpus_per_actor=0.25", "learner.cpus_per_worker=0.25", "eval.thresholds=[0.3,0.5]", "rollout.num_workers=1",
 ]  # fmt: skip
-"""128-px training crops (and windows), K=4, 2 crops per iteration, fractional CPUs."""
+"""128-px training crops (and windows), K=4, 2 crops per iteration, fractional CPUs, one rollout actor."""
 
 
 def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -16,7 +16,8 @@ from raysys.testing.rl_small import SMALL_RL, metric_rows, popen_interruptible
 
 pytest.importorskip("ray")
 
-TINY = [*SMALL_RL, "eval.every=1", "learner.iterations=2"]
+TINY = [*SMALL_RL, "eval.every=1", "learner.iterations=2", "rollout.num_workers=1"]
+"""One rollout actor per trial: every trial is a Train run, and each actor costs a process start."""
 
 
 def _cmd(tmp_path, name: str, *extra: str) -> list[str]:
