@@ -12,7 +12,10 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/cuda.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev,sa2va,deepspeed]'
+	$(PY) -m pip install --quiet --no-compile -c $(TORCH_CONSTRAINTS) -e '.[dev,sa2va,deepspeed]'
+	@# pip compiles bytecode on one core; compileall uses them all (-j 0). Files that are not Python 3
+	@# (some packages ship them) fail to compile here as under pip, harmlessly: hence -qq and `|| true`.
+	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -28,6 +28,12 @@ PRIVATE_RAY_ENV = {
 }
 """Runtime environment of a private local Ray (see private_worker_setup), and of a driver attaching from a
 shell. Jobs get theirs from cluster/runtime_env.yaml (its hook: atomic_train_snapshots)."""
+LOCAL_RAY_ENV = {
+    **PRIVATE_RAY_ENV,
+    "env_vars": {**PRIVATE_RAY_ENV["env_vars"], "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+}
+"""A private local Ray's runtime environment: one machine has no node to pre-empt, and Train's preemption
+watcher is one more actor process (~2 CPU-s of start-up) per run and per restart."""
 
 
 class ResourceError(RuntimeError):
@@ -78,7 +84,7 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
         address="local",
         num_cpus=int(num_cpus),
         num_gpus=cfg.run.num_gpus,
-        runtime_env=PRIVATE_RAY_ENV,
+        runtime_env=LOCAL_RAY_ENV,
         log_to_driver=True,
     )
     stop_on_sigterm()

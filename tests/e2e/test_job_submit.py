@@ -127,10 +127,12 @@ def _registered(experiment: Path) -> int:
 
 def test_job_stop_leaves_a_resumable_checkpoint(cluster, tmp_path) -> None:
     # Asynchronous rollouts (rollout.max_staleness=1): a job of either mode stops and resumes.
-    # 20 short iterations (about 0.7 s each with a checkpoint every one): the stop below lands mid-run.
-    n = 20
+    # 12 short iterations (about 0.7 s each with a checkpoint every one, one rollout actor): the stop below
+    # lands mid-run, 3-5 iterations after the second.
+    n = 12
     args = [*TINY, f"learner.iterations={n}", "learner.checkpoint_every=1", f"run.output_dir={tmp_path}",
-            "run.name=stopme", "rollout.max_staleness=1", "eval.every=100", "--no-progress"]  # fmt: skip
+            "run.name=stopme", "rollout.max_staleness=1", "eval.every=100", "rollout.num_workers=1",
+            "--no-progress"]  # fmt: skip
     run = tmp_path / "stopme"
     started = _submit(cluster, "--no-wait", "--submission-id", "raysys-e2e-stop", "--", "train", *args)
     assert started.returncode == 0, started.stderr[-3000:]

@@ -9,7 +9,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from raysys.runtime import PRIVATE_RAY_ENV  # noqa: E402
+from raysys.runtime import LOCAL_RAY_ENV  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def ray_local():
         # the state API's address, so Ray Train's placement-group cleaner asks whichever other cluster owns
         # that port (a parallel test's) whether this run's controller is alive: waits of ~12 s per run.
         log_to_driver=False,
-        runtime_env=PRIVATE_RAY_ENV,
+        runtime_env=LOCAL_RAY_ENV,
     )
     yield ray
     ray.shutdown()

@@ -20,7 +20,8 @@ pytest.importorskip("deepspeed")
 def test_zero2_run_trains_and_syncs(ray_local, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     cfg = load_config(None, [*SMALL, f"run.output_dir={tmp_path}", "run.name=ds", "learner.iterations=2",
-                             "learner.strategy=deepspeed", "learner.zero_stage=2", "eval.every=2"])  # fmt: skip
+                             "learner.strategy=deepspeed", "learner.zero_stage=2", "eval.every=2",
+                             "rollout.num_workers=1"])  # fmt: skip
     res = run_training(cfg, progress=False)
     rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["policy/version"] for r in rows] == [1, 2]

@@ -13,11 +13,13 @@ from raysys.testing.rl_small import SMALL_RL
 TINY = [
     *SMALL_RL, "data.n_test=3", "sft.steps=4", "sft.eval_every=2", "sft.batch_size=2", "reward_net.epochs=1",
     "reward_net.n_train=3", "reward_net.n_val=2", "reward_net.masks_per_image=2", "learner.iterations=2",
-    "eval.every=1", "run.name=pipe",
+    "eval.every=1", "run.name=pipe", "rollout.num_workers=1",
 ]  # fmt: skip
 
 
-def test_pipeline_runs_skips_and_reruns_downstream_only(ray_local, tmp_path) -> None:
+def test_pipeline_runs_skips_and_reruns_downstream_only(ray_local, tmp_path, monkeypatch) -> None:
+    import raysys.pipeline as pipeline_mod
+
     cfg = load_config(None, [*TINY, f"run.output_dir={tmp_path}"])
     first = Pipeline(cfg, progress=False).run()
     assert [r["stage"] for r in first] == list(STAGES) and all(r["status"] == "ran" for r in first)
@@ -33,10 +35,28 @@ def test_pipeline_runs_skips_and_reruns_downstream_only(ray_local, tmp_path) -> 
     second = Pipeline(cfg, progress=False).run()
     assert all(r["status"].startswith("skipped") for r in second)
 
+    # Which stages a changed reward weight reruns: each stage stands in for itself by writing new bytes
+    # into its outputs (the real stages ran above), so a rerun rl stage changes what eval, export and
+    # report read.
+    called = []
+
+    def stand_in(name, outputs):
+        def run(cfg, inputs, out):
+            called.append(name)
+            for rel in outputs:
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_text(f"{name} again")
+            return {}
+
+        return run
+
+    stages = {n: pipeline_mod.Stage(n, s.inputs, stand_in(n, s.outputs), s.outputs, s.resumable)
+              for n, s in pipeline_mod._stages().items()}  # fmt: skip
+    monkeypatch.setattr(pipeline_mod, "_stages", lambda: stages)
     changed = replace(cfg, ["reward.weights.dice=0.9"])
     third = {r["stage"]: r["status"] for r in Pipeline(changed, progress=False).run()}
     assert all(third[s].startswith("skipped") for s in ("data", "sft", "reward_net"))
-    assert all(third[s] == "ran" for s in ("rl", "eval", "export", "report"))
+    assert called == ["rl", "eval", "export", "report"] and all(third[s] == "ran" for s in called)
 
 
 def test_failed_stage_is_named_and_earlier_outputs_kept(ray_local, tmp_path, monkeypatch) -> None:

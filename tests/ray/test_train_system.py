@@ -75,6 +75,12 @@ def test_two_iteration_run_writes_metrics_checkpoints_and_events(ray_local, tmp_
     ).is_file()
     with pytest.raises(FileExistsError, match="--resume"):
         run_training(cfg, progress=False)
+    from ray.util.state import list_actors
+
+    # A private local Ray (runtime.LOCAL_RAY_ENV) has no node to pre-empt: Train starts no watcher for it.
+    address = ray_local.get_runtime_context().gcs_address
+    started = {a.class_name for a in list_actors(address=address, limit=10000)}
+    assert "TrainController" in started and "PreemptionWatcher" not in started
 
     # Resuming a finished run (a Tune trial stopped between Train keeping its last checkpoint and Tune getting
     # the report) trains no more and reports the last row again.
@@ -271,7 +277,7 @@ def test_an_asynchronous_run_trains_on_one_step_old_batches(ray_local, tmp_path)
     cfg = load_config(
         None,
         [*SMALL, f"run.output_dir={tmp_path}", "run.name=async", "rollout.max_staleness=1", "eval.every=100",
-         "learner.iterations=3"],
+         "learner.iterations=3", "rollout.num_workers=1"],
     )  # fmt: skip
     rows = _rows(run_training(cfg, progress=False).run_dir)
     assert [r["iteration"] for r in rows] == [0, 1, 2] and [r["policy/version"] for r in rows] == [1, 2, 3]
