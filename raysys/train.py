@@ -301,6 +301,21 @@ def _node_options(label_selector: dict[str, str], scheduling: str) -> dict[str, 
     return options
 
 
+def _without_dataset_manager(trainer_cls):
+    """``trainer_cls`` without Train's Ray Datasets callback when no dataset is given (never here: the rollout
+    actors feed the learner). The callback starts a dataset-manager actor whatever the datasets, one more process
+    (~2.5 CPU-s of start-up on a small machine) per run and per restart."""
+
+    class Trainer(trainer_cls):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+
+    return Trainer
+
+
 def run_training(
     cfg: Config,
     *,
@@ -373,7 +388,7 @@ def run_training(
             lc = cfg.learner
             resources = {"CPU": lc.cpus_per_worker, **({"GPU": lc.gpus_per_worker} if lc.use_gpu else {})}
             backend = None if lc.dist_backend == "auto" else TorchConfig(backend=lc.dist_backend)
-            trainer = TorchTrainer(
+            trainer = _without_dataset_manager(TorchTrainer)(
                 train_loop_per_worker,
                 train_loop_config={
                     "cfg": cfg,
