@@ -97,13 +97,56 @@ def private_worker_setup() -> None:
     atomic_train_snapshots()
 
 
+CHECKPOINT_MANAGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
+
+
 def atomic_train_snapshots() -> None:
     """Worker set-up hook: Ray Train writes its record of checkpoints (``checkpoint_manager_snapshot.json``,
     what a resume starts from) in place, so a full disk tears it and no resume can read it again. Written to
     a temporary file and moved over the old one, a failed write leaves the previous record, which names only
-    checkpoints that still exist (Train deletes old checkpoints after writing the record)."""
-    from ray.train.v2._internal.execution.checkpoint import checkpoint_manager
+    checkpoints that still exist (Train deletes old checkpoints after writing the record).
 
+    Only the process that imports Train's checkpoint manager (Train's controller) needs the change, so it is
+    made when that import happens: importing Train in every worker (rollout, reward and metrics actors, Tune
+    trials) would cost each about 1 CPU-s of start-up."""
+    import sys
+
+    module = sys.modules.get(CHECKPOINT_MANAGER)
+    if module is not None:
+        _atomic_snapshot_writes(module)
+    elif not any(isinstance(f, _AfterImport) and f.name == CHECKPOINT_MANAGER for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(CHECKPOINT_MANAGER, _atomic_snapshot_writes))
+
+
+class _AfterImport:
+    """A post-import hook (a ``sys.meta_path`` finder): runs ``then(module)`` once ``name`` has been imported,
+    then leaves ``sys.meta_path``."""
+
+    def __init__(self, name: str, then) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        import importlib.util
+        import sys
+
+        if fullname != self.name:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run, then = spec.loader.exec_module, self.then
+
+        def exec_module(module) -> None:
+            run(module)
+            then(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _atomic_snapshot_writes(checkpoint_manager) -> None:
     manager = checkpoint_manager.CheckpointManager
     if getattr(manager._write_state_to_storage, "atomic", False):
         return

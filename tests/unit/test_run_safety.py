@@ -297,6 +297,28 @@ def test_resume_checks_that_no_iteration_before_the_checkpoint_lost_its_metrics_
     check_metrics_rows(tmp_path / "gone.jsonl", 0)
 
 
+def test_the_snapshot_fix_waits_for_trains_import_in_a_worker_that_has_not_made_it() -> None:
+    # A fresh process, as a Ray worker at its set-up hook: rollout, reward and metrics actors never import
+    # Train (about 1 CPU-s each), and Train's controller, which does, gets the atomic writes all the same.
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    code = """
+import sys
+from raysys.runtime import atomic_train_snapshots
+atomic_train_snapshots()
+atomic_train_snapshots()
+print(sorted(m for m in ("ray.train", "pandas", "ray.data") if m in sys.modules))
+from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+print(getattr(CheckpointManager._write_state_to_storage, "atomic", False))
+print(sum(type(f).__name__ == "_AfterImport" for f in sys.meta_path))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:3] == ["[]", "True", "0"]
+
+
 def test_trains_record_of_checkpoints_survives_a_full_disk_and_a_torn_one_is_named(
     tmp_path, monkeypatch
 ) -> None:
