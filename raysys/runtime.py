@@ -26,8 +26,8 @@ PRIVATE_RAY_ENV = {
     "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S},
     "worker_process_setup_hook": "raysys.runtime.private_worker_setup",
 }
-"""Runtime environment of a private local Ray (see private_worker_setup), and of a driver attaching from a
-shell. Jobs get theirs from cluster/runtime_env.yaml (its hook: atomic_train_snapshots)."""
+"""Runtime environment of a driver attaching from a shell (see private_worker_setup); a private local Ray
+adds to it (LOCAL_RAY_ENV). Jobs get theirs from cluster/runtime_env.yaml (its hook: atomic_train_snapshots)."""
 LOCAL_RAY_ENV = {
     **PRIVATE_RAY_ENV,
     "env_vars": {**PRIVATE_RAY_ENV["env_vars"], "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
