@@ -4,11 +4,13 @@ Train's storage (a local folder, a shared path or an object-store URI through py
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
 import platform
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,8 +111,6 @@ def atomic_train_snapshots() -> None:
     Only the process that imports Train's checkpoint manager (Train's controller) needs the change, so it is
     made when that import happens: importing Train in every worker (rollout, reward and metrics actors, Tune
     trials) would cost each about 1 CPU-s of start-up."""
-    import sys
-
     module = sys.modules.get(CHECKPOINT_MANAGER)
     if module is not None:
         _atomic_snapshot_writes(module)
@@ -126,9 +126,6 @@ class _AfterImport:
         self.name, self.then = name, then
 
     def find_spec(self, fullname, path, target=None):
-        import importlib.util
-        import sys
-
         if fullname != self.name:
             return None
         with contextlib.suppress(ValueError):
