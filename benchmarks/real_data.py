@@ -3,6 +3,7 @@ images, beside the human second observer -> JSON (and a Markdown table per set).
 
     .venv/bin/python benchmarks/real_data.py data/CHASE_DB1 data/STARE [--seeds 0 1 2] [--recipes ...]
     .venv/bin/python benchmarks/real_data.py --adapt data/CHASE_DB1 data/STARE --adapt data/STARE data/CHASE_DB1
+    .venv/bin/python benchmarks/real_data.py --standardize --adapt data/CHASE_DB1 data/STARE ...
 
 The sets are not redistributable and CI never sees them: fetch and extract them as the README's real-data
 section says. Each folder's kind is found from its layout; its config is ``examples/<kind>.yaml`` (the
@@ -25,6 +26,11 @@ labels, then RL on TARGET's training images with the learned reward only (checkp
 net's score of the validation masks), every model at the threshold SOURCE's validation images pick, scored on
 TARGET's test images; ``@target-oracle`` rows use the threshold TARGET's test labels would pick. The
 learned-vs-GT reward gap along each run is the reward-hacking monitor.
+
+``--standardize``: every run (SFT, reward net, RL, scoring) with ``data.standardize=true`` (each image's
+colours inside its field of view mapped to one reference: needs no label, so it applies to a new site as
+is), cached under ``runs/real_data_standardized/``, results keyed ``<set>_standardized`` and
+``<source>_to_<target>_standardized``.
 
 Gains are per seed against the same SFT model (``rl_*_gain_vs_best_threshold``: each at its own validation-best
 threshold; ``rl_*_gain_vs_oracle_threshold``: each at its test-best threshold).
@@ -81,12 +87,12 @@ def human_observer(kind: str, cfg) -> dict | None:
     return scores([s.mask.astype(np.float32) for s in second], first, 0.5)
 
 
-def sft_model(kind: str, config: str, root: Path, out: Path) -> Path:
+def sft_model(kind: str, config: str, root: Path, out: Path, extra: list[str]) -> Path:
     """The set's SFT model, trained once (``run.seed=0``) and reused."""
     model = out / kind / "sft" / "model"
     if not (model / "model.safetensors").is_file():
         harness.run_cli(
-            "sft", config, f"data.root={root}", f"run.name={kind}", f"run.output_dir={out}", "run.seed=0",
+            "sft", config, f"data.root={root}", *extra, f"run.name={kind}", f"run.output_dir={out}", "run.seed=0",
             capture=False,
         )  # fmt: skip
     return model
@@ -96,13 +102,13 @@ def _gains(runs: list[dict], at: str, metric: str) -> list[float]:
     return [r[f"rl_test_at_{at}"][metric] - r[f"sft_test_at_{at}"][metric] for r in runs]
 
 
-def one_set(root: Path, out: Path, recipes: list[str], seeds: list[int]) -> dict:
+def one_set(root: Path, out: Path, recipes: list[str], seeds: list[int], extra: list[str]) -> dict:
     from raysys.config_io import load_config
 
     kind = detect_kind(root)
     config = str(harness.ROOT / SETS[kind]["config"])
-    data = [f"data.root={root}"]
-    sft = sft_model(kind, config, root, out)
+    data = [f"data.root={root}", *extra]
+    sft = sft_model(kind, config, root, out, extra)
     runs = run_recipes(config, str(sft), out / kind / "rl", recipes, seeds, data)
     rl = [r for r in runs if not r.startswith("dpo")]
     dpo = [r for r in runs if r.startswith("dpo")]
@@ -145,6 +151,7 @@ def one_set(root: Path, out: Path, recipes: list[str], seeds: list[int]) -> dict
         "kind": kind,
         "config": harness.display_path(config),
         "data_root": str(root),
+        "overrides": extra,
         "n_test": first[0]["n_test"],
         "seeds": [r["seed"] for r in first],
         "best_recipe": best,
@@ -172,13 +179,13 @@ def one_set(root: Path, out: Path, recipes: list[str], seeds: list[int]) -> dict
     }
 
 
-def reward_net(kind: str, config: str, root: Path, sft: Path, out: Path) -> Path:
+def reward_net(kind: str, config: str, root: Path, sft: Path, out: Path, extra: list[str]) -> Path:
     """The learned reward net of a set: trained on its labelled training images and its SFT model's masks."""
     folder = out / kind / "reward_net"
     ckpt = folder / "best_reward_net.pth"
     if not ckpt.is_file():
         harness.run_cli(
-            "reward-net", config, f"data.root={root}", "--out", str(folder), "--policy-checkpoint", str(sft),
+            "reward-net", config, f"data.root={root}", *extra, "--out", str(folder), "--policy-checkpoint", str(sft),
             "--overwrite", capture=False,
         )  # fmt: skip
     return ckpt
@@ -188,7 +195,7 @@ ADAPT = ["reward.source=learned", "eval.select_metric=val/learned_score"]
 """RL on the target set: the learned reward alone, and a checkpoint chosen without labels."""
 
 
-def adaptation(source: Path, target: Path, out: Path, seeds: list[int]) -> dict:
+def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: list[str]) -> dict:
     """SFT and the reward net on the source set's labels; RL on the target set's training images with the
     learned reward only; every model thresholded where the source's validation images say, scored on the
     target's test images. The target's labels serve only the numbers, the hacking monitor and the oracle row."""
@@ -203,12 +210,13 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int]) -> dict:
 
     src, tgt = detect_kind(source), detect_kind(target)
     src_config, tgt_config = (str(harness.ROOT / SETS[k]["config"]) for k in (src, tgt))
-    sft = sft_model(src, src_config, source, out)
-    rn = reward_net(src, src_config, source, sft, out)
+    sft = sft_model(src, src_config, source, out, extra)
+    rn = reward_net(src, src_config, source, sft, out, extra)
     folder = out / f"{src}_to_{tgt}"
     folder.mkdir(parents=True, exist_ok=True)
-    src_cfg = load_config(src_config, [f"data.root={source}"])
-    tgt_cfg = load_config(tgt_config, [f"data.root={target}"])
+    # policy.checkpoint names the SFT model: without it the "sft" rows would score a fresh tiny model.
+    src_cfg = load_config(src_config, [f"data.root={source}", *extra, f"policy.checkpoint={sft}"])
+    tgt_cfg = load_config(tgt_config, [f"data.root={target}", *extra, f"policy.checkpoint={sft}"])
     src_val = list(dataset_for_split(src_cfg.data, "val", load=load_dataset))
     tgt_test = list(dataset_for_split(tgt_cfg.data, "test", load=load_dataset))
     runs = []
@@ -216,7 +224,7 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int]) -> dict:
         cached = folder / f"rl_s{seed}.json"
         if not cached.is_file():
             run = train(tgt_config, [
-                f"data.root={target}", f"policy.checkpoint={sft}", f"run.seed={seed}", f"run.name=rl_s{seed}",
+                f"data.root={target}", *extra, f"policy.checkpoint={sft}", f"run.seed={seed}", f"run.name=rl_s{seed}",
                 f"run.output_dir={folder}", f"reward.reward_net={rn}", *ADAPT,
             ])  # fmt: skip
             ckpts = run.cfg.run_dir / "checkpoints"
@@ -253,6 +261,7 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int]) -> dict:
     return {
         "source": src,
         "target": tgt,
+        "overrides": extra,
         "rl_overrides": ADAPT,
         "seeds": [r["seed"] for r in runs],
         "n_test": len(tgt_test),
@@ -274,7 +283,11 @@ def main() -> int:
     parser.add_argument("roots", nargs="*", type=Path, help="folders of CHASE_DB1, STARE and/or HRF")
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--output-dir", type=Path, default=harness.RUNS / "real_data")
+    parser.add_argument("--output-dir", type=Path, help="default: runs/real_data[_standardized]")
+    parser.add_argument(
+        "--standardize", action="store_true",
+        help="data.standardize=true in every run (results keyed <set>_standardized, <a>_to_<b>_standardized)",
+    )  # fmt: skip
     parser.add_argument("--json", default=str(harness.result_path("real_data")))
     parser.add_argument(
         "--adapt", nargs=2, action="append", default=[], metavar=("SOURCE", "TARGET"),
@@ -283,23 +296,26 @@ def main() -> int:
     args = parser.parse_args()
 
     torch.set_num_threads(2)
+    extra, tag = (["data.standardize=true"], "_standardized") if args.standardize else ([], "")
+    out = (args.output_dir or harness.RUNS / f"real_data{tag}").resolve()
     path = Path(args.json)
     # Sets measured by earlier calls stay in the result (one set per call is a common way to run this).
     result = json.loads(path.read_text()) if path.is_file() else {}
     result = {k: v for k, v in result.items() if k not in ("benchmark", "machine")}
     sets = dict(result.get("sets", {}))
     for root in args.roots:
-        row = one_set(root.resolve(), args.output_dir.resolve(), args.recipes, args.seeds)
-        sets[row["kind"]] = row
+        row = one_set(root.resolve(), out, args.recipes, args.seeds, extra)
+        sets[row["kind"] + tag] = row
         print(f"\n## {row['kind']} ({row['n_test']} test images, seeds {row['seeds']})\n")
         print(markdown(row["table"]))
         harness.write_result("real_data", {**result, "sets": sets}, args.json)
-    adaptation_rows = {f"{r['source']}_to_{r['target']}": r for r in result.get("adaptation", [])}
+    adaptation_rows = {
+        f"{r['source']}_to_{r['target']}{'_standardized' if 'data.standardize=true' in r.get('overrides', []) else ''}": r
+        for r in result.get("adaptation", [])
+    }
     for source, target in args.adapt:
-        row = adaptation(
-            Path(source).resolve(), Path(target).resolve(), args.output_dir.resolve(), args.seeds
-        )
-        adaptation_rows[f"{row['source']}_to_{row['target']}"] = row
+        row = adaptation(Path(source).resolve(), Path(target).resolve(), out, args.seeds, extra)
+        adaptation_rows[f"{row['source']}_to_{row['target']}{tag}"] = row
         print(f"\n## {row['source']} -> {row['target']} without labels\n")
         print(markdown(row["table"]))
         harness.write_result(

@@ -1,5 +1,6 @@
-"""Pieces of images: seeded training crops that hold enough FOV, rescaling for very large images, and the
-overlapping sliding windows (with blending weights) that full-image inference stitches back together.
+"""Pieces of images: seeded training crops that hold enough FOV, rescaling for very large images, colour
+standardisation across sites, and the overlapping sliding windows (with blending weights) that full-image
+inference stitches back together.
 
 Pure numpy (+ Pillow for resampling); every function is deterministic given its ``rng`` or arguments, so
 the rollout actor, the reward actor and the learner derive the same crop from the same seed.
@@ -24,6 +25,7 @@ __all__ = [
     "rescale_probs",
     "rescale_sample",
     "scaled_shape",
+    "standardize_sample",
     "stitch",
     "window_boxes",
 ]
@@ -117,6 +119,25 @@ def rescale_sample(sample: VesselSample, scale: float) -> VesselSample:
         mask=_resize_bool(sample.mask, height, width, level=0.5) | _skeleton_on(sample.mask, height, width),
         fov=_resize_bool(sample.fov, height, width, level=0.5),
     )
+
+
+STANDARD_FUNDUS = ((190.0, 85.0, 25.0), (40.0, 28.0, 12.0))
+"""Per-channel (R, G, B) mean and standard deviation inside the field of view that ``standardize_sample``
+maps every image to: about the average of CHASE_DB1, STARE and HRF images."""
+
+
+def standardize_sample(
+    sample: VesselSample, stats: tuple[Sequence[float], Sequence[float]] = STANDARD_FUNDUS
+) -> VesselSample:
+    """``sample`` with each colour channel shifted and scaled so that its field of view has the mean and
+    standard deviation of ``stats`` (clipped to 0..255). Sites differ in exposure, colour balance and
+    contrast, which no label describes; a model trained on one site's statistics misreads another's."""
+    x = sample.image.astype(np.float32)
+    inside = x[sample.fov] if sample.fov.any() else x.reshape(-1, 3)
+    mean, std = inside.mean(axis=0), inside.std(axis=0)
+    gain = np.asarray(stats[1], np.float32) / np.maximum(std, 1.0)  # a flat channel is shifted, not blown up
+    out = (x - mean) * gain + np.asarray(stats[0], np.float32)
+    return dataclasses.replace(sample, image=np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
 def rescale_probs(probs: np.ndarray, height: int, width: int) -> np.ndarray:

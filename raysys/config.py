@@ -116,6 +116,10 @@ class DataConfig:
     scale: float = 1.0
     """Images are resampled by this factor for training and inference (e.g. 0.5 for HRF 3504x2336 or
     FIVES 2048x2048); probabilities are mapped back and every metric is at native resolution."""
+    standardize: bool = False
+    """Map every image's colours inside its field of view to one fixed mean and spread per channel
+    (``envs.windows.standardize_sample``) before any model, reward or metric sees it. For models meant to
+    work across sites (cameras, exposure): no label is needed, so it applies to a new site's images as is."""
 
     def __post_init__(self) -> None:
         check(self.size >= 64, "data.size", f"{self.size} is too small; use >= 64")

@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from envs.types import DEFAULT_PROMPT, VesselSample
-from envs.windows import crop_box, crop_sample, rescale_sample
+from envs.windows import crop_box, crop_sample, rescale_sample, standardize_sample
 from raysys.config import Config, DataConfig
 
 if TYPE_CHECKING:
     from policies.evaluation import Inference
 
 
-class _WithPrompt(Sequence[VesselSample]):
-    """Gives samples that carry only the default prompt the configured one, lazily."""
+class _Mapped(Sequence[VesselSample]):
+    """``base`` with ``fn`` applied to each sample as it is read."""
 
-    def __init__(self, base: Sequence[VesselSample], prompt: str) -> None:
-        self._base, self._prompt = base, prompt
+    def __init__(self, base: Sequence[VesselSample], fn: Callable[[VesselSample], VesselSample]) -> None:
+        self._base, self._fn = base, fn
 
     def __len__(self) -> int:
         return len(self._base)
@@ -29,10 +29,16 @@ class _WithPrompt(Sequence[VesselSample]):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        s = self._base[index]
-        if s.prompts == (DEFAULT_PROMPT,):
-            s = dataclasses.replace(s, prompts=(self._prompt,))
-        return s
+        return self._fn(self._base[index])
+
+
+def _with_prompt(prompt: str) -> Callable[[VesselSample], VesselSample]:
+    """Gives samples that carry only the default prompt the configured one."""
+
+    def fn(s: VesselSample) -> VesselSample:
+        return dataclasses.replace(s, prompts=(prompt,)) if s.prompts == (DEFAULT_PROMPT,) else s
+
+    return fn
 
 
 def dataset_for_split(
@@ -50,7 +56,9 @@ def dataset_for_split(
         if cfg.skip_unlabelled:
             kwargs["skip_unlabelled"] = True
     samples = load(cfg.kind, cfg.root, split=split, **kwargs)
-    return samples if cfg.prompt == DEFAULT_PROMPT else _WithPrompt(samples, cfg.prompt)
+    if cfg.standardize:
+        samples = _Mapped(samples, standardize_sample)
+    return samples if cfg.prompt == DEFAULT_PROMPT else _Mapped(samples, _with_prompt(cfg.prompt))
 
 
 class TrainView(Sequence[VesselSample]):

@@ -4,13 +4,11 @@ Train's storage (a local folder, a shared path or an object-store URI through py
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 import platform
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +24,9 @@ for the next poll, and the end of training is noticed only over several: with 2 
 time instead of 32.2 s."""
 PRIVATE_RAY_ENV = {
     "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S},
-    "worker_process_setup_hook": "raysys.runtime.private_worker_setup",
+    "worker_process_setup_hook": "raysys.worker_setup.private_worker_setup",
 }
-"""Runtime environment of a driver attaching from a shell (see private_worker_setup); a private local Ray
+"""Runtime environment of a driver attaching from a shell (see worker_setup.private_worker_setup); a private local Ray
 adds to it (LOCAL_RAY_ENV). Jobs get theirs from cluster/runtime_env.yaml (its hook: atomic_train_snapshots)."""
 LOCAL_RAY_ENV = {
     **PRIVATE_RAY_ENV,
@@ -36,6 +34,24 @@ LOCAL_RAY_ENV = {
 }
 """A private local Ray's runtime environment: one machine has no node to pre-empt, and Train's preemption
 watcher is one more actor process (~2 CPU-s of start-up) per run and per restart."""
+
+LOCAL_RAYLET_ENV = {"RAY_prestart_worker_first_driver": "0"}
+"""Environment of a private local Ray's own processes. Ray starts idle workers for the first driver that no
+actor of a run takes (each still idle when a two-iteration run ended): ~1.3 CPU-s apiece per Ray start."""
+
+
+@contextlib.contextmanager
+def local_raylet_env() -> Iterator[None]:
+    """LOCAL_RAYLET_ENV while a private local Ray starts (its raylet reads this process's environment); a
+    value the user set wins, and the environment is restored after."""
+    saved = {k: os.environ.get(k) for k in LOCAL_RAYLET_ENV}
+    os.environ.update({k: v for k, v in LOCAL_RAYLET_ENV.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
 
 
 class ResourceError(RuntimeError):
@@ -82,97 +98,16 @@ def init_ray(cfg: Config, *, copies: int = 1, extra_cpus: float = 0.0) -> bool:
         0 if reward_actors(cfg) else cfg.reward.num_actors * cfg.reward.cpus_per_actor
     )
     num_cpus = cfg.run.num_cpus or max(4.0, (needed + extra_cpus) * copies + 1)
-    ray.init(
-        address="local",
-        num_cpus=int(num_cpus),
-        num_gpus=cfg.run.num_gpus,
-        runtime_env=LOCAL_RAY_ENV,
-        log_to_driver=True,
-    )
+    with local_raylet_env():
+        ray.init(
+            address="local",
+            num_cpus=int(num_cpus),
+            num_gpus=cfg.run.num_gpus,
+            runtime_env=LOCAL_RAY_ENV,
+            log_to_driver=True,
+        )
     stop_on_sigterm()
     return True
-
-
-def private_worker_setup() -> None:
-    """Worker set-up hook of a private local Ray (and of a driver attaching from a shell)."""
-    know_own_cluster()
-    atomic_train_snapshots()
-
-
-CHECKPOINT_MANAGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
-
-
-def atomic_train_snapshots() -> None:
-    """Worker set-up hook: Ray Train writes its record of checkpoints (``checkpoint_manager_snapshot.json``,
-    what a resume starts from) in place, so a full disk tears it and no resume can read it again. Written to
-    a temporary file and moved over the old one, a failed write leaves the previous record, which names only
-    checkpoints that still exist (Train deletes old checkpoints after writing the record).
-
-    Only the process that imports Train's checkpoint manager (Train's controller) needs the change, so it is
-    made when that import happens: importing Train in every worker (rollout, reward and metrics actors, Tune
-    trials) would cost each about 1 CPU-s of start-up."""
-    module = sys.modules.get(CHECKPOINT_MANAGER)
-    if module is not None:
-        _atomic_snapshot_writes(module)
-    elif not any(isinstance(f, _AfterImport) and f.name == CHECKPOINT_MANAGER for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(CHECKPOINT_MANAGER, _atomic_snapshot_writes))
-
-
-class _AfterImport:
-    """A post-import hook (a ``sys.meta_path`` finder): runs ``then(module)`` once ``name`` has been imported,
-    then leaves ``sys.meta_path``."""
-
-    def __init__(self, name: str, then) -> None:
-        self.name, self.then = name, then
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
-            return None
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        run, then = spec.loader.exec_module, self.then
-
-        def exec_module(module) -> None:
-            run(module)
-            then(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def _atomic_snapshot_writes(checkpoint_manager) -> None:
-    manager = checkpoint_manager.CheckpointManager
-    if getattr(manager._write_state_to_storage, "atomic", False):
-        return
-
-    def write_state_to_storage(self) -> None:
-        storage = self._storage_context
-        fs, path = storage.storage_filesystem, storage.checkpoint_manager_snapshot_path
-        tmp = f"{path}.tmp"
-        try:
-            with fs.open_output_stream(tmp) as f:
-                f.write(self._save_state().encode("utf-8"))
-            fs.move(tmp, path)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                fs.delete_file(tmp)
-            raise
-
-    write_state_to_storage.atomic = True  # type: ignore[attr-defined]
-    manager._write_state_to_storage = write_state_to_storage
-
-
-def know_own_cluster() -> None:
-    """Worker set-up hook of a private local Ray: RAY_ADDRESS names this cluster. Without it Ray's state API in
-    the workers (Ray Train's placement-group cleaner) resolves the address from /tmp/ray/ray_current_cluster,
-    the last `ray start` on the machine: a stale file costs a GCS time-out at every Train run's end, and a live
-    other cluster tells the cleaner that this run's controller is dead, so it removes the run's workers."""
-    import ray
-
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 PROCESSES_PER_CORE = 4

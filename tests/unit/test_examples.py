@@ -59,4 +59,4 @@ def test_jobs_and_private_rays_write_trains_checkpoint_record_atomically() -> No
     for hook in (job["worker_process_setup_hook"], PRIVATE_RAY_ENV["worker_process_setup_hook"]):
         module, name = hook.rsplit(".", 1)
         assert callable(getattr(importlib.import_module(module), name)), hook
-    assert job["worker_process_setup_hook"] == "raysys.runtime.atomic_train_snapshots"
+    assert job["worker_process_setup_hook"] == "raysys.worker_setup.atomic_train_snapshots"

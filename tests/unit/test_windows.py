@@ -1,4 +1,5 @@
-"""Training crops, rescaling, sliding windows and full-image inference at any image size."""
+"""Training crops, rescaling, colour standardisation, sliding windows and full-image inference at any image
+size."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from envs.windows import (
     crop_sample,
     rescale_probs,
     rescale_sample,
+    standardize_sample,
     stitch,
     window_boxes,
 )
 from policies.evaluation import Inference, predict_probs
 from raysys.config_io import load_config, replace
-from raysys.data import TrainView
+from raysys.data import TrainView, dataset_for_split
 
 
 def _sample(h: int = 150, w: int = 131) -> VesselSample:
@@ -192,3 +194,46 @@ def test_images_without_vessels_are_reported_apart_not_averaged(caplog) -> None:
     assert "no vessel pixel" in caplog.text and "empty" in caplog.text
     with pytest.raises(ValueError, match="none of the 1 labelled images has a vessel pixel"):
         evaluate_probs(probs[1:], [empty])
+
+
+def test_standardize_maps_two_sites_exposures_to_the_same_image() -> None:
+    s = _sample()
+    # The same eye under another camera: darker, less contrast, another colour balance, a shifted FOV edge.
+    x = s.image.astype(np.float32) * np.float32([0.6, 0.8, 1.3]) + np.float32([10, -5, 4])
+    other = dataclasses.replace(s, image=np.clip(x, 0, 255).astype(np.uint8))
+    a, b = standardize_sample(s), standardize_sample(other)
+    (mean, std) = np.float32([190, 85, 25]), np.float32([40, 28, 12])
+    for out in (a, b):
+        inside = out.image[out.fov].astype(np.float32)
+        # Clipping at 0..255 moves a little of the mass: near, not exactly, the reference.
+        np.testing.assert_allclose(inside.mean(0), mean, atol=3.0)
+        np.testing.assert_allclose(inside.std(0), std, rtol=0.12)
+        assert out.image.dtype == np.uint8 and out.image.shape == s.image.shape
+        np.testing.assert_array_equal(out.mask, s.mask)
+        np.testing.assert_array_equal(out.fov, s.fov)
+    raw = np.abs(s.image[s.fov].astype(int) - other.image[s.fov].astype(int)).mean()
+    assert np.abs(a.image[s.fov].astype(int) - b.image[s.fov].astype(int)).mean() < raw / 5
+
+
+def test_standardize_leaves_a_flat_channel_flat_and_finite() -> None:
+    s = _sample(64, 64)
+    flat = s.image.copy()
+    flat[..., 2] = 7
+    out = standardize_sample(dataclasses.replace(s, image=flat))
+    assert np.unique(out.image[..., 2][s.fov]).tolist() == [25]
+
+
+def test_data_standardize_applies_to_every_split_it_loads() -> None:
+    from envs.datasets import load_dataset
+
+    base = ["data.size=64", "data.n_train=2", "data.n_val=1", "data.n_test=1", "data.prompt=vessels please"]
+    plain, std = (load_config(None, [*base, f"data.standardize={v}"]).data for v in ("false", "true"))
+    for split in ("train", "val", "test"):
+        for p, q in zip(
+            dataset_for_split(plain, split, load=load_dataset),
+            dataset_for_split(std, split, load=load_dataset),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(q.image, standardize_sample(p).image)
+            assert q.prompts == p.prompts == ("vessels please",)
+            np.testing.assert_array_equal(q.mask, p.mask)

@@ -1,0 +1,93 @@
+"""Ray worker set-up hooks (``runtime_env.worker_process_setup_hook``). Every worker process of a run imports
+this module before anything else, so it imports the standard library only: the config tree behind
+``raysys.runtime`` pulls in SciPy and scikit-image (~0.7 CPU-s), which Train's controller, its helper actors
+and the metrics sink never use."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+
+
+def private_worker_setup() -> None:
+    """Worker set-up hook of a private local Ray (and of a driver attaching from a shell)."""
+    know_own_cluster()
+    atomic_train_snapshots()
+
+
+CHECKPOINT_MANAGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
+
+
+def atomic_train_snapshots() -> None:
+    """Worker set-up hook: Ray Train writes its record of checkpoints (``checkpoint_manager_snapshot.json``,
+    what a resume starts from) in place, so a full disk tears it and no resume can read it again. Written to
+    a temporary file and moved over the old one, a failed write leaves the previous record, which names only
+    checkpoints that still exist (Train deletes old checkpoints after writing the record).
+
+    Only the process that imports Train's checkpoint manager (Train's controller) needs the change, so it is
+    made when that import happens: importing Train in every worker (rollout, reward and metrics actors, Tune
+    trials) would cost each about 1 CPU-s of start-up."""
+    module = sys.modules.get(CHECKPOINT_MANAGER)
+    if module is not None:
+        _atomic_snapshot_writes(module)
+    elif not any(isinstance(f, _AfterImport) and f.name == CHECKPOINT_MANAGER for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(CHECKPOINT_MANAGER, _atomic_snapshot_writes))
+
+
+class _AfterImport:
+    """A post-import hook (a ``sys.meta_path`` finder): runs ``then(module)`` once ``name`` has been imported,
+    then leaves ``sys.meta_path``."""
+
+    def __init__(self, name: str, then) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run, then = spec.loader.exec_module, self.then
+
+        def exec_module(module) -> None:
+            run(module)
+            then(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _atomic_snapshot_writes(checkpoint_manager) -> None:
+    manager = checkpoint_manager.CheckpointManager
+    if getattr(manager._write_state_to_storage, "atomic", False):
+        return
+
+    def write_state_to_storage(self) -> None:
+        storage = self._storage_context
+        fs, path = storage.storage_filesystem, storage.checkpoint_manager_snapshot_path
+        tmp = f"{path}.tmp"
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(self._save_state().encode("utf-8"))
+            fs.move(tmp, path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.delete_file(tmp)
+            raise
+
+    write_state_to_storage.atomic = True  # type: ignore[attr-defined]
+    manager._write_state_to_storage = write_state_to_storage
+
+
+def know_own_cluster() -> None:
+    """Worker set-up hook of a private local Ray: RAY_ADDRESS names this cluster. Without it Ray's state API in
+    the workers (Ray Train's placement-group cleaner) resolves the address from /tmp/ray/ray_current_cluster,
+    the last `ray start` on the machine: a stale file costs a GCS time-out at every Train run's end, and a live
+    other cluster tells the cleaner that this run's controller is dead, so it removes the run's workers."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
