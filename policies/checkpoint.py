@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from policies.tiny import TinySa2VA, TinySa2VAConfig
 
@@ -140,12 +140,22 @@ def read_trainable_meta(directory: str | Path) -> dict[str, Any]:
     return _read_json(directory / TRAINABLE_META)
 
 
+def trainable_files(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, bytes]:
+    """``trainable.safetensors`` + ``meta.json`` (what :func:`load_trainable` reads) as bytes by file name:
+    what a process that should not import torch writes (the metrics sink, for the best weights)."""
+    weights = save({k: v.contiguous() for k, v in state.items()})
+    return {
+        TRAINABLE_WEIGHTS: weights,
+        TRAINABLE_META: json.dumps({**meta, "n_tensors": len(state)}, indent=2).encode(),
+    }
+
+
 def write_trainable(state: dict[str, torch.Tensor], meta: dict[str, Any], directory: str | Path) -> Path:
     """``trainable.safetensors`` + ``meta.json`` (what :func:`load_trainable` reads)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / TRAINABLE_WEIGHTS))
-    (directory / TRAINABLE_META).write_text(json.dumps({**meta, "n_tensors": len(state)}, indent=2))
+    for name, blob in trainable_files(state, meta).items():
+        (directory / name).write_bytes(blob)
     return directory
 
 

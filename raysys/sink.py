@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,23 +80,33 @@ class MetricsSink:
     def log(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+        # TensorBoard's own writer: torch's SummaryWriter would import torch (~2 CPU-s per run) for it.
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
 
-            self._writer = SummaryWriter(self._tb_dir)
-        step = int(row["iteration"])
-        for key, value in row.items():
-            if "/" in key and isinstance(value, int | float) and math.isfinite(value):
-                self._writer.add_scalar(key, value, step)
+        if self._writer is None:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            self._writer = EventFileWriter(self._tb_dir)
+        scalars = [
+            Summary.Value(tag=key, simple_value=float(value))
+            for key, value in row.items()
+            if "/" in key and isinstance(value, int | float) and math.isfinite(value)
+        ]
+        event = Event(wall_time=time.time(), step=int(row["iteration"]), summary=Summary(value=scalars))
+        self._writer.add_event(event)
         self._writer.flush()
         self.last = row
         self.rows += 1
 
-    def save_best(self, state_dict: dict, meta: dict[str, Any]) -> str:
-        """The best-so-far trainable weights (by eval.select_metric) under runs/<name>/checkpoints/best."""
-        from policies.checkpoint import write_trainable
-
-        return str(write_trainable(state_dict, meta, self.path.parent / "checkpoints" / "best"))
+    def save_best(self, files: dict[str, bytes]) -> str:
+        """The best-so-far trainable weights (by eval.select_metric) under runs/<name>/checkpoints/best, as
+        the learner serialised them (``policies.checkpoint.trainable_files``): the sink never imports torch."""
+        best = self.path.parent / "checkpoints" / "best"
+        best.mkdir(parents=True, exist_ok=True)
+        for name, blob in files.items():
+            (best / Path(name).name).write_bytes(blob)
+        return str(best)
 
     def record_placement(self, role: str, entries: list[dict[str, Any]], *, add: bool = False) -> None:
         """runs/<name>/placement.json: per role (rollout, reward, learner) where each process runs; ``add``

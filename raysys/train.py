@@ -210,7 +210,7 @@ def _sync(coordinator, learner, *, wait: bool = True) -> dict[str, float]:
 
 def _validate(learner, sink, cfg: Config, iteration: int, sink_get) -> dict[str, float]:
     """Validation metrics; the weights go to checkpoints/best when eval.select_metric improves."""
-    from policies.checkpoint import trainable_meta
+    from policies.checkpoint import trainable_files, trainable_meta
 
     t = time.perf_counter()
     val = learner.validator.run()
@@ -219,7 +219,8 @@ def _validate(learner, sink, cfg: Config, iteration: int, sink_get) -> dict[str,
         meta = trainable_meta(
             learner.policy, {"iteration": iteration, "version": learner.version, key: val[key]}
         )
-        sink_get(sink.save_best.remote(learner.trainable_state_dict(), meta), "saving the best weights")
+        files = trainable_files(learner.trainable_state_dict(), meta)
+        sink_get(sink.save_best.remote(files), "saving the best weights")
     return {**val, keys.TIME_VALIDATE: time.perf_counter() - t}
 
 

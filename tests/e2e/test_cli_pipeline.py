@@ -1,5 +1,6 @@
 """`raysys pipeline` through the CLI, stopped after the SFT stage (no Ray needed): status table, manifests,
-skip on the second call, --force."""
+skip on the second call, --force. The whole pipeline, interrupted in its rl stage and continued, runs in
+test_cli_real_layouts.py."""
 
 from __future__ import annotations
 
@@ -32,33 +33,3 @@ def test_pipeline_until_sft_then_skip_then_force(tmp_path) -> None:
 
     bad = _run("pipeline", *common, "--force", "nope")
     assert bad.returncode == 2 and "unknown stage 'nope'" in bad.stderr
-
-
-def test_an_interrupted_rl_stage_continues_from_its_checkpoints(tmp_path) -> None:
-    import signal
-    import time
-
-    from raysys.testing.rl_small import SMALL_RL, metric_rows, popen_interruptible
-
-    args = [sys.executable, "-m", "raysys", "pipeline", f"run.output_dir={tmp_path}", "run.name=i", *SMALL_RL,
-            "data.n_test=2", "sft.steps=2", "sft.eval_every=2", "sft.batch_size=2", "reward_net.epochs=1",
-            "reward_net.n_train=2", "reward_net.n_val=2", "reward_net.masks_per_image=2",
-            "learner.iterations=8", "learner.checkpoint_every=1", "eval.every=4", "rollout.num_workers=1",
-            "--until", "rl"]  # fmt: skip
-    proc = popen_interruptible(args)
-    ckpt = tmp_path / "i" / "rl.tmp" / "ray" / "rl.tmp" / "iter_000002"
-    deadline = time.time() + 400
-    while time.time() < deadline and not ckpt.is_dir():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130 and "interrupted" in err, err[-3000:]
-    done = [r["iteration"] for r in metric_rows(tmp_path / "i" / "rl.tmp" / "metrics.jsonl")]
-    assert done and done == list(range(len(done))) and done[-1] < 7  # stopped mid-run
-
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "continuing the interrupted run" in again.stderr
-    # The checkpointed iterations were kept, not redone: each of the 8 appears exactly once.
-    assert [r["iteration"] for r in metric_rows(tmp_path / "i" / "rl" / "metrics.jsonl")] == list(range(8))

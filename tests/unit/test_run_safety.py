@@ -160,6 +160,48 @@ def test_ctrl_c_stops_every_learner_rank_at_the_same_iteration(tmp_path) -> None
     assert sink.request_stop() == 4  # a second Ctrl-C does not move it
 
 
+def test_the_metrics_sink_writes_tensorboard_scalars_and_the_best_weights_without_torch(tmp_path) -> None:
+    # The sink is a process of every run: it writes what the learner serialised and never imports torch.
+    import subprocess
+    import sys
+
+    import torch
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    from policies.checkpoint import load_trainable, trainable_files
+    from policies.factory import build_policy
+    from raysys.config_io import load_config
+
+    policy = build_policy(load_config(None).policy, seed=3)
+    blob = tmp_path / "files.json"
+    files = trainable_files(policy.trainable_state_dict(), {"iteration": 1})
+    blob.write_text(json.dumps({k: v.hex() for k, v in files.items()}))
+    code = f"""
+import json, sys
+from raysys.sink import MetricsSink
+sink = MetricsSink({str(tmp_path / "run")!r})
+sink.log({{"iteration": 0, "val/dice": 0.25, "reward/mean": float("nan"), "note": "x"}})
+sink.log({{"iteration": 1, "val/dice": 0.5}})
+files = {{k: bytes.fromhex(v) for k, v in json.loads(open({str(blob)!r}).read()).items()}}
+print(sink.save_best(files))
+sink.close()
+print(sorted(m for m in ("torch", "tensorflow") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best, imported = proc.stdout.split("\n")[:2]
+    assert imported == "[]"
+    other = build_policy(load_config(None).policy, seed=4)
+    assert load_trainable(other, best)["iteration"] == 1
+    for k, v in policy.trainable_state_dict().items():
+        assert torch.equal(other.trainable_state_dict()[k], v), k
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    read = [Event.FromString(r) for r in RawEventFileLoader(str(events)).Load()]
+    scalars = [(e.step, v.tag, v.simple_value) for e in read for v in e.summary.value]
+    assert scalars == [(0, "val/dice", 0.25), (1, "val/dice", 0.5)]  # NaN and non-numbers are not scalars
+
+
 def test_an_edited_dataset_file_reruns_the_data_stage(tmp_path) -> None:
     from raysys.pipeline import dataset_fingerprint, stage_keys
 
