@@ -26,14 +26,16 @@ PRIVATE_RAY_ENV = {
     "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S},
     "worker_process_setup_hook": "raysys.worker_setup.private_worker_setup",
 }
-"""Runtime environment of a driver attaching from a shell (see worker_setup.private_worker_setup); a private local Ray
-adds to it (LOCAL_RAY_ENV). Jobs get theirs from cluster/runtime_env.yaml (its hook: atomic_train_snapshots)."""
+"""Runtime environment of a driver attaching from a shell (see worker_setup.private_worker_setup); a private
+local Ray adds to it (LOCAL_RAY_ENV). Jobs get theirs from cluster/runtime_env.yaml (its hook:
+atomic_train_snapshots)."""
 LOCAL_RAY_ENV = {
-    **PRIVATE_RAY_ENV,
     "env_vars": {**PRIVATE_RAY_ENV["env_vars"], "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+    "worker_process_setup_hook": "raysys.worker_setup.local_worker_setup",
 }
-"""A private local Ray's runtime environment: one machine has no node to pre-empt, and Train's preemption
-watcher is one more actor process (~2 CPU-s of start-up) per run and per restart."""
+"""A private local Ray's runtime environment: one machine has no node to pre-empt and no autoscaler, and
+Train's preemption watcher and autoscaling coordinator are one actor process each (~2-3 CPU-s of start-up)
+per run and per restart (worker_setup.local_worker_setup)."""
 
 LOCAL_RAYLET_ENV = {"RAY_prestart_worker_first_driver": "0"}
 """Environment of a private local Ray's own processes. Ray starts idle workers for the first driver that no

@@ -29,11 +29,35 @@ def atomic_train_snapshots() -> None:
     Only the process that imports Train's checkpoint manager (Train's controller) needs the change, so it is
     made when that import happens: importing Train in every worker (rollout, reward and metrics actors, Tune
     trials) would cost each about 1 CPU-s of start-up."""
-    module = sys.modules.get(CHECKPOINT_MANAGER)
+    _when_imported(CHECKPOINT_MANAGER, _atomic_snapshot_writes)
+
+
+SCALING_POLICY = "ray.train.v2._internal.execution.scaling_policy.scaling_policy"
+
+
+def local_worker_setup() -> None:
+    """Worker set-up hook of a private local Ray: ``private_worker_setup``, and Train's controller sends no
+    resource requests for an autoscaler. One machine has no autoscaler to ask; each request would start
+    Train's autoscaling-coordinator actor, which imports Ray Data (~2.5 CPU-s per run)."""
+    private_worker_setup()
+    _when_imported(SCALING_POLICY, _no_autoscaling_requests)
+
+
+def _no_autoscaling_requests(scaling_policy) -> None:
+    def skip(self) -> None:
+        return None
+
+    for name in ("_send_resource_request", "_maybe_send_resource_request", "_cancel_resource_request"):
+        setattr(scaling_policy.ScalingPolicy, name, skip)
+
+
+def _when_imported(name: str, then) -> None:
+    """``then(module)`` now if ``name`` is imported, else right after its import; once per process."""
+    module = sys.modules.get(name)
     if module is not None:
-        _atomic_snapshot_writes(module)
-    elif not any(isinstance(f, _AfterImport) and f.name == CHECKPOINT_MANAGER for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(CHECKPOINT_MANAGER, _atomic_snapshot_writes))
+        then(module)
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, then))
 
 
 class _AfterImport:

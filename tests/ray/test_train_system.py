@@ -77,11 +77,13 @@ def test_two_iteration_run_writes_metrics_checkpoints_and_events(ray_local, tmp_
         run_training(cfg, progress=False)
     from ray.util.state import list_actors
 
-    # Train starts no actor a run here has no use for: no preemption watcher on a private local Ray
-    # (runtime.LOCAL_RAY_ENV: one machine, no node to pre-empt), no dataset manager without Ray Datasets.
+    # Train starts no actor a run here has no use for: no preemption watcher and no autoscaling coordinator on
+    # a private local Ray (runtime.LOCAL_RAY_ENV: one machine, no node to pre-empt, no autoscaler), no dataset
+    # manager without Ray Datasets.
     address = ray_local.get_runtime_context().gcs_address
     started = {a.class_name for a in list_actors(address=address, limit=10000)}
-    assert "TrainController" in started and not {"PreemptionWatcher", "DatasetManager"} & started
+    unused = {"PreemptionWatcher", "DatasetManager", "_AutoscalingCoordinatorActor"}
+    assert "TrainController" in started and not unused & started
 
     # Resuming a finished run (a Tune trial stopped between Train keeping its last checkpoint and Tune getting
     # the report) trains no more and reports the last row again.

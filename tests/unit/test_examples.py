@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from raysys.config_io import load_config
-from raysys.runtime import PRIVATE_RAY_ENV, required_resources, role_resources
+from raysys.runtime import LOCAL_RAY_ENV, PRIVATE_RAY_ENV, required_resources, role_resources
 from raysys.testing.rl_small import ONE_GPU
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
@@ -56,7 +56,8 @@ def test_jobs_and_private_rays_write_trains_checkpoint_record_atomically() -> No
     import yaml
 
     job = yaml.safe_load((EXAMPLES[0].parents[1] / "cluster/runtime_env.yaml").read_text())
-    for hook in (job["worker_process_setup_hook"], PRIVATE_RAY_ENV["worker_process_setup_hook"]):
+    for env in (job, PRIVATE_RAY_ENV, LOCAL_RAY_ENV):
+        hook = env["worker_process_setup_hook"]
         module, name = hook.rsplit(".", 1)
         assert callable(getattr(importlib.import_module(module), name)), hook
     assert job["worker_process_setup_hook"] == "raysys.worker_setup.atomic_train_snapshots"
