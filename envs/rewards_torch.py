@@ -17,7 +17,7 @@ How, with no Python loop over masks:
    mask for every tile size.
 2. Skeleton and labels of the GTs, once per image (:meth:`TorchReward.prepare_targets`, kept on the device).
 3. Counts: pixel counts per mask and per tile from dense maps (tile sums are reshapes and reductions);
-   distinct (tile, component) pairs for components and holes, as ``_distinct_per_tile``; a junction cluster
+   distinct (tile, component) pairs for components and holes, as ``envs.tile_counts.distinct_per_tile``; a junction cluster
    in the tile of its first pixel.
 4. Terms: :func:`envs.rewards.reward_terms`, the numpy path's own formula, run with torch ops in float64.
 
