@@ -24,8 +24,10 @@ unlabelled images). Per set, under ``<output-dir>/<kind>/``:
 ``--adapt SOURCE TARGET``: cross-site adaptation without labels. SFT and the learned reward net on SOURCE's
 labels, then RL on TARGET's training images with the learned reward only (checkpoint chosen by the reward
 net's score of the validation masks), every model at the threshold SOURCE's validation images pick, scored on
-TARGET's test images; ``@target-oracle`` rows use the threshold TARGET's test labels would pick. The
-learned-vs-GT reward gap along each run is the reward-hacking monitor.
+TARGET's test images; ``@learned-threshold`` rows use the threshold whose masks the learned reward net scores
+highest on TARGET's training images (no label read: the whole adaptation is label-free);
+``@target-oracle`` rows use the threshold TARGET's test labels would pick. The learned-vs-GT reward gap
+along each run is the reward-hacking monitor.
 
 ``--standardize``: every run (SFT, reward net, RL, scoring) with ``data.standardize=true`` (each image's
 colours inside its field of view mapped to one reference: needs no label, so it applies to a new site as
@@ -195,6 +197,19 @@ ADAPT = ["reward.source=learned", "eval.select_metric=val/learned_score"]
 """RL on the target set: the learned reward alone, and a checkpoint chosen without labels."""
 
 
+THRESHOLD_ROWS = {"source": "source-best", "learned": "learned-threshold", "oracle": "target-oracle"}
+"""Where an adapted model's threshold comes from -> its row's suffix."""
+
+
+def learned_threshold(scorer, probs, samples, thresholds) -> float:
+    """The threshold whose masks the learned reward net scores highest, mean over ``samples``: reads no label."""
+    ts = list(thresholds)
+    total = np.zeros(len(ts))
+    for p, s in zip(probs, samples, strict=True):
+        total += scorer.score(s.image, np.stack([p >= t for t in ts]), fov=s.fov).values
+    return float(ts[int(np.argmax(total))])
+
+
 def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: list[str]) -> dict:
     """SFT and the reward net on the source set's labels; RL on the target set's training images with the
     learned reward only; every model thresholded where the source's validation images say, scored on the
@@ -205,6 +220,7 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
     from envs.datasets import load_dataset
     from policies.evaluation import predict_probs
     from policies.factory import load_policy
+    from policies.reward_net import RewardNetScorer
     from raysys.config_io import load_config
     from raysys.data import dataset_for_split, inference_for
 
@@ -219,20 +235,29 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
     tgt_cfg = load_config(tgt_config, [f"data.root={target}", *extra, f"policy.checkpoint={sft}"])
     src_val = list(dataset_for_split(src_cfg.data, "val", load=load_dataset))
     tgt_test = list(dataset_for_split(tgt_cfg.data, "test", load=load_dataset))
+    tgt_unlabelled = [*dataset_for_split(tgt_cfg.data, "train", load=load_dataset),
+                      *dataset_for_split(tgt_cfg.data, "val", load=load_dataset)]  # fmt: skip
+    scorer = RewardNetScorer.from_checkpoint(rn)
     runs = []
     for seed in seeds:
         cached = folder / f"rl_s{seed}.json"
-        if not cached.is_file():
+        row = json.loads(cached.read_text()) if cached.is_file() else None
+        if row is None:
             run = train(tgt_config, [
                 f"data.root={target}", *extra, f"policy.checkpoint={sft}", f"run.seed={seed}", f"run.name=rl_s{seed}",
                 f"run.output_dir={folder}", f"reward.reward_net={rn}", *ADAPT,
             ])  # fmt: skip
-            ckpts = run.cfg.run_dir / "checkpoints"
-            row: dict = {
+            row = {
                 "seed": seed,
                 "train_wall_s": round(run.wall_s, 1),
                 "iterations": run.cfg.learner.iterations,
+                "curve": [
+                    {"iteration": r["iteration"], **{k: r[k] for k in r if k.startswith(("custom/", "val/"))}}
+                    for r in run.rows
+                ],
             }
+        if "rl@learned-threshold" not in row:  # rows cached before the learned threshold existed gain it here
+            ckpts = folder / f"rl_s{seed}" / "checkpoints"
             for label, ckpt in (("sft", None), ("rl", ckpts / "best"), ("rl_last", ckpts / "latest")):
                 pol = load_policy(tgt_cfg.policy, ckpt, seed=seed)
 
@@ -240,24 +265,28 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
                     return predict_probs(lambda im, pr: p.mask_logits(im, pr), samples, inference_for(cfg))
 
                 test_p = probs(tgt_test, tgt_cfg)
-                t_src = best_threshold(probs(src_val, src_cfg), src_val, src_cfg.eval.thresholds)
-                row[f"{label}_source_best_threshold"] = t_src
-                row[f"{label}@source-best"] = scores(test_p, tgt_test, t_src)
-                t_oracle = best_threshold(test_p, tgt_test, tgt_cfg.eval.thresholds)
-                row[f"{label}_oracle_threshold"] = t_oracle
-                row[f"{label}@target-oracle"] = scores(test_p, tgt_test, t_oracle)
-            row["curve"] = [
-                {"iteration": r["iteration"], **{k: r[k] for k in r if k.startswith(("custom/", "val/"))}}
-                for r in run.rows
-            ]
+                at = {
+                    "source": best_threshold(probs(src_val, src_cfg), src_val, src_cfg.eval.thresholds),
+                    "learned": learned_threshold(
+                        scorer, probs(tgt_unlabelled, tgt_cfg), tgt_unlabelled, tgt_cfg.eval.thresholds
+                    ),
+                    "oracle": best_threshold(test_p, tgt_test, tgt_cfg.eval.thresholds),
+                }
+                for name, t in at.items():
+                    row[f"{label}_{name}{'_best' if name == 'source' else ''}_threshold"] = t
+                    row[f"{label}@{THRESHOLD_ROWS[name]}"] = scores(test_p, tgt_test, t)
             cached.write_text(json.dumps(row, indent=1))
-        runs.append(json.loads(cached.read_text()))
+        runs.append(row)
     table = {
         name: summary([r[name] for r in runs])
-        for name in ("sft@source-best", "sft@target-oracle", "rl@source-best", "rl@target-oracle",
-                     "rl_last@source-best")
+        for name in ("sft@source-best", "sft@learned-threshold", "sft@target-oracle", "rl@source-best",
+                     "rl@learned-threshold", "rl@target-oracle", "rl_last@source-best")
     }  # fmt: skip
-    gains = [r["rl@source-best"]["dice"] - r["sft@source-best"]["dice"] for r in runs]
+
+    def gain(a: str, b: str, metric: str = "dice") -> list[float]:
+        return [r[a][metric] - r[b][metric] for r in runs]
+
+    gains = gain("rl@source-best", "sft@source-best")
     return {
         "source": src,
         "target": tgt,
@@ -269,6 +298,18 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
         "dice_gain_vs_source_threshold_per_seed": gains,
         "cldice_gain_vs_source_threshold": float(
             np.mean([r["rl@source-best"]["cldice"] - r["sft@source-best"]["cldice"] for r in runs])
+        ),
+        # Adapted as a whole without labels: RL, then the threshold the learned reward net prefers on the
+        # target's unlabelled training images; beside what that threshold alone gives the SFT model.
+        "adapted_dice_gain_vs_source_threshold": float(
+            np.mean(gain("rl@learned-threshold", "sft@source-best"))
+        ),
+        "adapted_dice_gain_vs_source_threshold_per_seed": gain("rl@learned-threshold", "sft@source-best"),
+        "sft_dice_gain_learned_vs_source_threshold": float(
+            np.mean(gain("sft@learned-threshold", "sft@source-best"))
+        ),
+        "rl_dice_vs_sft_at_learned_threshold": float(
+            np.mean(gain("rl@learned-threshold", "sft@learned-threshold"))
         ),
         "rl_dice_vs_sft_at_target_oracle": float(
             np.mean([r["rl@target-oracle"]["dice"] - r["sft@target-oracle"]["dice"] for r in runs])
