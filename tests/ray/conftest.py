@@ -1,4 +1,4 @@
-"""One private local Ray for all tests under tests/ray."""
+"""One private local Ray for the tests under tests/ray, stopped when a worker leaves the folder."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ ray = pytest.importorskip("ray")
 
 from raysys.runtime import LOCAL_RAY_ENV, local_raylet_env  # noqa: E402
 
+HERE = Path(__file__).parent
 
-@pytest.fixture(scope="session")
-def ray_local():
+
+def _start() -> None:
     os.environ.pop("RAY_ADDRESS", None)
     # Workers import actor classes defined in test modules by module name.
-    here = str(Path(__file__).parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
     # Logical CPUs above the 2 physical cores: actors and Train workers ask for fractions or whole CPUs.
     with local_raylet_env():
         ray.init(
@@ -30,5 +30,19 @@ def ray_local():
             log_to_driver=False,
             runtime_env=LOCAL_RAY_ENV,
         )
-    yield ray
-    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local():
+    """The folder's Ray, started by its first test on this worker and kept until the worker leaves the folder."""
+    if not ray.is_initialized():
+        _start()
+    return ray
+
+
+@pytest.hookimpl(trylast=True)  # after the item's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    # Leaving the folder: stop its Ray, or the next folder's in-process CLIs (the fault matrix, the unit tests
+    # of `raysys train`) would attach to it and skip what they test on a private local Ray.
+    if ray.is_initialized() and (nextitem is None or HERE not in Path(str(nextitem.fspath)).parents):
+        ray.shutdown()

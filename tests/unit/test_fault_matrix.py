@@ -4,6 +4,8 @@ in this process."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from raysys.testing.faults import CASES, Case, World, classify, run_case
@@ -12,6 +14,15 @@ from raysys.testing.faults import CASES, Case, World, classify, run_case
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return tmp_path_factory.mktemp("fault_assets")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_session():
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), (
+        "a Ray session from an earlier test is still up: the cases' CLIs would attach to it and skip what a "
+        "private local Ray checks first"
+    )
 
 
 def test_the_matrix_has_at_least_200_cases_with_unique_ids() -> None:
