@@ -197,7 +197,12 @@ ADAPT = ["reward.source=learned", "eval.select_metric=val/learned_score"]
 """RL on the target set: the learned reward alone, and a checkpoint chosen without labels."""
 
 
-THRESHOLD_ROWS = {"source": "source-best", "learned": "learned-threshold", "oracle": "target-oracle"}
+THRESHOLD_ROWS = {
+    "source": "source-best",
+    "learned": "learned-threshold",
+    "prior": "prior-matched",
+    "oracle": "target-oracle",
+}
 """Where an adapted model's threshold comes from -> its row's suffix."""
 
 
@@ -208,6 +213,24 @@ def learned_threshold(scorer, probs, samples, thresholds) -> float:
     for p, s in zip(probs, samples, strict=True):
         total += scorer.score(s.image, np.stack([p >= t for t in ts]), fov=s.fov).values
     return float(ts[int(np.argmax(total))])
+
+
+def vessel_fraction(samples) -> float:
+    """Mean fraction of each labelled image's field of view that its label marks as vessel."""
+    return float(np.mean([(s.mask & s.fov).sum() / max(int(s.fov.sum()), 1) for s in samples]))
+
+
+def prior_threshold(probs, samples, thresholds, fraction: float) -> float:
+    """The threshold whose masks cover ``fraction`` of the field of view on average (the source's labelled
+    vessel fraction): the classic label-free prior match, the simple baseline beside ``learned_threshold``."""
+    ts = list(thresholds)
+    covered = [
+        np.mean(
+            [((p >= t) & s.fov).sum() / max(int(s.fov.sum()), 1) for p, s in zip(probs, samples, strict=True)]
+        )
+        for t in ts
+    ]
+    return float(ts[int(np.argmin(np.abs(np.asarray(covered) - fraction)))])
 
 
 def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: list[str]) -> dict:
@@ -238,6 +261,7 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
     tgt_unlabelled = [*dataset_for_split(tgt_cfg.data, "train", load=load_dataset),
                       *dataset_for_split(tgt_cfg.data, "val", load=load_dataset)]  # fmt: skip
     scorer = RewardNetScorer.from_checkpoint(rn)
+    src_fraction = vessel_fraction([*dataset_for_split(src_cfg.data, "train", load=load_dataset), *src_val])
     runs = []
     for seed in seeds:
         cached = folder / f"rl_s{seed}.json"
@@ -256,7 +280,8 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
                     for r in run.rows
                 ],
             }
-        if "rl@learned-threshold" not in row:  # rows cached before the learned threshold existed gain it here
+        # Rows cached before the label-free thresholds existed gain them here.
+        if "rl@prior-matched" not in row:
             ckpts = folder / f"rl_s{seed}" / "checkpoints"
             for label, ckpt in (("sft", None), ("rl", ckpts / "best"), ("rl_last", ckpts / "latest")):
                 pol = load_policy(tgt_cfg.policy, ckpt, seed=seed)
@@ -264,12 +289,11 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
                 def probs(samples, cfg, p=pol):
                     return predict_probs(lambda im, pr: p.mask_logits(im, pr), samples, inference_for(cfg))
 
-                test_p = probs(tgt_test, tgt_cfg)
+                test_p, unl_p = probs(tgt_test, tgt_cfg), probs(tgt_unlabelled, tgt_cfg)
                 at = {
                     "source": best_threshold(probs(src_val, src_cfg), src_val, src_cfg.eval.thresholds),
-                    "learned": learned_threshold(
-                        scorer, probs(tgt_unlabelled, tgt_cfg), tgt_unlabelled, tgt_cfg.eval.thresholds
-                    ),
+                    "learned": learned_threshold(scorer, unl_p, tgt_unlabelled, tgt_cfg.eval.thresholds),
+                    "prior": prior_threshold(unl_p, tgt_unlabelled, tgt_cfg.eval.thresholds, src_fraction),
                     "oracle": best_threshold(test_p, tgt_test, tgt_cfg.eval.thresholds),
                 }
                 for name, t in at.items():
@@ -279,8 +303,9 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
         runs.append(row)
     table = {
         name: summary([r[name] for r in runs])
-        for name in ("sft@source-best", "sft@learned-threshold", "sft@target-oracle", "rl@source-best",
-                     "rl@learned-threshold", "rl@target-oracle", "rl_last@source-best")
+        for name in ("sft@source-best", "sft@learned-threshold", "sft@prior-matched", "sft@target-oracle",
+                     "rl@source-best", "rl@learned-threshold", "rl@prior-matched", "rl@target-oracle",
+                     "rl_last@source-best")
     }  # fmt: skip
 
     def gain(a: str, b: str, metric: str = "dice") -> list[float]:
@@ -308,6 +333,10 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
         "sft_dice_gain_learned_vs_source_threshold": float(
             np.mean(gain("sft@learned-threshold", "sft@source-best"))
         ),
+        "sft_dice_gain_prior_vs_source_threshold": float(
+            np.mean(gain("sft@prior-matched", "sft@source-best"))
+        ),
+        "source_vessel_fraction": src_fraction,
         "rl_dice_vs_sft_at_learned_threshold": float(
             np.mean(gain("rl@learned-threshold", "sft@learned-threshold"))
         ),
