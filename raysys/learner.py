@@ -427,6 +427,12 @@ class Learner:
         """
         import deepspeed
 
+        if self.device.type == "cpu":
+            # The gloo group does the reductions: DeepSpeed's shared-memory allreduce would otherwise be
+            # compiled from C++ on each fresh machine (~90 s, and a compiler needed) before the first step.
+            compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+            if isinstance(compatible, dict):
+                compatible["deepspeed_shm_comm"] = False
         lc = self.cfg.learner
         config = {
             "train_micro_batch_size_per_gpu": lc.minibatch_size,

@@ -17,8 +17,7 @@ from raysys.train import run_training
 pytest.importorskip("deepspeed")
 
 
-def test_zero2_run_trains_and_syncs(ray_local, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+def test_zero2_run_trains_and_syncs(ray_local, tmp_path) -> None:
     cfg = load_config(None, [*SMALL, f"run.output_dir={tmp_path}", "run.name=ds", "learner.iterations=2",
                              "learner.strategy=deepspeed", "learner.zero_stage=2", "eval.every=2",
                              "rollout.num_workers=1"])  # fmt: skip
