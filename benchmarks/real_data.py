@@ -25,8 +25,9 @@ unlabelled images). Per set, under ``<output-dir>/<kind>/``:
 labels, then RL on TARGET's training images with the learned reward only (checkpoint chosen by the reward
 net's score of the validation masks), every model at the threshold SOURCE's validation images pick, scored on
 TARGET's test images; ``@learned-threshold`` rows use the threshold whose masks the learned reward net scores
-highest on TARGET's training images (no label read: the whole adaptation is label-free);
-``@target-oracle`` rows use the threshold TARGET's test labels would pick. The learned-vs-GT reward gap
+highest on TARGET's training and validation images (no label read: the whole adaptation is label-free);
+``@prior-matched`` rows the one whose masks cover the vessel fraction of SOURCE's labels (the simple
+label-free baseline); ``@target-oracle`` rows use the threshold TARGET's test labels would pick. The learned-vs-GT reward gap
 along each run is the reward-hacking monitor.
 
 ``--standardize``: every run (SFT, reward net, RL, scoring) with ``data.standardize=true`` (each image's
