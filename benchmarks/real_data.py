@@ -27,8 +27,8 @@ net's score of the validation masks), every model at the threshold SOURCE's vali
 TARGET's test images; ``@learned-threshold`` rows use the threshold whose masks the learned reward net scores
 highest on TARGET's training and validation images (no label read: the whole adaptation is label-free);
 ``@prior-matched`` rows the one whose masks cover the vessel fraction of SOURCE's labels (the simple
-label-free baseline); ``@target-oracle`` rows use the threshold TARGET's test labels would pick. The learned-vs-GT reward gap
-along each run is the reward-hacking monitor.
+label-free baseline); ``@target-oracle`` rows use the threshold TARGET's test labels would pick. The
+learned-vs-GT reward gap along each run is the reward-hacking monitor.
 
 ``--standardize``: every run (SFT, reward net, RL, scoring) with ``data.standardize=true`` (each image's
 colours inside its field of view mapped to one reference: needs no label, so it applies to a new site as
@@ -216,9 +216,14 @@ def learned_threshold(scorer, probs, samples, thresholds) -> float:
     return float(ts[int(np.argmax(total))])
 
 
+def fov_fraction(mask: np.ndarray, fov: np.ndarray) -> float:
+    """Fraction of the field of view that ``mask`` covers."""
+    return float((mask & fov).sum() / max(int(fov.sum()), 1))
+
+
 def vessel_fraction(samples) -> float:
     """Mean fraction of each labelled image's field of view that its label marks as vessel."""
-    return float(np.mean([(s.mask & s.fov).sum() / max(int(s.fov.sum()), 1) for s in samples]))
+    return float(np.mean([fov_fraction(s.mask, s.fov) for s in samples]))
 
 
 def prior_threshold(probs, samples, thresholds, fraction: float) -> float:
@@ -226,10 +231,7 @@ def prior_threshold(probs, samples, thresholds, fraction: float) -> float:
     vessel fraction): the classic label-free prior match, the simple baseline beside ``learned_threshold``."""
     ts = list(thresholds)
     covered = [
-        np.mean(
-            [((p >= t) & s.fov).sum() / max(int(s.fov.sum()), 1) for p, s in zip(probs, samples, strict=True)]
-        )
-        for t in ts
+        np.mean([fov_fraction(p >= t, s.fov) for p, s in zip(probs, samples, strict=True)]) for t in ts
     ]
     return float(ts[int(np.argmin(np.abs(np.asarray(covered) - fraction)))])
 
@@ -263,6 +265,24 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
                       *dataset_for_split(tgt_cfg.data, "val", load=load_dataset)]  # fmt: skip
     scorer = RewardNetScorer.from_checkpoint(rn)
     src_fraction = vessel_fraction([*dataset_for_split(src_cfg.data, "train", load=load_dataset), *src_val])
+
+    def scored(ckpt: Path | None, seed: int) -> dict:
+        """A model's threshold per source of threshold, and its test scores at each."""
+        pol = load_policy(tgt_cfg.policy, ckpt, seed=seed)
+
+        def probs(samples, cfg):
+            return predict_probs(lambda im, pr: pol.mask_logits(im, pr), samples, inference_for(cfg))
+
+        test_p, unl_p = probs(tgt_test, tgt_cfg), probs(tgt_unlabelled, tgt_cfg)
+        at = {
+            "source": best_threshold(probs(src_val, src_cfg), src_val, src_cfg.eval.thresholds),
+            "learned": learned_threshold(scorer, unl_p, tgt_unlabelled, tgt_cfg.eval.thresholds),
+            "prior": prior_threshold(unl_p, tgt_unlabelled, tgt_cfg.eval.thresholds, src_fraction),
+            "oracle": best_threshold(test_p, tgt_test, tgt_cfg.eval.thresholds),
+        }
+        return {name: (t, scores(test_p, tgt_test, t)) for name, t in at.items()}
+
+    sft_scored: dict | None = None  # the SFT model (policy.checkpoint) is the same for every seed
     runs = []
     for seed in seeds:
         cached = folder / f"rl_s{seed}.json"
@@ -284,22 +304,16 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
         # Rows cached before the label-free thresholds existed gain them here.
         if "rl@prior-matched" not in row:
             ckpts = folder / f"rl_s{seed}" / "checkpoints"
-            for label, ckpt in (("sft", None), ("rl", ckpts / "best"), ("rl_last", ckpts / "latest")):
-                pol = load_policy(tgt_cfg.policy, ckpt, seed=seed)
-
-                def probs(samples, cfg, p=pol):
-                    return predict_probs(lambda im, pr: p.mask_logits(im, pr), samples, inference_for(cfg))
-
-                test_p, unl_p = probs(tgt_test, tgt_cfg), probs(tgt_unlabelled, tgt_cfg)
-                at = {
-                    "source": best_threshold(probs(src_val, src_cfg), src_val, src_cfg.eval.thresholds),
-                    "learned": learned_threshold(scorer, unl_p, tgt_unlabelled, tgt_cfg.eval.thresholds),
-                    "prior": prior_threshold(unl_p, tgt_unlabelled, tgt_cfg.eval.thresholds, src_fraction),
-                    "oracle": best_threshold(test_p, tgt_test, tgt_cfg.eval.thresholds),
-                }
-                for name, t in at.items():
+            sft_scored = sft_scored or scored(None, seed)
+            models = {
+                "sft": sft_scored,
+                "rl": scored(ckpts / "best", seed),
+                "rl_last": scored(ckpts / "latest", seed),
+            }
+            for label, by_source in models.items():
+                for name, (t, at_t) in by_source.items():
                     row[f"{label}_{name}{'_best' if name == 'source' else ''}_threshold"] = t
-                    row[f"{label}@{THRESHOLD_ROWS[name]}"] = scores(test_p, tgt_test, t)
+                    row[f"{label}@{THRESHOLD_ROWS[name]}"] = at_t
             cached.write_text(json.dumps(row, indent=1))
         runs.append(row)
     table = {
@@ -323,7 +337,7 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
         "dice_gain_vs_source_threshold": float(np.mean(gains)),
         "dice_gain_vs_source_threshold_per_seed": gains,
         "cldice_gain_vs_source_threshold": float(
-            np.mean([r["rl@source-best"]["cldice"] - r["sft@source-best"]["cldice"] for r in runs])
+            np.mean(gain("rl@source-best", "sft@source-best", "cldice"))
         ),
         # Adapted as a whole without labels: RL, then the threshold the learned reward net prefers on the
         # target's unlabelled training images; beside what that threshold alone gives the SFT model.
@@ -341,9 +355,7 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
         "rl_dice_vs_sft_at_learned_threshold": float(
             np.mean(gain("rl@learned-threshold", "sft@learned-threshold"))
         ),
-        "rl_dice_vs_sft_at_target_oracle": float(
-            np.mean([r["rl@target-oracle"]["dice"] - r["sft@target-oracle"]["dice"] for r in runs])
-        ),
+        "rl_dice_vs_sft_at_target_oracle": float(np.mean(gain("rl@target-oracle", "sft@target-oracle"))),
         "reward_gap_curve": gap_curve(runs),
         "table": table,
     }
