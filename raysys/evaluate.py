@@ -25,27 +25,61 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(
-    cfg: Config, checkpoint: str | Path | None, out_dir: str | Path, *, split: str = "test"
+    cfg: Config,
+    checkpoint: str | Path | None,
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    also_at: dict[str, tuple[float, Path]] | None = None,
+    keep_probs: bool = True,
 ) -> dict[str, Any]:
     """Per-image metrics (``per_image.parquet``), means and a threshold sweep (``metrics.json``), and the
-    probability maps (``probs.npz``, float16, see :func:`load_probs`) for reports. Full images at native
-    resolution (sliding windows and ``data.scale`` as configured), scored inside each image's FOV."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    probability maps (``probs.npz``, float16, see :func:`load_probs`; not with ``keep_probs=False``) for
+    reports. Full images at native resolution (sliding windows and ``data.scale`` as configured), scored
+    inside each image's FOV.
 
+    ``also_at`` scores the same probabilities at more thresholds, ``{name: (threshold, folder)}``, each into
+    a folder of its own without the maps again (the prediction is the expensive part on large images); their
+    summaries come back under ``"also_at"``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     policy = load_policy(cfg.policy, checkpoint, seed=cfg.run.seed)
     samples = dataset_for_split(cfg.data, split, load=load_dataset)
     probs = predict_probs(lambda im, pr: policy.mask_logits(im, pr), samples, inference_for(cfg))
+    summary = _score(
+        cfg, probs, samples, out, checkpoint=checkpoint, split=split, threshold=cfg.eval.threshold
+    )
+    if keep_probs:
+        save_probs(out / "probs.npz", probs, [s.id for s in samples])
+    if also_at:
+        summary["also_at"] = {
+            name: _score(cfg, probs, samples, Path(folder), checkpoint=checkpoint, split=split, threshold=t)
+            for name, (t, folder) in also_at.items()
+        }
+    return summary
+
+
+def _score(
+    cfg: Config,
+    probs: list[np.ndarray],
+    samples: list,
+    out: Path,
+    *,
+    checkpoint: str | Path | None,
+    split: str,
+    threshold: float,
+) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
     ec = cfg.eval
-    res = evaluate_probs(probs, samples, threshold=ec.threshold, thresholds=ec.thresholds)
+    res = evaluate_probs(probs, samples, threshold=threshold, thresholds=ec.thresholds)
     summary: dict[str, Any] = {
         "split": split,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "n_images": len(res.per_image),
         "n_without_vessels": res.n_without_vessels,
-        "threshold": ec.threshold,
+        "threshold": threshold,
         "mean": res.mean,
         "sweep": res.sweep,
         "best_threshold_on_this_split": res.best_threshold,
@@ -54,7 +88,7 @@ def evaluate_checkpoint(
     if ec.postprocess:
         masks = [
             postprocess(
-                p, threshold=ec.threshold, closing_radius=ec.closing_radius, min_size=ec.min_size, fov=s.fov
+                p, threshold=threshold, closing_radius=ec.closing_radius, min_size=ec.min_size, fov=s.fov
             ).astype(np.float32)
             for p, s in zip(probs, samples, strict=True)
         ]
@@ -70,7 +104,6 @@ def evaluate_checkpoint(
         ]
     pq.write_table(pa.Table.from_pylist(rows), out / "per_image.parquet")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    save_probs(out / "probs.npz", probs, [s.id for s in samples])
     return summary
 
 

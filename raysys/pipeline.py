@@ -290,14 +290,14 @@ def _eval(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     models = {"sft": None, "rl": inputs["rl"] / "checkpoints" / "best"}
     table = {}
     for label, ckpt in models.items():
-        val = evaluate_checkpoint(cfg, ckpt, out / f"{label}_val", split="val")
+        val = evaluate_checkpoint(cfg, ckpt, out / f"{label}_val", split="val", keep_probs=False)
         best_t = val["best_threshold_on_this_split"]
-        test = evaluate_checkpoint(cfg, ckpt, out / label, split="test")
-        at_best = evaluate_checkpoint(
-            replace(cfg, [f"eval.threshold={best_t}"]), ckpt, out / f"{label}_best_t"
+        # One prediction of the test images, scored at 0.5 and at the validation-best threshold.
+        test = evaluate_checkpoint(
+            cfg, ckpt, out / label, also_at={"best_t": (best_t, out / f"{label}_best_t")}
         )
         table[label] = {"threshold": cfg.eval.threshold, **test["mean"]}
-        table[f"{label}@val_best_t"] = {"threshold": best_t, **at_best["mean"]}
+        table[f"{label}@val_best_t"] = {"threshold": best_t, **test["also_at"]["best_t"]["mean"]}
         shutil.rmtree(out / f"{label}_val")
     (out / "comparison.json").write_text(json.dumps(table, indent=2))
     return table
