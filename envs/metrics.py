@@ -21,6 +21,8 @@ torch reward (``envs/rewards_torch.py``) run the very same formulas on tensors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage as ndi
@@ -31,6 +33,7 @@ __all__ = [
     "FOUR",
     "NUMPY_OPS",
     "ArrayOps",
+    "ReferenceTopology",
     "accuracy",
     "as_mask",
     "betti_errors",
@@ -51,6 +54,7 @@ __all__ = [
     "precision_from_counts",
     "recall",
     "recall_from_counts",
+    "reference_topology",
     "segmentation_metrics",
     "skeleton",
     "skeleton_length",
@@ -380,13 +384,18 @@ SEGMENTATION_METRICS = (
 these, and validation logs each as ``val/<name>``."""
 
 
+_COUNT_PER_THRESHOLD = 32
+"""Up to this many thresholds, :func:`threshold_sweep` counts per threshold instead of sorting."""
+
+
 def threshold_sweep(
     prob: ArrayLike, gt: ArrayLike, thresholds: ArrayLike, fov: ArrayLike | None = None
 ) -> dict[str, np.ndarray]:
     """Pixel metrics of ``prob >= t`` for every threshold t, without a loop over thresholds.
 
-    The FOV pixels' probabilities are split into GT-positive and GT-negative sets and sorted once; the
-    counts at every threshold are then binary searches: O(N log N + T log N) for N pixels, T thresholds.
+    The FOV pixels' probabilities are split into GT-positive and GT-negative sets; for a few thresholds
+    each is counted directly (O(T N)), for many the sets are sorted once and every count is a binary search
+    (O(N log N + T log N)) for N pixels, T thresholds.
 
     Args:
         prob: float probability map [H, W]; compared in float64 (``prob.astype(float64) >= t``).
@@ -409,10 +418,17 @@ def threshold_sweep(
     t = np.asarray(thresholds, dtype=np.float64)
     if t.ndim != 1:
         raise ValueError(f"thresholds must be a 1-D array, got shape {t.shape}")
-    pos, neg = np.sort(pr[g], axis=None), np.sort(pr[~g], axis=None)
-    # side="left": searchsorted counts values < t, so size - index counts values >= t.
-    tp = pos.size - np.searchsorted(pos, t, side="left")
-    fp = neg.size - np.searchsorted(neg, t, side="left")
+    pos, neg = pr[g], pr[~g]
+    if t.size <= _COUNT_PER_THRESHOLD:
+        # A pass per threshold beats sorting millions of pixels (0.27 s -> 0.06 s on a 3504x2336 image with
+        # 9 thresholds). "not < t" counts NaN as >= t, as the sorted search below does.
+        tp = np.array([np.count_nonzero(~(pos < x)) for x in t], dtype=np.int64)
+        fp = np.array([np.count_nonzero(~(neg < x)) for x in t], dtype=np.int64)
+    else:
+        pos, neg = np.sort(pos, axis=None), np.sort(neg, axis=None)
+        # side="left": searchsorted counts values < t, so size - index counts values >= t.
+        tp = pos.size - np.searchsorted(pos, t, side="left")
+        fp = neg.size - np.searchsorted(neg, t, side="left")
     fn = pos.size - tp
     return {
         "thresholds": t,
@@ -426,20 +442,50 @@ def threshold_sweep(
     }
 
 
-def segmentation_metrics(pred: ArrayLike, gt: ArrayLike, fov: ArrayLike | None = None) -> dict[str, float]:
+@dataclass(frozen=True, eq=False)
+class ReferenceTopology:
+    """What :func:`segmentation_metrics` derives from the ground truth alone (its FOV-restricted skeleton and
+    Betti numbers): half of its cost, the same for every prediction scored against that ground truth."""
+
+    skeleton: np.ndarray
+    betti: tuple[int, int]
+
+
+def reference_topology(gt: ArrayLike, fov: ArrayLike | None = None) -> ReferenceTopology:
+    g = as_mask(gt, "gt")
+    if fov is not None:
+        g = g & as_mask(fov, "fov")
+    return ReferenceTopology(skeleton=_skeletonize(g), betti=betti_numbers(g))
+
+
+def segmentation_metrics(
+    pred: ArrayLike,
+    gt: ArrayLike,
+    fov: ArrayLike | None = None,
+    *,
+    reference: ReferenceTopology | None = None,
+) -> dict[str, float]:
     """All scalar metrics of one mask pair [H, W], restricted to the FOV.
+
+    ``reference``: ``reference_topology(gt, fov)`` computed earlier, when one ground truth is scored against
+    many predictions (thresholds, checkpoints, validations); the same numbers, without recomputing it.
 
     Returns:
         {name: float} for each name of :data:`SEGMENTATION_METRICS`, conventions as in the individual
         functions.
     """
     p, g, f = _pair(pred, gt, fov)
+    if reference is None:
+        reference = reference_topology(g)
+    elif reference.skeleton.shape != g.shape:
+        raise ValueError(f"the reference topology is {reference.skeleton.shape} but the masks are {g.shape}")
     tp, fp, fn, tn = confusion(p, g, f)
-    sp, sg = _skeletonize(p), _skeletonize(g)
+    sp, sg = _skeletonize(p), reference.skeleton
     cl = cldice_from_counts(
         np.count_nonzero(sp & g), np.count_nonzero(sp), np.count_nonzero(sg & p), np.count_nonzero(sg)
     )
-    e0, e1 = betti_errors(p, g)
+    (p0, p1), (g0, g1) = betti_numbers(p), reference.betti
+    e0, e1 = abs(p0 - g0), abs(p1 - g1)
     return {
         "dice": float(dice_from_counts(tp, fp, fn)),
         "iou": float(iou_from_counts(tp, fp, fn)),

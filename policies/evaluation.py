@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from envs.metrics import SEGMENTATION_METRICS, SWEEP_THRESHOLDS, segmentation_metrics, threshold_sweep
+from envs.metrics import (
+    SEGMENTATION_METRICS,
+    SWEEP_THRESHOLDS,
+    ReferenceTopology,
+    reference_topology,
+    segmentation_metrics,
+    threshold_sweep,
+)
 from envs.types import VesselSample
 from envs.windows import Box
 
@@ -142,7 +150,7 @@ def evaluate_probs(
         s = samples[i]
         has_vessels = bool((s.mask & s.fov).any())
         row: dict[str, float | str | bool] = {"id": s.id, "has_vessels": has_vessels}
-        row.update(segmentation_metrics(probs[i] >= threshold, s.mask, s.fov))
+        row.update(segmentation_metrics(probs[i] >= threshold, s.mask, s.fov, reference=_reference(s)))
         rows.append(row)
         if has_vessels:
             sweeps.append(threshold_sweep(probs[i], s.mask, np.asarray(thresholds), s.fov))
@@ -171,6 +179,18 @@ def evaluate_probs(
     return EvalResult(
         threshold=threshold, mean=mean, per_image=rows, sweep=sweep, n_without_vessels=len(empty)
     )
+
+
+_REFERENCES: weakref.WeakKeyDictionary[VesselSample, ReferenceTopology] = weakref.WeakKeyDictionary()
+"""Each sample's ground-truth topology, kept while the sample lives: validation scores the same images every
+few iterations, and a pipeline scores each test image at two thresholds (samples are never modified)."""
+
+
+def _reference(s: VesselSample) -> ReferenceTopology:
+    ref = _REFERENCES.get(s)
+    if ref is None:
+        ref = _REFERENCES[s] = reference_topology(s.mask, s.fov)
+    return ref
 
 
 def _mostly_vessel(s: VesselSample) -> bool:

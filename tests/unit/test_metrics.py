@@ -21,6 +21,7 @@ from envs.metrics import (
     junction_count,
     precision,
     recall,
+    reference_topology,
     segmentation_metrics,
     skeleton,
     skeleton_length,
@@ -336,8 +337,11 @@ def test_cldice_fov_restricts_before_skeletonising() -> None:
 # ------------------------------------------------------------------------------------ sweep, summary
 
 
+@pytest.mark.parametrize("sorted_search", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_threshold_sweep_matches_loop(dtype: type) -> None:
+def test_threshold_sweep_matches_loop(dtype: type, sorted_search: bool, monkeypatch) -> None:
+    if sorted_search:  # the path many thresholds take
+        monkeypatch.setattr("envs.metrics._COUNT_PER_THRESHOLD", 0)
     rng = np.random.default_rng(3)
     gt = rng.random((40, 40)) < 0.2
     prob = np.clip(gt * 0.4 + rng.random((40, 40)) * 0.6, 0, 1).astype(dtype)
@@ -378,3 +382,26 @@ def test_segmentation_metrics_agree_with_individual_functions() -> None:
     e0, e1 = betti_errors(p, g, fov=fov)
     assert (out["betti0_err"], out["betti1_err"]) == (e0, e1)
     assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
+
+
+def test_a_precomputed_reference_gives_the_same_metrics_and_must_match_the_masks() -> None:
+    p, g = random_masks(7, n=2)
+    fov = np.zeros_like(p)
+    fov[3:-3, 2:-2] = True
+    ref = reference_topology(g, fov)
+    for pred in (p, ~p, np.zeros_like(p), g):
+        assert segmentation_metrics(pred, g, fov, reference=ref) == segmentation_metrics(pred, g, fov)
+    with pytest.raises(ValueError, match="reference topology"):
+        segmentation_metrics(p[:-1], g[:-1], fov[:-1], reference=ref)
+
+
+def test_both_sweep_paths_count_nan_as_above_every_threshold(monkeypatch) -> None:
+    gt = np.array([[True, True, False, False]])
+    prob = np.array([[np.nan, 0.2, np.nan, 0.7]])
+    t = np.array([0.1, 0.5, 0.9])
+    direct = threshold_sweep(prob, gt, t)
+    monkeypatch.setattr("envs.metrics._COUNT_PER_THRESHOLD", 0)
+    searched = threshold_sweep(prob, gt, t)
+    for k in direct:
+        np.testing.assert_array_equal(direct[k], searched[k])
+    assert direct["tp"].tolist() == [2, 1, 1] and direct["fp"].tolist() == [2, 2, 1]
