@@ -420,8 +420,8 @@ def threshold_sweep(
         raise ValueError(f"thresholds must be a 1-D array, got shape {t.shape}")
     pos, neg = pr[g], pr[~g]
     if t.size <= _COUNT_PER_THRESHOLD:
-        # A pass per threshold beats sorting millions of pixels (0.27 s -> 0.06 s on a 3504x2336 image with
-        # 9 thresholds). "not < t" counts NaN as >= t, as the sorted search below does.
+        # A pass per threshold beats sorting millions of pixels (the whole sweep 0.20 s -> 0.14 s on a
+        # 3504x2336 image with 9 thresholds). "not < t" counts NaN as >= t, as the sorted search does.
         tp = np.array([np.count_nonzero(~(pos < x)) for x in t], dtype=np.int64)
         fp = np.array([np.count_nonzero(~(neg < x)) for x in t], dtype=np.int64)
     else:

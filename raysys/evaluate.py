@@ -16,6 +16,7 @@ import numpy as np
 
 from envs.datasets import load_dataset
 from envs.postprocess import postprocess
+from envs.types import VesselSample
 from policies.evaluation import evaluate_probs, predict_probs
 from policies.factory import load_policy
 from raysys.config import Config
@@ -61,7 +62,7 @@ def evaluate_checkpoint(
 def _score(
     cfg: Config,
     probs: list[np.ndarray],
-    samples: list,
+    samples: Sequence[VesselSample],
     out: Path,
     *,
     checkpoint: str | Path | None,
