@@ -33,6 +33,7 @@ def evaluate_checkpoint(
     split: str = "test",
     also_at: dict[str, tuple[float, Path]] | None = None,
     keep_probs: bool = True,
+    samples: Sequence[VesselSample] | None = None,
 ) -> dict[str, Any]:
     """Per-image metrics (``per_image.parquet``), means and a threshold sweep (``metrics.json``), and the
     probability maps (``probs.npz``, float16, see :func:`load_probs`; not with ``keep_probs=False``) for
@@ -41,10 +42,12 @@ def evaluate_checkpoint(
 
     ``also_at`` scores the same probabilities at more thresholds, ``{name: (threshold, folder)}``, each into
     a folder of its own without the maps again (the prediction is the expensive part on large images); their
-    summaries come back under ``"also_at"``."""
+    summaries come back under ``"also_at"``. ``samples``: the split, loaded already (several checkpoints
+    scored on one split read it once and share each image's ground-truth topology)."""
     out = Path(out_dir)
     policy = load_policy(cfg.policy, checkpoint, seed=cfg.run.seed)
-    samples = dataset_for_split(cfg.data, split, load=load_dataset)
+    if samples is None:
+        samples = dataset_for_split(cfg.data, split, load=load_dataset)
     probs = predict_probs(lambda im, pr: policy.mask_logits(im, pr), samples, inference_for(cfg))
     summary = _score(
         cfg, probs, samples, out, checkpoint=checkpoint, split=split, threshold=cfg.eval.threshold

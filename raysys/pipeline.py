@@ -283,18 +283,23 @@ def _rl(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
 def _eval(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     """SFT (the base policy) and RL (best validation checkpoint) on the test split, at 0.5 and at each
     model's best validation threshold."""
+    from envs.datasets import load_dataset
+    from raysys.data import dataset_for_split
     from raysys.evaluate import evaluate_checkpoint
 
     base = _base_checkpoint(cfg, inputs)
     cfg = replace(cfg, [f"policy.checkpoint={base}"]) if base else cfg
     models = {"sft": None, "rl": inputs["rl"] / "checkpoints" / "best"}
+    val_set, test_set = (dataset_for_split(cfg.data, split, load=load_dataset) for split in ("val", "test"))
     table = {}
     for label, ckpt in models.items():
-        val = evaluate_checkpoint(cfg, ckpt, out / f"{label}_val", split="val", keep_probs=False)
+        val = evaluate_checkpoint(
+            cfg, ckpt, out / f"{label}_val", split="val", keep_probs=False, samples=val_set
+        )
         best_t = val["best_threshold_on_this_split"]
         # One prediction of the test images, scored at 0.5 and at the validation-best threshold.
         test = evaluate_checkpoint(
-            cfg, ckpt, out / label, also_at={"best_t": (best_t, out / f"{label}_best_t")}
+            cfg, ckpt, out / label, also_at={"best_t": (best_t, out / f"{label}_best_t")}, samples=test_set
         )
         table[label] = {"threshold": cfg.eval.threshold, **test["mean"]}
         table[f"{label}@val_best_t"] = {"threshold": best_t, **test["also_at"]["best_t"]["mean"]}

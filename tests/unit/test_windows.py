@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from envs.metrics import reference_topology, segmentation_metrics
 from envs.synthetic import generate_fundus
 from envs.types import VesselSample
 from envs.windows import (
@@ -194,6 +195,25 @@ def test_images_without_vessels_are_reported_apart_not_averaged(caplog) -> None:
     assert "no vessel pixel" in caplog.text and "empty" in caplog.text
     with pytest.raises(ValueError, match="none of the 1 labelled images has a vessel pixel"):
         evaluate_probs(probs[1:], [empty])
+
+
+def test_each_samples_ground_truth_topology_is_computed_once_across_evaluations(monkeypatch) -> None:
+    import policies.evaluation as ev
+
+    calls = []
+    monkeypatch.setattr(ev, "reference_topology", lambda m, f: calls.append(1) or reference_topology(m, f))
+    s = _sample(64, 64)
+    probs = [np.where(s.mask, 0.9, 0.1).astype(np.float32)]
+    at_half, at_high = ev.evaluate_probs(probs, [s]), ev.evaluate_probs(probs, [s], threshold=0.95)
+    assert len(calls) == 1  # a second threshold (or validation) on the same sample reuses it
+    assert at_half.per_image[0] == {
+        "id": s.id,
+        "has_vessels": True,
+        **segmentation_metrics(probs[0] >= 0.5, s.mask, s.fov),
+    }
+    assert at_high.per_image[0]["dice"] == 0.0
+    ev.evaluate_probs(probs, [dataclasses.replace(s)])  # another sample object: computed for it
+    assert len(calls) == 2
 
 
 def test_standardize_maps_two_sites_exposures_to_the_same_image() -> None:
