@@ -56,6 +56,11 @@ COMBINED = [
     "eval.select_metric=val/best_threshold_dice",
 ]
 """The three levers that each helped, together (the recipe examples/tiny_synthetic.yaml now has)."""
+DICE_CLDICE = [
+    f"reward.weights.{term}={w}"
+    for term, w in {"dice": 0.5, "cldice": 0.5, "recall": 0, "topology": 0, "length": 0}.items()
+]
+"""A reward of Dice and clDice only, equally weighted."""
 RECIPES: dict[str, list[str]] = {
     "grpo": [],
     "self_critical": ["learner.advantage=self_critical"],
@@ -73,6 +78,12 @@ RECIPES: dict[str, list[str]] = {
     "postproc_cldice_select_t0.7": [*COMBINED, "rollout.temperature=0.7"],
     # The combined recipe at twice the budget: its best checkpoint was the last one at 150 iterations.
     "postproc_cldice_select_300it": [*COMBINED, "learner.iterations=300"],
+    # The reward is what the benchmark scores (Dice + clDice) and nothing else: the recall term (target 0.85)
+    # rewards over-segmentation, which a higher threshold then undoes.
+    "dice_cldice": [*DICE_CLDICE],
+    # No KL pull towards the SFT model: how far the policy may move in the same budget.
+    "kl0": ["learner.kl_coef=0"],
+    "dice_cldice_kl0": [*DICE_CLDICE, "learner.kl_coef=0"],
     "dpo": ["learner.algorithm=dpo"],
     "dpo_lr3e-5": ["learner.algorithm=dpo", "learner.lr=3e-5"],
     "dpo_lr3e-5_beta500": ["learner.algorithm=dpo", "learner.lr=3e-5", "learner.dpo_beta=500"],
