@@ -74,6 +74,24 @@ def _gpus() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
+def _cpu() -> dict[str, str | None]:
+    """The CPU's model name and the vector ISA torch's kernels use: float results (and so a long training run)
+    differ between hosts with different ISAs, while repeats on one host are bit-identical."""
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        isa = torch.backends.cpu.get_cpu_capability()
+    except (ImportError, AttributeError):
+        isa = None
+    return {"cpu_model": model, "cpu_isa": isa}
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -84,7 +102,7 @@ def _version(package: str) -> str | None:
 def machine() -> dict[str, Any]:
     """The machine block every result carries, one shape for all benchmarks.
 
-    ``summary`` ("2 CPUs, no GPU", "16 CPUs, NVIDIA H200"), ``cpus``, ``gpus`` (the CUDA devices torch sees,
+    ``summary`` ("2 CPUs, no GPU", "16 CPUs, NVIDIA H200"), ``cpus``, ``cpu_model`` and ``cpu_isa`` (``_cpu``), ``gpus`` (the CUDA devices torch sees,
     by name), ``arch``, ``platform``, ``python``, ``packages`` (PACKAGES' versions, None if not installed)
     and ``loadavg`` (1, 5 and 15 minutes when the result is written: other work on a shared machine slows
     timings down). Importing torch to look for GPUs costs a second or two; call it once, at the end."""
@@ -98,6 +116,7 @@ def machine() -> dict[str, Any]:
     return {
         "summary": f"{os.cpu_count()} CPUs, {gpu}",
         "cpus": os.cpu_count(),
+        **_cpu(),
         "gpus": gpus,
         "arch": platform.machine(),
         "platform": platform.platform(),

@@ -79,7 +79,12 @@ def test_a_result_has_the_benchmark_name_then_the_machine_block(tmp_path: Path) 
     assert list(result)[:3] == ["benchmark", "machine", "value"]
     assert result["benchmark"] == "demo" and result["value"] == 0.5 and result["where"] == "a"
     machine = result["machine"]
-    assert set(machine) == {"summary", "cpus", "gpus", "arch", "platform", "python", "packages", "loadavg"}
+    assert set(machine) == {
+        "summary", "cpus", "cpu_model", "cpu_isa", "gpus", "arch", "platform", "python", "packages", "loadavg",
+    }  # fmt: skip
+    import torch
+
+    assert machine["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
     assert machine["summary"].startswith(f"{machine['cpus']} CPUs, ")
     with pytest.raises(ValueError, match="harness writes the 'machine' block"):
         harness.write_result("demo", {"machine": "2 CPUs"}, tmp_path / "x.json")
