@@ -75,8 +75,8 @@ def _gpus() -> list[str]:
 
 
 def _cpu() -> dict[str, str | None]:
-    """The CPU's model name and the vector ISA torch's kernels use: float results (and so a long training run)
-    differ between hosts with different ISAs, while repeats on one host are bit-identical."""
+    """The CPU's model name and the vector ISA torch's kernels use. Repeats on one host are bit-identical; a
+    long CPU training run on another host can end elsewhere (float results of its kernels may differ)."""
     model = None
     try:
         with open("/proc/cpuinfo") as f:
@@ -102,10 +102,10 @@ def _version(package: str) -> str | None:
 def machine() -> dict[str, Any]:
     """The machine block every result carries, one shape for all benchmarks.
 
-    ``summary`` ("2 CPUs, no GPU", "16 CPUs, NVIDIA H200"), ``cpus``, ``cpu_model`` and ``cpu_isa`` (``_cpu``), ``gpus`` (the CUDA devices torch sees,
-    by name), ``arch``, ``platform``, ``python``, ``packages`` (PACKAGES' versions, None if not installed)
-    and ``loadavg`` (1, 5 and 15 minutes when the result is written: other work on a shared machine slows
-    timings down). Importing torch to look for GPUs costs a second or two; call it once, at the end."""
+    ``summary`` ("2 CPUs, no GPU", "16 CPUs, NVIDIA H200"), ``cpus``, ``cpu_model`` and ``cpu_isa`` (``_cpu``),
+    ``gpus`` (the CUDA devices torch sees, by name), ``arch``, ``platform``, ``python``, ``packages``
+    (PACKAGES' versions, None if not installed) and ``loadavg`` (1, 5 and 15 minutes when the result is
+    written: other work on a shared machine slows timings down). Importing torch to look for GPUs costs a second or two; call it once, at the end."""
     gpus = _gpus()
     if not gpus:
         gpu = "no GPU"
