@@ -105,7 +105,8 @@ def machine() -> dict[str, Any]:
     ``summary`` ("2 CPUs, no GPU", "16 CPUs, NVIDIA H200"), ``cpus``, ``cpu_model`` and ``cpu_isa`` (``_cpu``),
     ``gpus`` (the CUDA devices torch sees, by name), ``arch``, ``platform``, ``python``, ``packages``
     (PACKAGES' versions, None if not installed) and ``loadavg`` (1, 5 and 15 minutes when the result is
-    written: other work on a shared machine slows timings down). Importing torch to look for GPUs costs a second or two; call it once, at the end."""
+    written: other work on a shared machine slows timings down). Importing torch to look for GPUs costs a
+    second or two; call it once, at the end."""
     gpus = _gpus()
     if not gpus:
         gpu = "no GPU"
