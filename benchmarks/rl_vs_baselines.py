@@ -84,6 +84,9 @@ RECIPES: dict[str, list[str]] = {
     # No KL pull towards the SFT model: how far the policy may move in the same budget.
     "kl0": ["learner.kl_coef=0"],
     "dice_cldice_kl0": [*DICE_CLDICE, "learner.kl_coef=0"],
+    # Training images with a random gamma and contrast per iteration: test images of a set can be fainter
+    # than its few training ones (STARE's test vessels have about a third less contrast).
+    "dice_cldice_jitter": [*DICE_CLDICE, "rollout.jitter=0.4"],
     "dpo": ["learner.algorithm=dpo"],
     "dpo_lr3e-5": ["learner.algorithm=dpo", "learner.lr=3e-5"],
     "dpo_lr3e-5_beta500": ["learner.algorithm=dpo", "learner.lr=3e-5", "learner.dpo_beta=500"],

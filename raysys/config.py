@@ -218,6 +218,12 @@ class RolloutConfig:
     """Sampling temperature T: m ~ Bernoulli(sigmoid(z / T))."""
     images_per_iteration: int = 8
     """Images per iteration across all rollout workers."""
+    jitter: float = 0.0
+    """Photometric jitter of the RL training images: each image (or crop) gets a gamma and a contrast factor
+    exp(U(-jitter, jitter)) per iteration inside its field of view, seeded by ``run.seed`` (the rollout actors,
+    reward actors and learner see the same pixels; so do the reward net's training pieces). 0: off. For sets
+    whose test images differ in exposure or vessel contrast from the few training ones (0.4 spans
+    x0.67-x1.5). SFT, validation and test images are never jittered."""
     batch_size: int | None = None
     """Images per policy call in a rollout actor (null: its whole shard at once); the masks do not depend on it."""
     max_restarts: int = 2
@@ -251,6 +257,7 @@ class RolloutConfig:
         check(self.samples_per_image >= 2, "rollout.samples_per_image", "needs >= 2 for a group baseline")
         check(self.temperature > 0, "rollout.temperature", "must be > 0")
         check(self.images_per_iteration >= 1, "rollout.images_per_iteration", "must be >= 1")
+        check(0.0 <= self.jitter <= 1.0 and math.isfinite(self.jitter), "rollout.jitter", "must be in [0, 1]")
         check(self.batch_size is None or self.batch_size >= 1, "rollout.batch_size", "must be >= 1 or null")
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from envs.types import DEFAULT_PROMPT, VesselSample
-from envs.windows import crop_box, crop_sample, rescale_sample, standardize_sample
+from envs.windows import crop_box, crop_sample, jitter_sample, rescale_sample, standardize_sample
 from raysys.config import Config, DataConfig
 
 if TYPE_CHECKING:
@@ -63,7 +63,8 @@ def dataset_for_split(
 
 class TrainView(Sequence[VesselSample]):
     """The training split as iteration ``iteration`` sees it: whole (rescaled) images, or one seeded crop
-    per image and iteration that holds at least ``data.crop_min_fov`` FOV.
+    per image and iteration that holds at least ``data.crop_min_fov`` FOV; with ``jitter`` > 0 each then
+    gets a seeded gamma and contrast per iteration (``rollout.jitter``).
 
     The rollout actors, the reward actors and the learner each build one from the same config and agree on
     every crop without sending pixels (a crop's id names its box, and the reward actor and learner check
@@ -77,9 +78,10 @@ class TrainView(Sequence[VesselSample]):
         *,
         crop: int | None,
         seed: int,
+        jitter: float = 0.0,
         cache: int = 32,
     ) -> None:
-        self.samples, self.seed = samples, int(seed)
+        self.samples, self.seed, self.jitter = samples, int(seed), float(jitter)
         self.crop, self.scale, self.min_fov = crop, cfg.scale, cfg.crop_min_fov
         self._scaled: OrderedDict[int, VesselSample] = OrderedDict()
         self._cache = cache
@@ -90,6 +92,11 @@ class TrainView(Sequence[VesselSample]):
     @property
     def cropped(self) -> bool:
         return self.crop is not None
+
+    @property
+    def varies(self) -> bool:
+        """Whether an image's pixels change from one iteration to the next (a new crop or jitter)."""
+        return self.cropped or self.jitter > 0
 
     def __getitem__(self, index: int) -> VesselSample:  # type: ignore[override]
         """The whole image ``index`` at ``data.scale`` (SFT draws its own crops from these)."""
@@ -111,16 +118,22 @@ class TrainView(Sequence[VesselSample]):
         return crop_box(fov, self.crop, rng, min_fov=self.min_fov)
 
     def get(self, index: int, iteration: int) -> tuple[Hashable, VesselSample]:
-        """(feature-cache key, sample) of image ``index`` at ``iteration`` (the key names the crop)."""
+        """(feature-cache key, sample) of image ``index`` at ``iteration`` (the key names the crop, and the
+        iteration when the pixels are jittered)."""
         base = self._base(index)
         if self.crop is None:
-            return (index,), base
-        box = self._box(index, iteration, base.fov)
-        return (index, box.y0, box.x0, box.h, box.w), crop_sample(base, box, self.crop)
+            key, sample = (index,), base
+        else:
+            box = self._box(index, iteration, base.fov)
+            key, sample = (index, box.y0, box.x0, box.h, box.w), crop_sample(base, box, self.crop)
+        if self.jitter > 0:
+            rng = np.random.default_rng([self.seed, int(iteration) & 0xFFFFFFFF, int(index), 0x717])
+            key, sample = (*key, "jitter", int(iteration)), jitter_sample(sample, rng, self.jitter)
+        return key, sample
 
 
 def train_view(cfg: Config, samples: Sequence[VesselSample]) -> TrainView:
-    return TrainView(cfg.data, samples, crop=cfg.train_crop, seed=cfg.run.seed)
+    return TrainView(cfg.data, samples, crop=cfg.train_crop, seed=cfg.run.seed, jitter=cfg.rollout.jitter)
 
 
 def inference_for(cfg: Config) -> Inference:

@@ -70,7 +70,8 @@ training set; FIVES-sized sets are recomputed as needed)."""
 
 
 def feature_cache(policy, view: TrainView, images_per_iteration: int) -> FeatureCache:
-    """Two iterations' worth for crops (new every iteration); up to 2 GiB of whole images (reused)."""
-    if view.cropped:
+    """Two iterations' worth for crops or jittered images (new every iteration); up to 2 GiB of whole images
+    (reused)."""
+    if view.varies:
         return FeatureCache(policy, max_items=2 * images_per_iteration)
     return FeatureCache(policy, max_bytes=WHOLE_IMAGE_CACHE_BYTES)

@@ -215,8 +215,8 @@ class RewardWorker(RewardScorer):
         super().__init__(cfg, train_view(cfg, dataset_for_split(cfg.data, "train", load=load_dataset)))
         self.reward = MultiObjectiveReward(cfg.reward)
         crops = (
-            4 * cfg.rollout.images_per_iteration if self.train.cropped else None
-        )  # crops change each iteration
+            4 * cfg.rollout.images_per_iteration if self.train.varies else None
+        )  # crops and jittered images change each iteration
         self._targets = TargetCache(
             lambda samples: [self.reward.prepare_target(s.mask, s.fov) for s in samples], max_items=crops
         )
@@ -325,7 +325,7 @@ class TorchGTScorer(RewardScorer):
                 f"reward.postprocess={rc.postprocess}); score these with the reward actors (reward.device=cpu)"
             )
         self.reward = TorchReward(rc, device)
-        crops = 4 * cfg.rollout.images_per_iteration if train.cropped else None
+        crops = 4 * cfg.rollout.images_per_iteration if train.varies else None
         self._targets = TargetCache(
             self._prepare, max_items=crops, max_bytes=DEVICE_TARGET_BYTES, nbytes=lambda t: t.nbytes
         )

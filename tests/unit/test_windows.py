@@ -17,6 +17,7 @@ from envs.windows import (
     Box,
     crop_box,
     crop_sample,
+    jitter_sample,
     rescale_probs,
     rescale_sample,
     standardize_sample,
@@ -159,6 +160,28 @@ def test_train_view_crops_agree_across_views_and_change_per_iteration() -> None:
     assert load_config(None, []).train_crop is None  # synthetic: whole images
     sa2va = [*folder, "policy.kind=sa2va", "policy.checkpoint=x", "policy.trust_remote_code=true"]
     assert load_config(None, sa2va).train_crop is None  # Sa2VA sees whole images, as it was trained
+
+
+def test_jittered_train_view_is_seeded_changes_pixels_only_inside_the_fov_and_keeps_labels() -> None:
+    cfg = load_config(None, ["data.kind=drive", "data.root=x", "rollout.jitter=0.4", "run.seed=3"])
+    samples = [_sample(150, 131), _sample(120, 140)]
+    a, b = (TrainView(cfg.data, samples, crop=64, seed=3, jitter=0.4) for _ in range(2))
+    plain = TrainView(cfg.data, samples, crop=64, seed=3)
+    (key_a, jit), (key_b, again), (key_p, orig) = a.get(1, 5), b.get(1, 5), plain.get(1, 5)
+    assert key_a == key_b and np.array_equal(jit.image, again.image)
+    assert key_a != key_p and key_a[: len(key_p)] == key_p  # same crop, its own feature-cache entry
+    assert jit.id == orig.id and np.array_equal(jit.mask, orig.mask) and np.array_equal(jit.fov, orig.fov)
+    assert not np.array_equal(jit.image, orig.image)
+    assert np.array_equal(jit.image[~jit.fov], orig.image[~orig.fov])  # outside the FOV: untouched
+    assert a.varies and not TrainView(cfg.data, samples, crop=None, seed=3).varies
+    images = [a.get(1, it)[1].image for it in range(6)]
+    assert len({im.tobytes() for im in images}) == 6  # a new draw every iteration
+    whole = TrainView(cfg.data, samples, crop=None, seed=3, jitter=0.4)
+    stds = [whole.get(0, it)[1].image[..., 1][samples[0].fov].std() for it in range(20)]
+    assert max(stds) / min(stds) > 1.5  # the green channel's contrast inside the FOV really varies
+    assert np.array_equal(jitter_sample(samples[0], np.random.default_rng(0), 0.0).image, samples[0].image)
+    with pytest.raises(ValueError, match="rollout.jitter"):
+        load_config(None, ["rollout.jitter=-0.1"])
 
 
 @pytest.mark.parametrize("size", [(67, 93), (130, 128), (101, 101)])
