@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,9 +70,13 @@ class SFTConfig:
     """Dice weight in the supervised loss (Sa2VA: 0.5)."""
     eval_every: int = 50
     """Validate every N steps."""
+    jitter: float = 0.0
+    """Photometric jitter of the training crops, as ``rollout.jitter`` (a gamma and a contrast factor
+    exp(U(-jitter, jitter)) inside the FOV, seeded); 0: off."""
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "sft.steps", "must be >= 1")
+        check(0.0 <= self.jitter <= 1.0 and math.isfinite(self.jitter), "sft.jitter", "must be in [0, 1]")
         check(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
         check(self.lr > 0, "sft.lr", "must be > 0")
         check(self.weight_decay >= 0, "sft.weight_decay", "must be >= 0")

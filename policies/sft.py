@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from envs.types import VesselSample
-from envs.windows import crop_box, crop_sample
+from envs.windows import crop_box, crop_sample, jitter_sample
 from policies.checkpoint import save_base_model
 from policies.config import SFTConfig
 from policies.evaluation import EvalResult, Inference, WholeImage, evaluate
@@ -90,12 +90,15 @@ def train_sft(
         raise ValueError("SFT needs at least one training and one validation image")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    jitter_rng = np.random.default_rng([seed, 0x717])  # its own stream: sft.jitter=0 draws as before
 
     def batch(idx: np.ndarray) -> list[VesselSample]:
         picked = [train[int(i)] for i in idx]
-        if crop is None:
-            return picked
-        return [crop_sample(s, crop_box(s.fov, crop, rng, min_fov=crop_min_fov), crop) for s in picked]
+        if crop is not None:
+            picked = [crop_sample(s, crop_box(s.fov, crop, rng, min_fov=crop_min_fov), crop) for s in picked]
+        if cfg.jitter > 0:
+            picked = [jitter_sample(s, jitter_rng, cfg.jitter) for s in picked]
+        return picked
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from envs.folders import write_dataset_folder
+from raysys import keys
 from raysys.config_io import load_config
 from raysys.features import FeatureCache
 from raysys.learner import Learner
@@ -50,6 +51,20 @@ def test_a_crop_the_others_do_not_derive_is_refused(cfg) -> None:
     ok = reward.score(batch)
     m = learner.update([dataclasses.replace(ok, batch=moved)], iteration=4)
     assert m["batch/invalid"] == 1 and m["batch/images"] == 0
+
+
+def test_jittered_crops_reach_the_learner_as_the_rollout_sampled_them(cfg) -> None:
+    # rollout.max_staleness=1 ships the rollout's logits, so the learner reports how far its own log-probs of
+    # the same masks are from the rollout's (measured: 1.5e-5 on the same pixels, 3.8e-3 on unjittered ones).
+    run = {"jitter": 0.4, "max_staleness": 1}
+    jit = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, **run))
+    rollout, reward = RolloutWorker(jit, 0), RewardWorker(jit)
+    scored = reward.score(rollout.sample([0, 2], iteration=7))
+    assert scored.valid.all(), scored.errors
+    same = Learner(jit).update([scored], iteration=7)[keys.LOGPROB_MISMATCH]
+    plain = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_staleness=1))
+    other = Learner(plain).update([scored], iteration=7)[keys.LOGPROB_MISMATCH]  # sees unjittered pixels
+    assert same < 1e-4 and other > 20 * same
 
 
 class _CountingPolicy:

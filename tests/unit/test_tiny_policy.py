@@ -182,3 +182,22 @@ def test_reference_keeps_the_trainable_subset(images) -> None:
         pass
     lora = [p.requires_grad for n, p in pol.model.named_parameters() if part_of(n) == "llm_lora"]
     assert lora and not any(lora)
+
+
+def test_sft_jitter_changes_training_and_zero_jitter_changes_nothing(tmp_path) -> None:
+    from envs.synthetic import SyntheticFundus
+    from policies.config import SFTConfig
+    from policies.sft import train_sft
+
+    train, val = SyntheticFundus("train", n=2, size=64, seed=0), SyntheticFundus("val", n=1, size=64, seed=0)
+
+    def weights(jitter: float, name: str) -> list:
+        torch.manual_seed(0)
+        model = TinySa2VA()
+        cfg = SFTConfig(steps=2, batch_size=2, eval_every=2, jitter=jitter)
+        train_sft(model, train, val, cfg, out_dir=tmp_path / name, seed=0)
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain, again, jittered = weights(0.0, "a"), weights(0.0, "b"), weights(0.4, "c")
+    assert all(torch.equal(a, b) for a, b in zip(plain, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(plain, jittered, strict=True))
