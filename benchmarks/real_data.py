@@ -30,6 +30,9 @@ highest on TARGET's training and validation images (no label read: the whole ada
 label-free baseline); ``@target-oracle`` rows use the threshold TARGET's test labels would pick. The
 learned-vs-GT reward gap along each run is the reward-hacking monitor.
 
+``--set KEY=VALUE ... --tag NAME``: other settings for every run, SFT included (e.g. ``--set sft.jitter=0.4
+--set rollout.jitter=0.4 --tag jitter``), cached under ``runs/real_data_<NAME>/``, results keyed ``<set>_<NAME>``.
+
 ``--standardize``: every run (SFT, reward net, RL, scoring) with ``data.standardize=true`` (each image's
 colours inside its field of view mapped to one reference: needs no label, so it applies to a new site as
 is), cached under ``runs/real_data_standardized/``, results keyed ``<set>_standardized`` and
@@ -371,6 +374,13 @@ def main() -> int:
         "--standardize", action="store_true",
         help="data.standardize=true in every run (results keyed <set>_standardized, <a>_to_<b>_standardized)",
     )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a config override for every run, SFT included (repeatable; needs --tag)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tag", help="with --set: results keyed <set>_<tag>, runs under runs/real_data_<tag>"
+    )
     parser.add_argument("--json", default=str(harness.result_path("real_data")))
     parser.add_argument(
         "--adapt", nargs=2, action="append", default=[], metavar=("SOURCE", "TARGET"),
@@ -379,7 +389,11 @@ def main() -> int:
     args = parser.parse_args()
 
     torch.set_num_threads(2)
+    if bool(args.overrides) != bool(args.tag):
+        parser.error("--set and --tag go together: other settings are other models, kept apart by the tag")
     extra, tag = (["data.standardize=true"], "_standardized") if args.standardize else ([], "")
+    if args.overrides:
+        extra, tag = [*extra, *args.overrides], f"{tag}_{args.tag}"
     out = (args.output_dir or harness.RUNS / f"real_data{tag}").resolve()
     path = Path(args.json)
     # Sets measured by earlier calls stay in the result (one set per call is a common way to run this).
@@ -392,12 +406,16 @@ def main() -> int:
         print(f"\n## {row['kind']} ({row['n_test']} test images, seeds {row['seeds']})\n")
         print(markdown(row["table"]))
         harness.write_result("real_data", {**result, "sets": sets}, args.json)
-    adaptation_rows = {
-        f"{r['source']}_to_{r['target']}{'_standardized' if 'data.standardize=true' in r.get('overrides', []) else ''}": r
-        for r in result.get("adaptation", [])
-    }
+
+    def row_tag(r: dict) -> str:  # rows written before the tag was stored: standardized or plain
+        return r.get("tag", "_standardized" if "data.standardize=true" in r.get("overrides", []) else "")
+
+    adaptation_rows = {f"{r['source']}_to_{r['target']}{row_tag(r)}": r for r in result.get("adaptation", [])}
     for source, target in args.adapt:
-        row = adaptation(Path(source).resolve(), Path(target).resolve(), out, args.seeds, extra)
+        row = {
+            **adaptation(Path(source).resolve(), Path(target).resolve(), out, args.seeds, extra),
+            "tag": tag,
+        }
         adaptation_rows[f"{row['source']}_to_{row['target']}{tag}"] = row
         print(f"\n## {row['source']} -> {row['target']} without labels\n")
         print(markdown(row["table"]))
