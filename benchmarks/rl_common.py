@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import harness
@@ -96,6 +97,35 @@ def train(config: str, overrides: list[str]) -> TrainRun:
     return TrainRun(cfg=cfg, rows=metric_rows(cfg.run_dir / "metrics.jsonl"), wall_s=run.wall_s)
 
 
+def run_overrides(sft: str, seed: int, name: str, output_dir: str, overrides) -> list[str]:
+    """The overrides of ``train_and_score``'s run: from the SFT checkpoint, seeded, named, then ``overrides``."""
+    return [
+        f"policy.checkpoint={sft}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={output_dir}",
+        *overrides,
+    ]  # fmt: skip
+
+
+def check_cached(config: str | None, overrides: list[str], cached: Path) -> None:
+    """Refuse a cached result whose run was trained with other settings than ``config`` + ``overrides`` resolve
+    to now (an example config edited since, another ``--set``): it would be reported as if it were theirs."""
+    from raysys.config_io import flatten, load_config
+    from raysys.train import RESUME_MAY_CHANGE
+
+    now = load_config(config, overrides)
+    saved = now.run_dir / "config.yaml"
+    if not saved.is_file():
+        raise SystemExit(f"{cached}: its run's {saved} is missing, so its settings cannot be checked")
+    before, after = flatten(load_config(saved)), flatten(now)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    changed = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:5])
+        raise SystemExit(
+            f"{cached} was trained with other settings ({shown}{', ...' if len(changed) > 5 else ''}); "
+            "give another --output-dir (or move that run away) to train these"
+        )
+
+
 def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str, overrides) -> dict:
     """``raysys train`` from the SFT checkpoint, then SFT, the best-validation RL checkpoint ("rl") and the
     last one ("rl_last") scored on the test split at 0.5 and at each model's best validation threshold."""
@@ -104,11 +134,7 @@ def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str
     from policies.factory import load_policy
     from raysys.data import dataset_for_split, inference_for
 
-    overrides = [
-        f"policy.checkpoint={sft}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={output_dir}",
-        *overrides,
-    ]  # fmt: skip
-    run = train(config, overrides)
+    run = train(config, run_overrides(sft, seed, name, output_dir, overrides))
     cfg = run.cfg
     val_rows = [r for r in run.rows if keys.VAL_DICE in r]
     test = list(dataset_for_split(cfg.data, "test", load=load_dataset))

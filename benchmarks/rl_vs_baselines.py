@@ -43,7 +43,17 @@ from pathlib import Path
 import harness
 import numpy as np
 import torch
-from rl_common import FIRST_RECIPE, KEYS, best_threshold, markdown, scores, summary, train_and_score
+from rl_common import (
+    FIRST_RECIPE,
+    KEYS,
+    best_threshold,
+    check_cached,
+    markdown,
+    run_overrides,
+    scores,
+    summary,
+    train_and_score,
+)
 
 BASE = FIRST_RECIPE
 """Applied before every recipe: the levers are measured against the recipe the tiny config had when they were
@@ -119,9 +129,12 @@ def run_recipes(
     on one seed, then more seeds for some)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for recipe, seed in itertools.product(recipes, seeds):
-        cached = out_dir / f"{recipe}_s{seed}.json"
-        if not cached.is_file():
-            name = f"{recipe}_s{seed}"
+        cached, name = out_dir / f"{recipe}_s{seed}.json", f"{recipe}_s{seed}"
+        if cached.is_file():
+            check_cached(
+                config, run_overrides(sft, seed, name, str(out_dir), [*overrides, *RECIPES[recipe]]), cached
+            )
+        else:
             result = train_and_score(config, sft, seed, name, str(out_dir), [*overrides, *RECIPES[recipe]])
             result["overrides"] = RECIPES[recipe]
             cached.write_text(json.dumps(result, indent=1))

@@ -97,3 +97,27 @@ def test_results_default_to_benchmarks_results_and_configs_are_recorded_from_the
     assert harness.result_path("rl_gain") == BENCHMARKS / "results" / "rl_gain.json"
     assert harness.display_path(BENCHMARKS.parent / "examples" / "drive.yaml") == "examples/drive.yaml"
     assert harness.display_path("/elsewhere/x.yaml") == "/elsewhere/x.yaml"
+
+
+def test_a_cached_rl_result_trained_with_other_settings_is_refused(tmp_path: Path) -> None:
+    _harness()
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from rl_common import check_cached, run_overrides
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from raysys.config_io import load_config, save_config
+
+    overrides = run_overrides("sft/model", 1, "grpo_s1", str(tmp_path), ["learner.iterations=5"])
+    cached = tmp_path / "grpo_s1.json"
+    cached.write_text("{}")
+    with pytest.raises(SystemExit, match="config.yaml is missing"):
+        check_cached(None, overrides, cached)
+    cfg = load_config(None, overrides)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    check_cached(None, overrides, cached)  # the same settings: kept
+    check_cached(None, [*overrides, "learner.iterations=9"], cached)  # how long it goes on may differ
+    with pytest.raises(
+        SystemExit, match=r"grpo_s1.json was trained with other settings \(rollout.jitter: 0.0 -> 0.4\)"
+    ):
+        check_cached(None, [*overrides, "rollout.jitter=0.4"], cached)
