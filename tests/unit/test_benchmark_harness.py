@@ -111,13 +111,13 @@ def test_a_cached_rl_result_trained_with_other_settings_is_refused(tmp_path: Pat
     overrides = run_overrides("sft/model", 1, "grpo_s1", str(tmp_path), ["learner.iterations=5"])
     cached = tmp_path / "grpo_s1.json"
     cached.write_text("{}")
-    with pytest.raises(SystemExit, match="config.yaml is missing"):
+    with pytest.raises(SystemExit, match=r"config\.yaml is missing"):
         check_cached(None, overrides, cached)
     cfg = load_config(None, overrides)
     save_config(cfg, cfg.run_dir / "config.yaml")
     check_cached(None, overrides, cached)  # the same settings: kept
     check_cached(None, [*overrides, "learner.iterations=9"], cached)  # how long it goes on may differ
     with pytest.raises(
-        SystemExit, match=r"grpo_s1.json was trained with other settings \(rollout.jitter: 0.0 -> 0.4\)"
+        SystemExit, match=r"grpo_s1\.json was trained with other settings \(rollout\.jitter: 0\.0 -> 0\.4\)"
     ):
         check_cached(None, [*overrides, "rollout.jitter=0.4"], cached)

@@ -180,7 +180,7 @@ def test_jittered_train_view_is_seeded_changes_pixels_only_inside_the_fov_and_ke
     stds = [whole.get(0, it)[1].image[..., 1][samples[0].fov].std() for it in range(20)]
     assert max(stds) / min(stds) > 1.5  # the green channel's contrast inside the FOV really varies
     assert np.array_equal(jitter_sample(samples[0], np.random.default_rng(0), 0.0).image, samples[0].image)
-    with pytest.raises(ValueError, match="rollout.jitter"):
+    with pytest.raises(ValueError, match=r"rollout\.jitter"):
         load_config(None, ["rollout.jitter=-0.1"])
 
 
