@@ -95,12 +95,16 @@ def human_observer(kind: str, cfg) -> dict | None:
 
 def sft_model(kind: str, config: str, root: Path, out: Path, extra: list[str]) -> Path:
     """The set's SFT model, trained once (``run.seed=0``) and reused."""
+    from rl_common import check_cached
+
     model = out / kind / "sft" / "model"
-    if not (model / "model.safetensors").is_file():
-        harness.run_cli(
-            "sft", config, f"data.root={root}", *extra, f"run.name={kind}", f"run.output_dir={out}", "run.seed=0",
-            capture=False,
-        )  # fmt: skip
+    overrides = [f"data.root={root}", *extra, f"run.name={kind}", f"run.output_dir={out}", "run.seed=0"]
+    if (model / "model.safetensors").is_file():
+        sft_reads = ("data.", "policy.", "sft.", "eval.", "run.seed")
+        where = [f"run.output_dir={out / kind}", "run.name=sft"]  # its config.yaml: <out>/<kind>/sft/
+        check_cached(config, [*overrides, *where], model, prefixes=sft_reads)
+    else:
+        harness.run_cli("sft", config, *overrides, capture=False)
     return model
 
 

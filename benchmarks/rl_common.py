@@ -105,9 +105,12 @@ def run_overrides(sft: str, seed: int, name: str, output_dir: str, overrides) ->
     ]  # fmt: skip
 
 
-def check_cached(config: str | None, overrides: list[str], cached: Path) -> None:
+def check_cached(
+    config: str | None, overrides: list[str], cached: Path, *, prefixes: tuple[str, ...] | None = None
+) -> None:
     """Refuse a cached result whose run was trained with other settings than ``config`` + ``overrides`` resolve
-    to now (an example config edited since, another ``--set``): it would be reported as if it were theirs."""
+    to now (an example config edited since, another ``--set``): it would be reported as if it were theirs.
+    ``prefixes``: compare only the keys that start with one of them (the settings the cached stage reads)."""
     from raysys.config_io import flatten, load_config
     from raysys.train import RESUME_MAY_CHANGE
 
@@ -117,7 +120,9 @@ def check_cached(config: str | None, overrides: list[str], cached: Path) -> None
         raise SystemExit(f"{cached}: its run's {saved} is missing, so its settings cannot be checked")
     before, after = flatten(load_config(saved)), flatten(now)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    changed = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    changed = [
+        k for k in changed if k not in RESUME_MAY_CHANGE and (prefixes is None or k.startswith(prefixes))
+    ]
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:5])
         raise SystemExit(
