@@ -105,12 +105,19 @@ def run_overrides(sft: str, seed: int, name: str, output_dir: str, overrides) ->
     ]  # fmt: skip
 
 
+SCORING_ONLY = ("eval.thresholds",)
+"""Settings only the scoring reads (when the checkpoint is not chosen at a best threshold): a cached run that
+differs in them is re-scored from its checkpoints, not retrained."""
+
+
 def check_cached(
     config: str | None, overrides: list[str], cached: Path, *, prefixes: tuple[str, ...] | None = None
 ) -> None:
     """Refuse a cached result whose run was trained with other settings than ``config`` + ``overrides`` resolve
     to now (an example config edited since, another ``--set``): it would be reported as if it were theirs.
-    ``prefixes``: compare only the keys that start with one of them (the settings the cached stage reads)."""
+    ``prefixes``: compare only the keys that start with one of them (the settings the cached stage reads).
+    ``SCORING_ONLY`` keys may differ (``rescore_if_needed`` scores the run again) unless the run chose its
+    checkpoint at a best threshold."""
     from raysys.config_io import flatten, load_config
     from raysys.train import RESUME_MAY_CHANGE
 
@@ -119,10 +126,11 @@ def check_cached(
     if not saved.is_file():
         raise SystemExit(f"{cached}: its run's {saved} is missing, so its settings cannot be checked")
     before, after = flatten(load_config(saved)), flatten(now)
+    free = set(RESUME_MAY_CHANGE)
+    if keys.VAL_BEST_THRESHOLD not in str(now.eval.select_metric):
+        free |= set(SCORING_ONLY)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    changed = [
-        k for k in changed if k not in RESUME_MAY_CHANGE and (prefixes is None or k.startswith(prefixes))
-    ]
+    changed = [k for k in changed if k not in free and (prefixes is None or k.startswith(prefixes))]
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:5])
         raise SystemExit(
@@ -132,27 +140,38 @@ def check_cached(
 
 
 def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str, overrides) -> dict:
-    """``raysys train`` from the SFT checkpoint, then SFT, the best-validation RL checkpoint ("rl") and the
-    last one ("rl_last") scored on the test split at 0.5 and at each model's best validation threshold."""
+    """``raysys train`` from the SFT checkpoint, then ``score_run``."""
+    run = train(config, run_overrides(sft, seed, name, output_dir, overrides))
+    best_meta = json.loads((run.cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
+    out = {
+        "seed": seed,
+        "train_wall_s": round(run.wall_s, 1),
+        "iterations": run.cfg.learner.iterations,
+        "best_iteration": best_meta["iteration"],
+        "select_metric": run.cfg.eval.select_metric,
+        **score_run(run.cfg, seed),
+        "val_curve": [
+            {k: r[k] for k in ("iteration", keys.VAL_DICE, keys.VAL_RECALL, keys.VAL_CLDICE) if k in r}
+            for r in run.rows
+            if keys.VAL_DICE in r
+        ],
+    }
+    print(json.dumps({k: v for k, v in out.items() if k != "val_curve"}, indent=1), flush=True)
+    return out
+
+
+def score_run(cfg, seed: int) -> dict:
+    """SFT (``policy.checkpoint``), the run's best-validation checkpoint ("rl") and its last one ("rl_last")
+    scored on the test split at 0.5, at each model's best validation threshold and at its test-best (oracle)
+    one, over ``eval.thresholds`` (recorded as ``thresholds``)."""
     from envs.datasets import load_dataset
     from policies.evaluation import predict_probs
     from policies.factory import load_policy
     from raysys.data import dataset_for_split, inference_for
 
-    run = train(config, run_overrides(sft, seed, name, output_dir, overrides))
-    cfg = run.cfg
-    val_rows = [r for r in run.rows if keys.VAL_DICE in r]
     test = list(dataset_for_split(cfg.data, "test", load=load_dataset))
     val = list(dataset_for_split(cfg.data, "val", load=load_dataset))
-    best_meta = json.loads((cfg.run_dir / "checkpoints" / "best" / "meta.json").read_text())
-    out = {
-        "seed": seed,
-        "train_wall_s": round(run.wall_s, 1),
-        "iterations": cfg.learner.iterations,
-        "best_iteration": best_meta["iteration"],
-        "select_metric": cfg.eval.select_metric,
-        "n_test": len(test),
-    }
+    out: dict[str, Any] = {"n_test": len(test), "thresholds": [float(t) for t in cfg.eval.thresholds]}
     models = {
         "sft": load_policy(cfg.policy, seed=seed),
         "rl": load_policy(cfg.policy, cfg.run_dir / "checkpoints" / "best", seed=seed),
@@ -173,9 +192,19 @@ def train_and_score(config: str, sft: str, seed: int, name: str, output_dir: str
         oracle_t = best_threshold(test_p, test, th)
         out[f"{label}_oracle_threshold"] = oracle_t
         out[f"{label}_test_at_oracle_threshold"] = scores(test_p, test, oracle_t)
-    out["val_curve"] = [
-        {k: r[k] for k in ("iteration", keys.VAL_DICE, keys.VAL_RECALL, keys.VAL_CLDICE) if k in r}
-        for r in val_rows
-    ]
-    print(json.dumps({k: v for k, v in out.items() if k != "val_curve"}, indent=1), flush=True)
     return out
+
+
+def rescore_if_needed(config: str, overrides: list[str], cached: Path) -> dict:
+    """The cached result of a run, scored again from its checkpoints (and the cache rewritten) when it was
+    scored over other thresholds than ``eval.thresholds`` now says (results before ``thresholds`` was
+    recorded were scored over the default grid)."""
+    from envs.metrics import SWEEP_THRESHOLDS
+    from raysys.config_io import load_config
+
+    result = json.loads(cached.read_text())
+    cfg = load_config(config, overrides)
+    if result.get("thresholds", list(SWEEP_THRESHOLDS)) != [float(t) for t in cfg.eval.thresholds]:
+        result.update(score_run(cfg, int(cfg.run.seed)))
+        cached.write_text(json.dumps(result, indent=1))
+    return result

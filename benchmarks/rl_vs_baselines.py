@@ -49,6 +49,7 @@ from rl_common import (
     best_threshold,
     check_cached,
     markdown,
+    rescore_if_needed,
     run_overrides,
     scores,
     summary,
@@ -131,9 +132,9 @@ def run_recipes(
     for recipe, seed in itertools.product(recipes, seeds):
         cached, name = out_dir / f"{recipe}_s{seed}.json", f"{recipe}_s{seed}"
         if cached.is_file():
-            check_cached(
-                config, run_overrides(sft, seed, name, str(out_dir), [*overrides, *RECIPES[recipe]]), cached
-            )
+            resolved = run_overrides(sft, seed, name, str(out_dir), [*overrides, *RECIPES[recipe]])
+            check_cached(config, resolved, cached)
+            rescore_if_needed(config, resolved, cached)
         else:
             result = train_and_score(config, sft, seed, name, str(out_dir), [*overrides, *RECIPES[recipe]])
             result["overrides"] = RECIPES[recipe]

@@ -121,3 +121,42 @@ def test_a_cached_rl_result_trained_with_other_settings_is_refused(tmp_path: Pat
         SystemExit, match=r"grpo_s1\.json was trained with other settings \(rollout\.jitter: 0\.0 -> 0\.4\)"
     ):
         check_cached(None, [*overrides, "rollout.jitter=0.4"], cached)
+
+
+def test_a_cached_rl_result_is_scored_again_only_when_the_threshold_grid_changed(
+    tmp_path, monkeypatch
+) -> None:
+    _harness()
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import rl_common
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from raysys.config_io import load_config, save_config
+
+    calls = []
+
+    def score_run(cfg, seed):
+        calls.append((list(cfg.eval.thresholds), seed))
+        return {"thresholds": [float(t) for t in cfg.eval.thresholds], "rl_oracle_threshold": 0.1}
+
+    monkeypatch.setattr(rl_common, "score_run", score_run)
+    overrides = rl_common.run_overrides("sft/model", 2, "grpo_s2", str(tmp_path), [])
+    save_config(load_config(None, overrides), tmp_path / "grpo_s2" / "config.yaml")
+    cached = tmp_path / "grpo_s2.json"
+    cached.write_text(
+        json.dumps({"seed": 2, "train_wall_s": 9.0, "rl_oracle_threshold": 0.2})
+    )  # default grid
+    assert rl_common.rescore_if_needed(None, overrides, cached)["rl_oracle_threshold"] == 0.2 and not calls
+    wide = [*overrides, "eval.thresholds=[0.1,0.5,0.9]"]
+    rl_common.check_cached(None, wide, cached)  # only the scoring reads the grid: no retraining needed
+    result = rl_common.rescore_if_needed(None, wide, cached)
+    assert calls == [([0.1, 0.5, 0.9], 2)] and result["rl_oracle_threshold"] == 0.1
+    assert result["train_wall_s"] == 9.0 and json.loads(cached.read_text()) == result  # kept, then rewritten
+    rl_common.rescore_if_needed(None, wide, cached)
+    assert len(calls) == 1  # scored over that grid already
+    at_threshold = [*overrides, "eval.select_metric=val/best_threshold_dice"]
+    save_config(load_config(None, at_threshold), tmp_path / "grpo_s2" / "config.yaml")
+    rl_common.check_cached(None, at_threshold, cached)
+    with pytest.raises(SystemExit, match=r"other settings \(eval\.thresholds: "):  # it chose the checkpoint
+        rl_common.check_cached(None, [*at_threshold, "eval.thresholds=[0.1,0.5,0.9]"], cached)
