@@ -127,23 +127,29 @@ def run_recipes(
     """Every (recipe, seed) not yet cached in ``out_dir/<recipe>_s<seed>.json``: one ``raysys train`` from the
     SFT checkpoint with ``overrides`` then the recipe's own, scored (``train_and_score``). Returns every cached
     run in the folder by recipe, seeds in order: also those of earlier calls (e.g. a screening of every recipe
-    on one seed, then more seeds for some)."""
+    on one seed, then more seeds for some), each checked against the settings it would be trained with now and
+    scored again if the threshold grid changed since."""
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    def resolved(recipe: str, seed: int) -> list[str]:
+        return run_overrides(sft, seed, f"{recipe}_s{seed}", str(out_dir), [*overrides, *RECIPES[recipe]])
+
     for recipe, seed in itertools.product(recipes, seeds):
-        cached, name = out_dir / f"{recipe}_s{seed}.json", f"{recipe}_s{seed}"
-        if cached.is_file():
-            resolved = run_overrides(sft, seed, name, str(out_dir), [*overrides, *RECIPES[recipe]])
-            check_cached(config, resolved, cached)
-            rescore_if_needed(config, resolved, cached)
-        else:
-            result = train_and_score(config, sft, seed, name, str(out_dir), [*overrides, *RECIPES[recipe]])
+        cached = out_dir / f"{recipe}_s{seed}.json"
+        if not cached.is_file():
+            result = train_and_score(
+                config, sft, seed, f"{recipe}_s{seed}", str(out_dir), [*overrides, *RECIPES[recipe]]
+            )
             result["overrides"] = RECIPES[recipe]
             cached.write_text(json.dumps(result, indent=1))
     found: dict[str, dict[int, dict]] = {}
-    for cached in out_dir.glob("*_s*.json"):
+    for cached in sorted(out_dir.glob("*_s*.json")):
         recipe, seed = cached.stem.rsplit("_s", 1)
         if recipe in RECIPES and seed.isdigit():
-            found.setdefault(recipe, {})[int(seed)] = json.loads(cached.read_text())
+            check_cached(config, resolved(recipe, int(seed)), cached)
+            found.setdefault(recipe, {})[int(seed)] = rescore_if_needed(
+                config, resolved(recipe, int(seed)), cached
+            )
     return {r: [found[r][s] for s in sorted(found[r])] for r in RECIPES if r in found}
 
 
