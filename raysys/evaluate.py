@@ -62,6 +62,13 @@ def evaluate_checkpoint(
     return summary
 
 
+def at_grid_end(best: float, thresholds: Sequence[float]) -> bool:
+    """Whether a best threshold is the first or last of a sweep of several (short of 0.05 / 0.95): the sweep may
+    have stopped before the optimum."""
+    ts = sorted(float(t) for t in thresholds)
+    return len(ts) > 1 and ((best == ts[0] and ts[0] > 0.05) or (best == ts[-1] and ts[-1] < 0.95))
+
+
 def _score(
     cfg: Config,
     probs: list[np.ndarray],
@@ -87,7 +94,13 @@ def _score(
         "mean": res.mean,
         "sweep": res.sweep,
         "best_threshold_on_this_split": res.best_threshold,
+        "best_threshold_at_grid_end": at_grid_end(res.best_threshold, ec.thresholds),
     }
+    if summary["best_threshold_at_grid_end"]:
+        log.warning(
+            "the best threshold on %s (%g) is the end of eval.thresholds %s: the best one may lie beyond it; "
+            "widen eval.thresholds (e.g. 0.05 to 0.95)", split, res.best_threshold, list(ec.thresholds),
+        )  # fmt: skip
     rows = res.per_image
     if ec.postprocess:
         masks = [

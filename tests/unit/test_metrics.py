@@ -405,3 +405,25 @@ def test_both_sweep_paths_count_nan_as_above_every_threshold(monkeypatch) -> Non
     for k in direct:
         np.testing.assert_array_equal(direct[k], searched[k])
     assert direct["tp"].tolist() == [2, 1, 1] and direct["fp"].tolist() == [2, 2, 1]
+
+
+def test_eval_flags_a_best_threshold_at_the_end_of_the_sweep(tmp_path, caplog) -> None:
+    from envs.synthetic import SyntheticFundus
+    from raysys.config_io import load_config
+    from raysys.evaluate import _score, at_grid_end
+
+    assert at_grid_end(0.8, (0.2, 0.5, 0.8)) and at_grid_end(0.2, (0.8, 0.2, 0.5))
+    assert not at_grid_end(0.5, (0.2, 0.5, 0.8)) and not at_grid_end(0.95, (0.05, 0.5, 0.95))
+    assert not at_grid_end(0.5, (0.5,))
+    samples = list(SyntheticFundus("val", n=2, size=64, seed=0))
+    rng = np.random.default_rng(0)
+    # Vessels at 0.97, background spread over 0..0.85: every higher threshold keeps less background.
+    probs = [np.where(s.mask, 0.97, rng.uniform(0, 0.85, s.mask.shape)).astype(np.float32) for s in samples]
+    cfg = load_config(None, ["eval.thresholds=[0.2,0.5,0.8]"])
+    with caplog.at_level("WARNING"):
+        summary = _score(cfg, probs, samples, tmp_path / "a", checkpoint=None, split="val", threshold=0.5)
+    assert summary["best_threshold_on_this_split"] == 0.8 and summary["best_threshold_at_grid_end"]
+    assert "widen eval.thresholds" in caplog.text
+    wide = load_config(None, ["eval.thresholds=[0.2,0.5,0.8,0.9,0.95]"])
+    summary = _score(wide, probs, samples, tmp_path / "b", checkpoint=None, split="val", threshold=0.5)
+    assert summary["best_threshold_on_this_split"] == 0.9 and not summary["best_threshold_at_grid_end"]
