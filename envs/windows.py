@@ -143,8 +143,8 @@ def standardize_sample(
 def jitter_sample(sample: VesselSample, rng: np.random.Generator, strength: float) -> VesselSample:
     """``sample`` with a random gamma and a random contrast about its field of view's mean colour, each factor
     exp(U(-strength, strength)) and applied inside the field of view only. Sites and even images of one set
-    differ in exposure and vessel contrast (STARE's test images have about a third less than its training
-    ones), which a few training images do not span."""
+    differ in exposure and vessel contrast (STARE's test images have about 30 % less than its training ones),
+    which a few training images do not span."""
     gamma, contrast = np.exp(rng.uniform(-strength, strength, size=2))
     x = (sample.image.astype(np.float32) / 255.0) ** gamma * 255.0
     fov = sample.fov

@@ -223,7 +223,7 @@ class RolloutConfig:
     exp(U(-jitter, jitter)) per iteration inside its field of view, seeded by ``run.seed`` (the rollout actors,
     reward actors and learner see the same pixels; so do the reward net's training pieces). 0: off. For sets
     whose test images differ in exposure or vessel contrast from the few training ones (0.4 spans
-    x0.67-x1.5). SFT, validation and test images are never jittered."""
+    x0.67-x1.5). SFT crops are jittered by ``sft.jitter``; validation and test images never."""
     batch_size: int | None = None
     """Images per policy call in a rollout actor (null: its whole shard at once); the masks do not depend on it."""
     max_restarts: int = 2
