@@ -118,23 +118,20 @@ def check_cached(
     ``prefixes``: compare only the keys that start with one of them (the settings the cached stage reads).
     ``SCORING_ONLY`` keys may differ (``rescore_if_needed`` scores the run again) unless the run chose its
     checkpoint at a best threshold."""
-    from raysys.config_io import flatten, load_config
+    from raysys.config_io import changed_settings, load_config
     from raysys.train import RESUME_MAY_CHANGE
 
     now = load_config(config, overrides)
     saved = now.run_dir / "config.yaml"
     if not saved.is_file():
         raise SystemExit(f"{cached}: its run's {saved} is missing, so its settings cannot be checked")
-    before, after = flatten(load_config(saved)), flatten(now)
     free = set(RESUME_MAY_CHANGE)
     if keys.VAL_BEST_THRESHOLD not in str(now.eval.select_metric):
         free |= set(SCORING_ONLY)
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    changed = [k for k in changed if k not in free and (prefixes is None or k.startswith(prefixes))]
-    if changed:
-        shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:5])
+    shown = changed_settings(load_config(saved), now, ignore=free, prefixes=prefixes)
+    if shown:
         raise SystemExit(
-            f"{cached} was trained with other settings ({shown}{', ...' if len(changed) > 5 else ''}); "
+            f"{cached} was trained with other settings ({shown}); "
             "give another --output-dir (or move that run away) to train these"
         )
 

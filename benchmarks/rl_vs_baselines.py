@@ -146,10 +146,9 @@ def run_recipes(
     for cached in sorted(out_dir.glob("*_s*.json")):
         recipe, seed = cached.stem.rsplit("_s", 1)
         if recipe in RECIPES and seed.isdigit():
-            check_cached(config, resolved(recipe, int(seed)), cached)
-            found.setdefault(recipe, {})[int(seed)] = rescore_if_needed(
-                config, resolved(recipe, int(seed)), cached
-            )
+            settings = resolved(recipe, int(seed))
+            check_cached(config, settings, cached)
+            found.setdefault(recipe, {})[int(seed)] = rescore_if_needed(config, settings, cached)
     return {r: [found[r][s] for s in sorted(found[r])] for r in RECIPES if r in found}
 
 

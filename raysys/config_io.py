@@ -20,7 +20,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +28,16 @@ import yaml
 
 from raysys.config import Config, ConfigError
 
-__all__ = ["config_hash", "flatten", "load_config", "parse_override", "replace", "save_config", "to_dict"]
+__all__ = [
+    "changed_settings",
+    "config_hash",
+    "flatten",
+    "load_config",
+    "parse_override",
+    "replace",
+    "save_config",
+    "to_dict",
+]
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -300,6 +309,23 @@ def flatten(cfg: Any) -> dict[str, Any]:
 
     walk(to_dict(cfg), "")
     return out
+
+
+def changed_settings(
+    before: Any, after: Any, *, ignore: Iterable[str] = (), prefixes: tuple[str, ...] | None = None
+) -> str:
+    """What ``after`` changes in ``before`` (configs): ``"key: old -> new, ..."`` (the first five, then
+    ``...``), or ``""`` when nothing changes. Keys in ``ignore`` are left out; with ``prefixes``, so is every
+    key that starts with none of them."""
+    old, new = flatten(before), flatten(after)
+    skip = set(ignore)
+    changed = sorted(
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k) != new.get(k) and k not in skip and (prefixes is None or k.startswith(prefixes))
+    )
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+    return shown + (", ..." if len(changed) > 5 else "")
 
 
 def config_hash(node: Any) -> str:

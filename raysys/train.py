@@ -465,17 +465,14 @@ RESUME_MAY_CHANGE = frozenset(
 
 def check_resumable_config(cfg: Config, saved: Path) -> None:
     """Refuse to resume with settings other than the run's own (``config.yaml`` stays as the run began)."""
-    from raysys.config_io import flatten, load_config
+    from raysys.config_io import changed_settings, load_config
 
     if not saved.is_file():
         raise FileNotFoundError(f"nothing to resume: {saved} does not exist")
-    before, now = flatten(load_config(saved)), flatten(cfg)
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
-    if refused:
-        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in refused[:5])
+    shown = changed_settings(load_config(saved), cfg, ignore=RESUME_MAY_CHANGE)
+    if shown:
         raise ConfigError(
-            f"--resume with a changed config ({shown}{', ...' if len(refused) > 5 else ''}); a resumed run "
+            f"--resume with a changed config ({shown}); a resumed run "
             f"keeps the settings it started with ({saved}). Start a new run.name for new settings; only "
             f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume"
         )
