@@ -48,6 +48,7 @@ without labels."""
 CURVE_KEYS = (
     "custom/reward_net_score",
     "custom/gt_dice",
+    keys.LEARNED_GT_ALIGNMENT,
     "val/learned_score",
     keys.VAL_DICE,
     "val/reward_gap",
@@ -125,19 +126,28 @@ def run_seed(config: str, sft: str, rn: Path, seed: int, out_dir: Path, extra: l
     return result
 
 
+def mean_logged(runs: list[dict], key: str) -> float | None:
+    """Mean of ``key`` over every iteration of every run's curve that logged it; None if none did."""
+    vals = [row[key] for run in runs for row in run["curve"] if key in row]
+    return float(np.mean(vals)) if vals else None
+
+
 def gap_curve(runs: list[dict], every: int = 10) -> list[dict[str, float]]:
     """Learned score, GT Dice and their gap of the sampled masks, mean over seeds, every ``every`` iterations
-    (mean over the window), plus the validation gap where it was measured."""
+    (mean over the window), the learned-vs-GT advantage alignment (``custom/learned_gt_alignment``) where it
+    was logged, and the validation gap where it was measured."""
     n = max(r["iterations"] for r in runs)
     out = []
     for start in range(0, n, every):
-        learned, gt, val_gap = [], [], []
+        learned, gt, val_gap, alignment = [], [], [], []
         for run in runs:
             for row in run["curve"]:
                 if start <= row["iteration"] < start + every:
                     if "custom/reward_net_score" in row and "custom/gt_dice" in row:
                         learned.append(row["custom/reward_net_score"])
                         gt.append(row["custom/gt_dice"])
+                    if "custom/learned_gt_alignment" in row:
+                        alignment.append(row["custom/learned_gt_alignment"])
                     if "val/reward_gap" in row:
                         val_gap.append(row["val/reward_gap"])
         if learned:
@@ -147,6 +157,7 @@ def gap_curve(runs: list[dict], every: int = 10) -> list[dict[str, float]]:
                     "learned_score": float(np.mean(learned)),
                     "gt_dice": float(np.mean(gt)),
                     "gap": float(np.mean(learned) - np.mean(gt)),
+                    "alignment": float(np.mean(alignment)) if alignment else None,
                     "val_gap": float(np.mean(val_gap)) if val_gap else None,
                 }
             )
@@ -197,6 +208,7 @@ def main() -> int:
         "train_wall_s_mean": float(np.mean([r["train_wall_s"] for r in runs])),
         "wall_s": round(time.perf_counter() - t0, 1),
         "table": table,
+        "learned_gt_alignment": mean_logged(runs, keys.LEARNED_GT_ALIGNMENT),
         "reward_gap_curve": gap_curve(runs),
     }
     harness.write_result("gt_free_adaptation", result, args.json)

@@ -247,13 +247,14 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
     """SFT and the reward net on the source set's labels; RL on the target set's training images with the
     learned reward only; every model thresholded where the source's validation images say, scored on the
     target's test images. The target's labels serve only the numbers, the hacking monitor and the oracle row."""
-    from gt_free_adaptation import gap_curve
+    from gt_free_adaptation import gap_curve, mean_logged
     from rl_common import best_threshold, train
 
     from envs.datasets import load_dataset
     from policies.evaluation import predict_probs
     from policies.factory import load_policy
     from policies.reward_net import RewardNetScorer
+    from raysys import keys
     from raysys.config_io import load_config
     from raysys.data import dataset_for_split, inference_for
 
@@ -363,6 +364,8 @@ def adaptation(source: Path, target: Path, out: Path, seeds: list[int], extra: l
             np.mean(gain("rl@learned-threshold", "sft@learned-threshold"))
         ),
         "rl_dice_vs_sft_at_target_oracle": float(np.mean(gain("rl@target-oracle", "sft@target-oracle"))),
+        # GRPO turns each group's rewards into advantages: near 0 the learned ones point nowhere.
+        "learned_gt_alignment": mean_logged(runs, keys.LEARNED_GT_ALIGNMENT),
         "reward_gap_curve": gap_curve(runs),
         "table": table,
     }

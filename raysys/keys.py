@@ -33,6 +33,11 @@ GT_DICE = "custom/gt_dice"
 """Mean GT Dice of the sampled masks (the ``dice_raw`` reward component), also under a learned reward."""
 REWARD_NET_SCORE = "custom/reward_net_score"
 """Mean learned-reward score of the sampled masks (the ``learned_score`` component)."""
+LEARNED_GT_ALIGNMENT = "custom/learned_gt_alignment"
+"""Under a learned reward on labelled images: mean over images of the correlation between the learned scores
+and the GT rewards of the image's K masks, i.e. between the group advantages each would give (GRPO centres
+and scales per group, so this is what the update sees). Near 0 the learned reward steers nowhere, however
+small its mean gap to GT (``REWARD_NET_SCORE`` vs ``GT_DICE``)."""
 
 LOSS_TOTAL = "loss/total"
 LOSS_POLICY = "loss/policy"

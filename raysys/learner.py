@@ -61,6 +61,24 @@ log = logging.getLogger(__name__)
 HEADS = ("text_hidden_fcs", "mask_decoder")
 
 
+def learned_gt_alignment(scored: Sequence[ScoredRollout]) -> float | None:
+    """``keys.LEARNED_GT_ALIGNMENT`` of a rollout: over valid images with a learned score and a GT reward, the
+    mean Pearson correlation of the two across the image's K masks (the cosine of their group-centred
+    vectors); images where either is constant or not finite are left out. None when no image qualifies."""
+    corrs = []
+    for s in scored:
+        if "learned_score" not in s.components or "gt_total" not in s.components:
+            continue
+        for b in np.flatnonzero(s.valid):
+            a = s.components["learned_score"][b].astype(np.float64)
+            g = s.components["gt_total"][b].astype(np.float64)
+            a, g = a - a.mean(), g - g.mean()
+            norm = float(np.linalg.norm(a) * np.linalg.norm(g))
+            if norm > 0 and math.isfinite(norm):
+                corrs.append(float(a @ g) / norm)
+    return float(np.mean(corrs)) if corrs else None
+
+
 class ValueHead(nn.Module):
     """PPO baseline from frozen low-resolution features: a value per image and per reward tile."""
 
@@ -480,6 +498,9 @@ class Learner:
         out[keys.LEARNED_FRACTION] = float(
             np.mean([src == "learned" for s in valid for src, v in zip(s.sources, s.valid, strict=True) if v])
         )
+        alignment = learned_gt_alignment(valid)
+        if alignment is not None:
+            out[keys.LEARNED_GT_ALIGNMENT] = alignment
         return out
 
     # ------------------------------------------------------------------------------------------ state

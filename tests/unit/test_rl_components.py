@@ -11,7 +11,7 @@ from policies.losses import kl_penalty
 from raysys.config import ConfigError
 from raysys.config_io import load_config
 from raysys.coordinator import LocalCoordinator, shards
-from raysys.learner import Learner
+from raysys.learner import Learner, learned_gt_alignment
 from raysys.reward import RewardWorker, part_rows
 from raysys.rollout import RolloutWorker
 from raysys.testing.rl_small import SMALL_RL as SMALL
@@ -268,6 +268,24 @@ def reward_net_path(tmp_path_factory):
     return path
 
 
+def test_learned_gt_alignment_is_the_mean_correlation_of_the_group_rewards() -> None:
+    from types import SimpleNamespace
+
+    gt = np.array([[0.1, 0.2, 0.4, 0.3], [0.5, 0.1, 0.2, 0.9], [0.3, 0.3, 0.3, 0.3]], np.float32)
+    learned = np.array([[0.6, 0.7, 0.9, 0.8], [0.1, 0.5, 0.4, -0.3], [0.1, 0.2, 0.3, 0.4]], np.float32)
+    rollout = SimpleNamespace(
+        components={"learned_score": learned, "gt_total": gt}, valid=np.array([True, True, True])
+    )
+    # Image 0: a shifted copy (+1), image 1: a mirrored one (-1), image 2: constant GT (left out).
+    assert learned_gt_alignment([rollout]) == pytest.approx(0.0, abs=1e-6)
+    rollout.valid = np.array([True, False, True])
+    assert learned_gt_alignment([rollout]) == pytest.approx(1.0)
+    only_gt = SimpleNamespace(components={"gt_total": gt}, valid=rollout.valid)
+    assert learned_gt_alignment([only_gt]) is None
+    rollout.valid = np.array([False, False, True])
+    assert learned_gt_alignment([rollout]) is None
+
+
 def test_learned_rewards_are_tagged_weighted_or_skipped(rollout, reward_net_path) -> None:
     learned = [*SMALL, "reward.source=learned", f"reward.reward_net={reward_net_path}"]
     cfg_l = load_config(None, learned)
@@ -288,6 +306,7 @@ def test_learned_rewards_are_tagged_weighted_or_skipped(rollout, reward_net_path
     before = all_parameters(full)
     m = full.update([scored], iteration=0)
     assert m["batch/images"] == 2 and m["policy/grad_norm"] > 1e-4
+    assert m["custom/learned_gt_alignment"] == pytest.approx(learned_gt_alignment([scored]))
     assert_exactly_the_trainable_set_changed(full, before)
 
     # PPO and self-critical baselines under learned rewards (no tile rewards: no tile signal) train too; both
